@@ -1,0 +1,11 @@
+"""resnext-jax: ResNet, ResNeXt, Wide ResNet and RegNet in Flax linen.
+
+    import resnext_jax
+    model = resnext_jax.create_model("resnext50_32x4d", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    logits = model.apply(variables, images, train=False)   # images: NHWC float
+"""
+from resnext_jax.models.registry import create_model, list_models, model_info
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "list_models", "model_info", "__version__"]
