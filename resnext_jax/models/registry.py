@@ -1,0 +1,126 @@
+"""Model registry: torchvision's builder names -> Flax modules, plus each model's preprocessing.
+
+    model = create_model("resnext50_32x4d", num_classes=10, dtype=jnp.bfloat16)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Callable
+
+import flax.linen as nn
+
+from resnext_jax.models.regnet import RegNet
+from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a model expects around it: torchvision's ImageNet presets for its weights.
+
+    Attributes:
+      name: the builder name.
+      family: "resnet" or "regnet" (selects the converter's name map).
+      mean, std: per-channel normalization of [0, 1] RGB input.
+      train_size: training crop.
+      eval_size: evaluation center crop.
+      resize_v1: shorter-side resize for IMAGENET1K_V1 weights (None if torchvision has none).
+      resize_v2: shorter-side resize for IMAGENET1K_V2 weights (None if torchvision has none).
+      interpolation: resize filter (bilinear, with antialias).
+      weights: torchvision weight tags that exist for this builder.
+    """
+    name: str
+    family: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    train_size: int = 224
+    eval_size: int = 224
+    resize_v1: int | None = 256
+    resize_v2: int | None = 232
+    interpolation: str = "bilinear"
+    weights: tuple[str, ...] = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+
+
+_RESNET = dict(block_cls=Bottleneck)
+_BUILDERS: dict[str, tuple[Callable[..., nn.Module], ModelInfo]] = {}
+
+
+def _register(name: str, family: str, builder, **info):
+    _BUILDERS[name] = (builder, ModelInfo(name=name, family=family, **info))
+
+
+_V1_ONLY = dict(resize_v2=None, weights=("IMAGENET1K_V1",))
+_register("resnet18", "resnet", functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock), **_V1_ONLY)
+_register("resnet34", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock), **_V1_ONLY)
+_register("resnet50", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), **_RESNET))
+_register("resnet101", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), **_RESNET))
+_register("resnet152", "resnet", functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), **_RESNET))
+_register("resnext50_32x4d", "resnet",
+          functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), cardinality=32, bottleneck_width=4, **_RESNET))
+_register("resnext101_32x8d", "resnet",
+          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=32, bottleneck_width=8, **_RESNET))
+_register("resnext101_64x4d", "resnet",
+          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=64, bottleneck_width=4, **_RESNET),
+          resize_v1=None, weights=("IMAGENET1K_V1",))
+_register("wide_resnet50_2", "resnet",
+          functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck_width=128, **_RESNET))
+_register("wide_resnet101_2", "resnet",
+          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), bottleneck_width=128, **_RESNET))
+
+# (depth, w_0, w_a, w_m, group_width) from torchvision's builders.
+_REGNET_X = {
+    "400mf": (22, 24, 24.48, 2.54, 16), "800mf": (16, 56, 35.73, 2.28, 16), "1_6gf": (18, 80, 34.01, 2.25, 24),
+    "3_2gf": (25, 88, 26.31, 2.25, 48), "8gf": (23, 80, 49.56, 2.88, 120), "16gf": (22, 216, 55.59, 2.1, 128),
+    "32gf": (23, 320, 69.86, 2.0, 168),
+}
+_REGNET_Y = {
+    "400mf": (16, 48, 27.89, 2.09, 8), "800mf": (14, 56, 38.84, 2.4, 16), "1_6gf": (27, 48, 20.71, 2.65, 24),
+    "3_2gf": (21, 80, 42.63, 2.66, 24), "8gf": (17, 192, 76.82, 2.19, 56), "16gf": (18, 200, 106.23, 2.48, 112),
+    "32gf": (20, 232, 115.89, 2.53, 232), "128gf": (27, 456, 160.83, 2.52, 264),
+}
+for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_X.items():
+    _register(f"regnet_x_{_size}", "regnet",
+              functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw))
+for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_Y.items():
+    _extra = dict(resize_v1=None, resize_v2=None, weights=()) if _size == "128gf" else {}
+    _register(f"regnet_y_{_size}", "regnet",
+              functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=0.25),
+              **_extra)
+
+
+def list_models() -> list[str]:
+    """All registered builder names (torchvision's), in registration order."""
+    return list(_BUILDERS)
+
+
+def _lookup(name: str):
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, _BUILDERS, n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}. resnext_jax.list_models() lists all {len(_BUILDERS)}.")
+    return _BUILDERS[name]
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Builds the Flax module for torchvision builder `name`, with any module field overridden.
+
+    Example: `create_model("resnext50_32x4d", num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1)`.
+    Raises ValueError for an unknown name (listing the closest matches) or an unknown field.
+    """
+    builder, _ = _lookup(name)
+    module_cls = builder.func
+    fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, fields, n=3) for k in unknown}
+        raise ValueError(f"{name} has no field(s) {unknown}; closest: {hints}. Fields: {sorted(fields)}")
+    return builder(**overrides)
+
+
+def model_info(name: str) -> ModelInfo:
+    """Preprocessing metadata for `name` (mean, std, train/eval size, V1/V2 resize sizes)."""
+    return _lookup(name)[1]

@@ -1,0 +1,192 @@
+"""ResNet, ResNeXt and Wide ResNet (torchvision's V1.5 layout: stride on the 3x3 conv).
+
+One generic `ResNet` takes the block class and the stage sizes; every torchvision
+builder is a `functools.partial` of it (see `registry.py`). Module names follow
+torchvision's (`conv1`, `bn1`, `layer2_0/conv2`, `fc`) so the converter's name map
+reads one-to-one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnext_jax.models.layers import (Conv2d, DropPath, SqueezeExcite, drop_path_rates, get_activation,
+                                       global_avg_pool, make_norm)
+
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (resnet18/34). `cardinality` and `bottleneck_width` must keep their defaults."""
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: int = 1
+    cardinality: int = 1
+    bottleneck_width: int = 64
+    se_ratio: float = 0.0
+    drop_path_rate: float = 0.0
+    zero_init_last: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.cardinality != 1 or self.bottleneck_width != 64:
+            raise ValueError("BasicBlock only supports cardinality=1 and bottleneck_width=64 (as torchvision)")
+        residual = x
+        y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), name="conv2")(y)
+        y = self.norm(name="bn2", scale_init=_last_scale_init(self.zero_init_last))(y)
+        return _merge(self, x, residual, y, train)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> grouped 3x3 (stride here) -> 1x1 with 4x expansion (resnet50+, ResNeXt, Wide ResNet).
+
+    Attributes:
+      filters: the stage's base width; the block outputs `4 * filters` channels.
+      cardinality: groups of the 3x3 conv.
+      bottleneck_width: channels per group at `filters=64`; the 3x3 width is
+        `int(filters * bottleneck_width / 64) * cardinality`, as torchvision computes it.
+    """
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    strides: int = 1
+    cardinality: int = 1
+    bottleneck_width: int = 64
+    se_ratio: float = 0.0
+    drop_path_rate: float = 0.0
+    zero_init_last: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width = int(self.filters * (self.bottleneck_width / 64.0)) * self.cardinality
+        residual = x
+        y = self.conv(width, (1, 1), name="conv1")(x)
+        y = self.act(self.norm(name="bn1")(y))
+        y = self.conv(width, (3, 3), (self.strides, self.strides), groups=self.cardinality, name="conv2")(y)
+        y = self.act(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
+        y = self.norm(name="bn3", scale_init=_last_scale_init(self.zero_init_last))(y)
+        return _merge(self, x, residual, y, train)
+
+
+def _last_scale_init(zero: bool):
+    return nn.initializers.zeros if zero else nn.initializers.ones
+
+
+def _merge(block, x, residual, y, train):
+    """Optional SE, stochastic depth, projection shortcut, add, activation (shared by both blocks)."""
+    out_features = block.filters * block.expansion
+    if block.se_ratio:
+        y = SqueezeExcite(max(1, round(out_features * block.se_ratio)), conv=block.conv, act=block.act,
+                          name="se")(y)
+    y = DropPath(block.drop_path_rate, name="drop_path")(y, deterministic=not train)
+    if block.strides != 1 or x.shape[-1] != out_features:
+        residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x)
+        residual = block.norm(name="downsample_bn")(residual)
+    return block.act(residual + y)
+
+
+class ResNet(nn.Module):
+    """Generic ResNet / ResNeXt / Wide ResNet on NHWC float images.
+
+    `model.apply(variables, images, train=False)` returns float32 logits `(N, num_classes)`.
+    With `return_features=True` it returns a dict with `stage1`..`stage4` (strides 4, 8, 16, 32;
+    1, 2, 4, 8 with `small_stem`), `pre_logits` `(N, C)` and `logits`.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. `(3, 4, 6, 3)`.
+      block_cls: `BasicBlock` or `Bottleneck`.
+      num_classes: classifier outputs; 0 drops the head (logits are the pre-logits).
+      cardinality: groups of each bottleneck's 3x3 conv (ResNeXt's C).
+      bottleneck_width: channels per group at the first stage (ResNeXt's d; 64 for ResNet, 128 for Wide).
+      num_filters: base width of the first stage.
+      dtype: compute dtype (e.g. `jnp.bfloat16`); params and BN statistics stay float32.
+      norm: "batch" or "group" (for small per-device batches).
+      norm_groups: groups of the group norm.
+      bn_axis_name: mesh/pmap axis to sync batch statistics over (under shard_map); None under plain jit.
+      activation: "relu", "silu" or "gelu".
+      zero_init_last: zero-init the last norm scale of every residual branch.
+      drop_path_rate: stochastic depth of the last block; rates increase linearly from 0 over blocks.
+      se_ratio: squeeze-excitation ratio in every block; 0 disables it (torchvision has none).
+      dropout_rate: dropout before the classifier.
+      small_stem: a 3x3 stride-1 stem with no max-pool, for 32x32 images.
+      conv_impl: grouped-conv implementation, see `resnext_jax.ops.CONV_IMPLS`.
+    """
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_classes: int = 1000
+    cardinality: int = 1
+    bottleneck_width: int = 64
+    num_filters: int = 64
+    dtype: Any = jnp.float32
+    norm: str = "batch"
+    norm_groups: int = 32
+    bn_axis_name: str | None = None
+    activation: str = "relu"
+    zero_init_last: bool = False
+    drop_path_rate: float = 0.0
+    se_ratio: float = 0.0
+    dropout_rate: float = 0.0
+    small_stem: bool = False
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
+        norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
+                         groups=self.norm_groups)
+        act = get_activation(self.activation)
+        x = x.astype(self.dtype)
+        if self.small_stem:
+            x = conv(self.num_filters, (3, 3), name="conv1")(x)
+            x = act(norm(name="bn1")(x))
+        else:
+            x = conv(self.num_filters, (7, 7), (2, 2), name="conv1")(x)
+            x = act(norm(name="bn1")(x))
+            # Flax pads max_pool with -inf, like torch.
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
+        features = {}
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                x = self.block_cls(
+                    filters=self.num_filters * 2 ** stage, strides=2 if stage > 0 and index == 0 else 1,
+                    conv=conv, norm=norm, act=act, cardinality=self.cardinality,
+                    bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio,
+                    drop_path_rate=next(rates), zero_init_last=self.zero_init_last,
+                    name=f"layer{stage + 1}_{index}")(x, train)
+            features[f"stage{stage + 1}"] = x
+        x = global_avg_pool(x)
+        features["pre_logits"] = x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        if self.num_classes:
+            x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        logits = x.astype(jnp.float32)
+        if return_features:
+            return {**features, "logits": logits}
+        return logits
+
+    def stage_specs(self) -> list[dict]:
+        """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""
+        specs = []
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            filters = self.num_filters * 2 ** stage
+            if self.block_cls is BasicBlock:
+                width, out = filters, filters
+            else:
+                width = int(filters * (self.bottleneck_width / 64.0)) * self.cardinality
+                out = filters * Bottleneck.expansion
+            specs.append(dict(name=f"layer{stage + 1}", blocks=num_blocks, groups=self.cardinality,
+                              bottleneck_width=width, out_channels=out))
+        return specs
