@@ -1,0 +1,104 @@
+"""Per-stage summary of a model: `python -m resnext_jax.summary resnext50_32x4d [--resolution 224]`.
+
+Prints blocks, groups, bottleneck width, output channels, output size and params per
+stage, then total params and multiply-add GFLOPs (convolutions and the classifier,
+counted from the traced program, as torchvision's published GFLOPS count them).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from resnext_jax.models.registry import create_model, list_models
+
+
+def count_macs(fn, *args) -> int:
+    """Multiply-adds of every convolution and matmul in `fn(*args)` (args may be ShapeDtypeStructs)."""
+    return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_macs(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            out = eqn.outvars[0].aval.shape
+            kernel = eqn.invars[1].aval.shape
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+            per_output = math.prod(kernel[d] for d in rhs_spec[1:])
+            total += math.prod(out) * per_output
+        elif eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        for sub in _subjaxprs(eqn):
+            total += _jaxpr_macs(sub)
+    return total
+
+
+def _subjaxprs(eqn):
+    """Inner programs of control-flow and call primitives (pjit, custom_vjp, scan...)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr
+            elif hasattr(item, "eqns"):
+                yield item
+
+
+def summarize(name: str, resolution: int = 224, **overrides) -> dict:
+    """Returns the per-stage table and totals for model `name` at `resolution`x`resolution`."""
+    model = create_model(name, **overrides)
+    images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    features = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, return_features=True), variables, images)
+    params = traverse_util.flatten_dict(variables["params"])
+    stage_names = [spec["name"] for spec in model.stage_specs()]
+    rows = []
+    for index, spec in enumerate(model.stage_specs()):
+        shape = features[f"stage{index + 1}"].shape
+        stage_params = sum(math.prod(v.shape) for k, v in params.items() if k[0].startswith(spec["name"] + "_"))
+        rows.append({**spec, "out_size": f"{shape[1]}x{shape[2]}", "params": stage_params})
+    total_params = sum(math.prod(v.shape) for v in params.values())
+    staged = sum(r["params"] for r in rows)
+    head_params = sum(math.prod(v.shape) for k, v in params.items() if k[0] == "fc")
+    macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
+    return {"name": name, "resolution": resolution, "stages": rows, "stem_params": total_params - staged - head_params,
+            "head_params": head_params, "params": total_params, "gflops": macs / 1e9, "stage_names": stage_names}
+
+
+def format_summary(summary: dict) -> str:
+    """Renders `summarize`'s result as a fixed-width table."""
+    header = f"{'stage':<8}{'blocks':>7}{'groups':>8}{'width':>8}{'out ch':>8}{'out size':>10}{'params':>14}"
+    lines = [f"{summary['name']} at {summary['resolution']}x{summary['resolution']}", header, "-" * len(header)]
+    lines.append(f"{'stem':<8}{'':>7}{'':>8}{'':>8}{'':>8}{'':>10}{summary['stem_params']:>14,}")
+    for row in summary["stages"]:
+        lines.append(f"{row['name']:<8}{row['blocks']:>7}{row['groups']:>8}{row['bottleneck_width']:>8}"
+                     f"{row['out_channels']:>8}{row['out_size']:>10}{row['params']:>14,}")
+    lines.append(f"{'head':<8}{'':>7}{'':>8}{'':>8}{'':>8}{'':>10}{summary['head_params']:>14,}")
+    lines.append("-" * len(header))
+    lines.append(f"total params: {summary['params']:,}")
+    lines.append(f"multiply-adds: {summary['gflops']:.3f} GFLOPs")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resnext_jax.summary", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--resolution", type=int, default=224, help="square input size (default 224)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.model, args.resolution, num_classes=args.num_classes)
+    except ValueError as error:
+        parser.error(str(error))
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
