@@ -5,7 +5,7 @@ Prints a markdown table: median milliseconds for the forward pass and for forwar
 compile seconds of the VJP. torch (`F.conv2d(groups=...)`, NCHW and channels_last) runs with
 the same thread count in the same process, as the ratio baseline.
 
-    python -m resnext_jax.ops.bench_conv [--dtypes float32,bfloat16] [--impls split,matmul]
+    python -m resnext_jax.ops.bench_conv [--dtypes float32,bfloat16] [--impls split,chunked]
 """
 from __future__ import annotations
 
@@ -36,17 +36,21 @@ RESNEXT50_SHAPES = (
 GROUPS = 32
 
 
-def _median_ms(fn, reps):
-    fn()  # warm-up
-    times = []
+def _time_interleaved(fns, reps):
+    """Median ms of each zero-arg callable, run round-robin so load spikes hit all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(bucket) for bucket in times]
 
 
-def bench_jax(impl, batch, size, channels, stride, dtype, reps, grad):
+def jax_step(impl, batch, size, channels, stride, dtype, grad):
+    """A jitted, compiled forward (or forward+VJP) call and its compile seconds."""
     key_x, key_w, key_c = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (batch, size, size, channels), dtype)
     w = jax.random.normal(key_w, (3, 3, channels // GROUPS, channels), dtype) * 0.1
@@ -62,11 +66,11 @@ def bench_jax(impl, batch, size, channels, stride, dtype, reps, grad):
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    ms = _median_ms(lambda: jax.block_until_ready(compiled(*args)), reps)
-    return ms, compile_s
+    return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
-def bench_torch(layout, batch, size, channels, stride, dtype, reps, grad):
+def torch_step(layout, batch, size, channels, stride, dtype, grad):
+    """torch's grouped conv forward (or forward+backward) as a zero-arg callable."""
     import torch
     import torch.nn.functional as F
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -76,25 +80,25 @@ def bench_torch(layout, batch, size, channels, stride, dtype, reps, grad):
         memory_format=memory_format)
     w = (0.1 * torch.randn(channels, channels // GROUPS, 3, 3, generator=gen)).to(tdtype).contiguous(
         memory_format=memory_format)
-    if grad:
-        x.requires_grad_(True)
-        w.requires_grad_(True)
-        ct = torch.randn(F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS).shape,
-                         generator=gen).to(tdtype).contiguous(memory_format=memory_format)
-
-        def step():
-            x.grad = w.grad = None
-            F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS).backward(ct)
-    else:
+    conv = lambda: F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS)
+    if not grad:
         def step():
             with torch.no_grad():
-                F.conv2d(x, w, stride=stride, padding=1, groups=GROUPS)
-    return _median_ms(step, reps)
+                conv()
+        return step
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    ct = torch.randn(conv().shape, generator=gen).to(tdtype).contiguous(memory_format=memory_format)
+
+    def step():
+        x.grad = w.grad = None
+        conv().backward(ct)
+    return step
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impls", default="xla,split,chunked,matmul,blockdiag")
+    parser.add_argument("--impls", default="xla,split,chunked,blockdiag")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
@@ -119,17 +123,23 @@ def main(argv=None):
     for name, size, channels, stride in shapes:
         for dtype in args.dtypes.split(","):
             for grad in (False, True):
-                cells, compiles = [], []
+                labels, steps, compiles = [], [], {}
                 for impl in impls:
                     if grad and impl == "xla" and args.no_xla_grad:
-                        cells.append("skip")
                         continue
-                    ms, compile_s = bench_jax(impl, args.batch, size, channels, stride,
-                                              getattr(jnp, dtype), args.reps, grad)
-                    cells.append(f"{ms:.1f} ({compile_s:.1f}s)")
+                    step, compiles[impl] = jax_step(impl, args.batch, size, channels, stride,
+                                                    getattr(jnp, dtype), grad)
+                    labels.append(impl)
+                    steps.append(step)
                 if not args.no_torch:
                     for layout in ("nchw", "channels_last"):
-                        cells.append(f"{bench_torch(layout, args.batch, size, channels, stride, dtype, args.reps, grad):.1f}")
+                        labels.append(layout)
+                        steps.append(torch_step(layout, args.batch, size, channels, stride, dtype,
+                                                grad))
+                ms = dict(zip(labels, _time_interleaved(steps, args.reps)))
+                cells = [f"{ms[i]:.1f} ({compiles[i]:.1f}s)" if i in ms else "skip" for i in impls]
+                if not args.no_torch:
+                    cells += [f"{ms['nchw']:.1f}", f"{ms['channels_last']:.1f}"]
                 print(f"| {name} | {dtype} | {'fwd+vjp' if grad else 'fwd'} | " + " | ".join(cells)
                       + " |", flush=True)
     print("# cells: median ms (jit compile s); torch cells: median ms")

@@ -16,7 +16,6 @@ hence the choice. Implementations:
   conv, `groups`x the FLOPs.
 - `chunked`: groups merged into a few chunks, each a block-diagonal dense conv: fewer,
   larger convs than `split` at a bounded FLOP overhead (`chunks` of them).
-- `matmul`: im2col by strided slicing, then a batched matmul over groups.
 - `auto`: the measured fastest for the backend (see `resolve_impl`).
 
 All are plain JAX, so gradients come from autodiff and match the float64 reference
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "split", "blockdiag", "chunked", "matmul")
+CONV_IMPLS = ("auto", "xla", "split", "blockdiag", "chunked")
 
 Padding = Sequence[tuple[int, int]]
 
@@ -80,34 +79,10 @@ def _chunked(x, kernel, strides, padding, groups, precision, chunks=4):
     return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=-1)
 
 
-def _shifted_views(x, kh, kw, strides, padding):
-    """The kh*kw strided windows of the padded input, each `(N, H', W', C)`."""
-    zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    n, h, w, c = xp.shape
-    sh, sw = strides
-    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-    return [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                      (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
+_IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _chunked}
 
 
-def _matmul(x, kernel, strides, padding, groups, precision):
-    """im2col patches `(N, H', W', kh*kw, G, C/G)` contracted per group with one batched matmul."""
-    kh, kw, cin_g, out = kernel.shape
-    views = _shifted_views(x, kh, kw, strides, padding)
-    n, ho, wo, _ = views[0].shape
-    patches = jnp.stack(views, axis=3).reshape(n, ho, wo, kh * kw, groups, cin_g)
-    k = kernel.reshape(kh * kw, cin_g, groups, out // groups)
-    y = jnp.einsum("nhwtgc,tcgo->nhwgo", patches, k, precision=precision)
-    return y.reshape(n, ho, wo, out)
-
-
-_IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _chunked,
-             "matmul": _matmul}
-
-
-def resolve_impl(impl: str, groups: int, channels_per_group: int | None = None) -> str:
+def resolve_impl(impl: str, groups: int) -> str:
     """Maps 'auto' to a concrete implementation for the current default backend.
 
     CPU: 'split' (measured fastest forward+backward on every ResNeXt-50 grouped shape; see

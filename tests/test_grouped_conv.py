@@ -1,0 +1,150 @@
+"""Every grouped-conv implementation against an independent float64 numpy reference.
+
+The reference is a direct convolution written with numpy loops over kernel taps, so it
+shares no code with XLA; gradients are checked for L = sum(conv(x, w) * ct).
+"""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from resnext_jax.ops import CONV_IMPLS, conv2d
+from resnext_jax.ops.grouped_conv import resolve_impl
+
+# "auto" is one of these per backend; test_auto_resolution checks which.
+IMPLS = [impl for impl in CONV_IMPLS if impl != "auto"]
+
+# (name, x shape NHWC, kernel (kh, kw), out channels, groups, strides, padding)
+CASES = [
+    ("resnext-like", (2, 8, 8, 16), (3, 3), 16, 4, (1, 1), ((1, 1), (1, 1))),
+    ("stride2-odd", (2, 9, 7, 8), (3, 3), 8, 2, (2, 2), ((1, 1), (1, 1))),
+    ("groups1", (1, 6, 6, 5), (3, 3), 7, 1, (1, 1), ((1, 1), (1, 1))),
+    ("depthwise-x2", (2, 7, 7, 6), (3, 3), 12, 6, (1, 1), ((1, 1), (1, 1))),
+    ("nonsquare-asym", (1, 9, 8, 12), (3, 2), 6, 3, (2, 1), ((1, 1), (0, 1))),
+    ("wide-out", (1, 5, 6, 8), (1, 3), 12, 4, (1, 2), ((0, 0), (1, 1))),
+    ("no-pad", (2, 6, 6, 4), (3, 3), 8, 2, (1, 1), ((0, 0), (0, 0))),
+]
+
+
+def reference_conv_and_grads(x, w, ct, strides, padding, groups):
+    """float64 direct grouped conv, plus d(sum(y * ct)) / dx and / dw, in numpy."""
+    x, w, ct = (np.asarray(a, np.float64) for a in (x, w, ct))
+    kh, kw, cin_g, out = w.shape
+    out_g = out // groups
+    sh, sw = strides
+    xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    n, hp, wp, _ = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    y = np.zeros((n, ho, wo, out))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for g in range(groups):
+        cin, cout = slice(g * cin_g, (g + 1) * cin_g), slice(g * out_g, (g + 1) * out_g)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i, i + (ho - 1) * sh + 1, sh)
+                cols = slice(j, j + (wo - 1) * sw + 1, sw)
+                window = xp[:, rows, cols, cin]
+                y[..., cout] += window @ w[i, j, :, cout]
+                dxp[:, rows, cols, cin] += ct[..., cout] @ w[i, j, :, cout].T
+                dw[i, j, :, cout] += np.einsum("nhwc,nhwo->co", window, ct[..., cout])
+    dx = dxp[:, padding[0][0]:hp - padding[0][1], padding[1][0]:wp - padding[1][1]]
+    return y, dx, dw
+
+
+def _inputs(x_shape, kernel_hw, out, groups, strides, padding, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((*kernel_hw, x_shape[-1] // groups, out)).astype(np.float32)
+    conv = lambda x, w: conv2d(x, w, strides=strides, padding=padding, groups=groups)
+    y_shape = jax.eval_shape(conv, jnp.asarray(x), jnp.asarray(w)).shape
+    ct = rng.standard_normal(y_shape).astype(np.float32)
+    return x, w, ct
+
+
+def _run(impl, x, w, ct, strides, padding, groups):
+    conv = lambda x, w: conv2d(x, w, strides=strides, padding=padding, groups=groups, impl=impl,
+                               precision=jax.lax.Precision.HIGHEST)
+    # One jit per case compiles faster than eager split's dozens of per-op dispatches.
+    step = jax.jit(lambda x, w, ct: (lambda y, vjp: (y, *vjp(ct)))(*jax.vjp(conv, x, w)))
+    return step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct, x.dtype))
+
+
+def _assert_close(actual, expected, rtol, what):
+    # Tolerance relative to the largest magnitude: the error of a sum of K products scales
+    # with the terms, not with the (possibly cancelling) result.
+    actual = np.asarray(actual, np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    err = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+    assert err <= rtol, f"{what}: max error {err:.2e} relative to max |ref|, allowed {rtol:.0e}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_float64_reference(impl, case):
+    """Outputs and both gradients within 1e-5 of float64 (f32 eps 1.2e-7 times sums of <~100 terms)."""
+    _, x_shape, kernel_hw, out, groups, strides, padding = case
+    x, w, ct = _inputs(x_shape, kernel_hw, out, groups, strides, padding)
+    y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, groups)
+    y, dx, dw = _run(impl, x, w, ct, strides, padding, groups)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    _assert_close(y, y_ref, 1e-5, f"{impl} output")
+    _assert_close(dx, dx_ref, 1e-5, f"{impl} d/dx")
+    _assert_close(dw, dw_ref, 1e-5, f"{impl} d/dw")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_close_to_float32(impl):
+    """bf16 in, bf16 out, within 2**-6 of the float64 result on the same (bf16-rounded) values.
+
+    bf16 keeps 8 significant bits (unit roundoff 2**-9): rounding the output costs 2**-9, and
+    XLA:CPU accumulates bf16 convs and dots in float32, so a 4x margin (2**-7 = 0.0078)
+    suffices; 2**-6 leaves room for the bf16 rounding of intermediates such as the kernel
+    expansion. A wrong group mapping gives errors of order 1.
+    """
+    _, x_shape, kernel_hw, out, groups, strides, padding = CASES[0]
+    x, w, ct = _inputs(x_shape, kernel_hw, out, groups, strides, padding, seed=1)
+    x, w, ct = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (x, w, ct))
+    y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, groups)
+    y, dx, dw = _run(impl, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ct, strides, padding,
+                     groups)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    for got, ref, what in ((y, y_ref, "output"), (dx, dx_ref, "d/dx"), (dw, dw_ref, "d/dw")):
+        _assert_close(got, ref, 2.0 ** -6, f"{impl} bf16 {what}")
+
+
+def test_reference_detects_wrong_group_mapping():
+    """The check can fail: interleaved groups (channel c in group c % G) are rejected."""
+    _, x_shape, kernel_hw, out, groups, strides, padding = CASES[0]
+    x, w, ct = _inputs(x_shape, kernel_hw, out, groups, strides, padding)
+    y_ref, _, _ = reference_conv_and_grads(x, w, ct, strides, padding, groups)
+    cin_g = x_shape[-1] // groups
+    interleaved = x.reshape(*x.shape[:3], cin_g, groups).swapaxes(-1, -2).reshape(x.shape)
+    y, _, _ = _run("split", interleaved, w, ct, strides, padding, groups)
+    with pytest.raises(AssertionError):
+        _assert_close(y, y_ref, 1e-5, "interleaved")
+
+
+@pytest.mark.parametrize("channels, kernel_in, out, groups, match", [
+    (16, 4, 16, 3, "groups=3"),      # 16 channels do not split into 3 groups
+    (16, 4, 18, 4, "O % groups"),    # 18 outputs do not split into 4 groups
+    (16, 8, 16, 4, r"kernel \(kh, kw, 4, O\)"),  # kernel in-channels must be C // groups
+    (16, 4, 16, 0, "groups >= 1"),
+])
+def test_bad_groups_raise_clear_error(channels, kernel_in, out, groups, match):
+    x = jnp.zeros((1, 4, 4, channels))
+    w = jnp.zeros((3, 3, kernel_in, out))
+    with pytest.raises(ValueError, match=match):
+        conv2d(x, w, padding=((1, 1), (1, 1)), groups=groups, impl="split")
+
+
+def test_unknown_impl_lists_choices():
+    with pytest.raises(ValueError, match="not one of"):
+        conv2d(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 1, 4)), groups=4, impl="cudnn")
+
+
+def test_auto_resolution():
+    expected = "split" if jax.default_backend() == "cpu" else "xla"
+    assert resolve_impl("auto", groups=32) == expected
+    assert resolve_impl("auto", groups=1) == "xla"  # a dense conv needs no workaround
