@@ -1,0 +1,45 @@
+"""Command line: `python -m train --config configs/quickstart.py [--config.field=value ...] [--workdir DIR]`.
+
+Also installed as the `resnext-train` console script. Rerunning the same command resumes the run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/quickstart.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory for checkpoints and logs; default runs/<config file name>.")
+
+
+def default_workdir(config_path: str) -> str:
+    """`runs/<config file stem>` under the current directory, e.g. runs/quickstart."""
+    return os.path.join("runs", os.path.splitext(os.path.basename(config_path.split(":")[0]))[0])
+
+
+def _run(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with --config.field=value")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console to the bar and epochs
+        logging.set_verbosity(logging.WARNING)
+    from resnext_jax.training.config import ConfigError
+    from resnext_jax.training.loop import train_and_evaluate
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
+    workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
+    try:
+        summary = train_and_evaluate(FLAGS.config, workdir)
+    except (ConfigError, FloatingPointError, FileNotFoundError) as error:  # errors whose message names the fix
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+    logging.info("summary: %s", summary)
+
+
+def main(argv=None) -> None:
+    """Console-script entry point (`resnext-train`)."""
+    app.run(_run, argv=argv)

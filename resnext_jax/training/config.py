@@ -1,0 +1,122 @@
+"""The training config schema: every field a run reads, its default, and validation.
+
+Config files in `configs/` start from `default_config()` and change a few fields; `validate_config`
+rejects unknown (e.g. misspelled) keys by name, with the closest known keys, before anything runs.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns the full schema with defaults (ImageNet-style ResNeXt-50 training). All fields are documented here."""
+    config = ml_collections.ConfigDict()
+    # Model: any builder in resnext_jax.list_models(), plus create_model field overrides
+    # (stage_sizes, cardinality, bottleneck_width, num_filters, small_stem, dropout_rate, drop_path_rate, ...).
+    config.model = "resnext50_32x4d"
+    config.model_kwargs = ml_collections.ConfigDict()
+    config.half_precision = False  # bf16 compute; params, optimizer state, logits, loss and BN stats stay float32
+
+    # Initialization: "" trains from scratch; a torchvision weight tag ("IMAGENET1K_V2") or a .pth path
+    # loads the backbone through resnext_jax.convert.from_torchvision.
+    config.init_from = ""
+    config.reinit_head = True  # new classifier head sized for the dataset (fine-tuning)
+    config.freeze_bn = False  # keep BN running statistics and affine params fixed (fine-tuning)
+    config.backbone_lr_mult = 1.0  # learning-rate multiplier for everything except the head ("fc")
+
+    # Data (resnext_jax.data). batch sizes are GLOBAL: summed over all devices and processes.
+    config.dataset = "imagenet2012"
+    config.data_dir = ""  # "" = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    config.image_size = 224
+    config.eval_resize_size = 0  # shorter side before the center crop; 0 = the loader's default
+    config.normalize = "dataset"  # "dataset": the dataset's mean/std; "model": the model's (ImageNet, for weights)
+    config.transform = "imagenet"  # imagenet | cifar | resize_crop | none
+    config.augment = ""  # "" | randaugment | autoaugment
+    config.batch_size = 256
+    config.eval_batch_size = 256
+    config.worker_count = 0  # grain worker processes per host (0 = in-process)
+    config.prefetch = 2
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.label_smoothing = 0.0
+
+    # Optimization.
+    config.optimizer = "adamw"  # adamw | sgd (SGD with Nesterov momentum)
+    config.learning_rate = 1e-3  # peak learning rate, reached after warmup
+    config.end_learning_rate_ratio = 0.0  # cosine decays to learning_rate * this
+    config.warmup_epochs = 5.0
+    config.num_epochs = 90.0
+    config.weight_decay = 0.05  # decoupled; never applied to norm scales or biases
+    config.momentum = 0.9  # SGD momentum
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+    config.grad_accum_steps = 1  # split each per-device batch into this many sequential micro-batches
+    config.ema_decay = 0.0  # EMA of the weights, evaluated beside the raw weights; 0 disables
+
+    # Eval, logging, checkpoints.
+    config.eval_every_epochs = 1  # also always at the end
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000  # plus one at every epoch end
+    config.keep_checkpoints = 3  # the latest K; the best (eval top-1) one is kept as well
+    config.progress_bar = True
+    config.seed = 0
+    return config
+
+
+# Fields that may differ between the run that wrote a workdir and the run that resumes it.
+RESUMABLE_FIELDS = ("num_epochs", "eval_every_epochs", "log_every_steps", "checkpoint_every_steps",
+                    "keep_checkpoints", "progress_bar", "worker_count", "prefetch", "data_dir", "eval_batch_size")
+
+_CHOICES = {
+    "optimizer": ("adamw", "sgd"),
+    "transform": ("imagenet", "cifar", "resize_crop", "none"),
+    "augment": ("", "randaugment", "autoaugment"),
+    "normalize": ("dataset", "model"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the field and the fix."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for unknown keys (naming the closest known keys) and out-of-range values."""
+    known = default_config()
+    for key in config.keys():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known.keys()), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}.{hint} Known keys: {', '.join(sorted(known.keys()))}")
+    for key, choices in _CHOICES.items():
+        if config[key] not in choices:
+            raise ConfigError(f"config.{key}={config[key]!r} is not supported; use one of {choices}")
+    for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "eval_every_epochs", "image_size"):
+        if int(config[key]) < 1:
+            raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
+    if config.num_epochs <= 0:
+        raise ConfigError(f"config.num_epochs={config.num_epochs} must be positive")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"config.ema_decay={config.ema_decay} must be in [0, 1); 0 disables the EMA")
+    if config.learning_rate <= 0:
+        raise ConfigError(f"config.learning_rate={config.learning_rate} must be positive")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-safe plain dict of the resolved config (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Fields (outside RESUMABLE_FIELDS) whose values differ, as 'key: saved -> current' lines."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_FIELDS:
+            continue
+        if saved.get(key, "<unset>") != current.get(key, "<unset>"):
+            diffs.append(f"{key}: {saved.get(key, '<unset>')!r} -> {current.get(key, '<unset>')!r}")
+    return diffs

@@ -1,0 +1,251 @@
+"""The training loop: `train_and_evaluate(config, workdir)` trains, evaluates, logs and checkpoints one run.
+
+Rerunning it with the same config and workdir resumes from the latest checkpoint (params, optimizer state,
+step, RNG and data-iterator position), so an interrupted and resumed run logs the same metrics as an
+uninterrupted one. All hyperparameters come from the config (see `resnext_jax.training.config`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+import resnext_jax
+from resnext_jax import data
+from resnext_jax.training import distributed, workdir as workdir_lib
+from resnext_jax.training.checkpoint import Checkpointer
+from resnext_jax.training.config import config_to_dict, validate_config
+from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
+from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
+from resnext_jax.training.step import AXIS, create_train_state, init_variables, make_eval_step, make_train_step
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (finish the step, save, exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logging.warning("received %s: finishing this step, saving a checkpoint and exiting",
+                        signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, sync_point: bool) -> bool:
+        """Whether to stop now. With several processes the flags are all-gathered only at `sync_point` steps
+        (log steps and epoch ends, the same on every process), so all stop at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        return sync_point and bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The configured model: `config.model` with `model_kwargs`, the dataset's classes and the compute dtype.
+
+    BatchNorm syncs its statistics over the mesh axis, since the steps run under shard_map.
+    """
+    kwargs = dict(config.model_kwargs.to_dict())
+    kwargs.setdefault("num_classes", num_classes)
+    if "stage_sizes" in kwargs:
+        kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+    return resnext_jax.create_model(config.model, dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+                                    bn_axis_name=AXIS, **kwargs)
+
+
+def _initial_variables(config, num_classes, rng):
+    """Converted torchvision weights when `config.init_from` names some; None means random init."""
+    if not config.init_from:
+        return None
+    from resnext_jax.convert import from_torchvision
+    return from_torchvision(config.model, config.init_from, num_classes=num_classes, reinit_head=config.reinit_head,
+                            rng=rng)
+
+
+def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
+    """Loss, top-1 and top-5 over the whole eval split (padding rows masked out)."""
+    totals = None
+    for batch in eval_loader:
+        sums = eval_step(variables, distributed.global_batch(batch, mesh))
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["loss"]) / count, "top1": float(totals["top1"]) / count,
+            "top5": float(totals["top5"]) / count, "count": int(totals["count"])}
+
+
+def _mean_metrics(pending: list[dict]) -> dict:
+    fetched = jax.device_get(pending)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
+    if not math.isfinite(metrics["loss"]):
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        where = (f"The last good checkpoint (step {last}) in {checkpointer.directory} is intact"
+                 if last is not None else "No checkpoint was saved yet")
+        raise FloatingPointError(
+            f"training diverged: the loss is {metrics['loss']} at step {step}. {where}. Lower "
+            f"config.learning_rate, lengthen warmup_epochs or set grad_clip_norm, then rerun to resume.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
+
+    Args:
+      config: a validated schema from `resnext_jax.training.config.default_config()`.
+      workdir: holds config.json, environment.json, metrics.jsonl, tensorboard/ and checkpoints/.
+      stop_at_step: stop (after saving) once this step is reached, as a preemption would; for tests.
+
+    Returns:
+      {'step', 'epoch', 'train': last train metrics, 'eval': last eval metrics, 'best_top1', 'best_step',
+       'stopped_early': bool}.
+    """
+    validate_config(config)
+    distributed.maybe_initialize_distributed()
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    config_dict = config_to_dict(config)
+    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.check_compatible(workdir, config_dict)
+    if primary:
+        workdir_lib.write_run_records(workdir, config_dict)
+
+    mesh = distributed.create_mesh()
+    local_batch = distributed.check_batch_size(config.batch_size, mesh.size, "batch_size", config.grad_accum_steps)
+    local_eval_batch = distributed.check_batch_size(config.eval_batch_size, mesh.size, "eval_batch_size")
+    data_dir = config.data_dir or None
+    info = data.dataset_info(config.dataset, data_dir)
+    loader_args = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if config.normalize == "model":  # pretrained weights expect the normalization they were trained with
+        preset = resnext_jax.model_info(config.model)
+        loader_args.update(mean=preset.mean, std=preset.std)
+    train_loader = data.create_train_loader(
+        config.dataset, data_dir=data_dir, batch_size=local_batch, image_size=config.image_size,
+        transform=config.transform, augment=config.augment or None, seed=config.seed,
+        worker_count=config.worker_count, prefetch=config.prefetch, **loader_args)
+    eval_loader = data.create_eval_loader(
+        config.dataset, data_dir=data_dir, batch_size=local_eval_batch, image_size=config.image_size,
+        resize_size=config.eval_resize_size or None, worker_count=config.worker_count, **loader_args)
+    steps_per_epoch = train_loader.steps_per_epoch
+    total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
+    num_epochs = int(math.ceil(config.num_epochs))
+
+    num_classes = info.num_classes
+    model = build_model(config, num_classes)
+    schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = _initial_variables(config, num_classes, init_rng) or init_variables(model, init_rng, config.image_size)
+    tx = create_optimizer(config, schedule, variables["params"])
+    state = create_train_state(tx, variables, state_rng, config.ema_decay > 0)
+    state = jax.device_put(state, distributed.replicated(mesh))
+
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    data_iterator = iter(train_loader)
+    logger = MetricsLogger(workdir, enabled=primary)
+    best_top1, best_step = -1.0, None
+    if checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state, data_iterator)
+        logger.truncate_after(int(state.step))
+        if primary and os.path.exists(logger.path):
+            for record in read_metrics(workdir):
+                if record["split"] == "eval" and record["top1"] > best_top1:
+                    best_top1, best_step = record["top1"], record["step"]
+    start_step = int(state.step)
+
+    train_step = make_train_step(
+        model, tx, schedule, mesh, num_classes=num_classes, label_smoothing=config.label_smoothing,
+        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay, freeze_bn=config.freeze_bn)
+    eval_step = make_eval_step(model, mesh)
+    progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
+    progress.write(f"{config.model} on {config.dataset}: {mesh.size} device(s), {jax.process_count()} process(es), "
+                   f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
+                   + (f", resuming at step {start_step}" if start_step else ""))
+
+    summary = {"step": start_step, "epoch": start_step // steps_per_epoch, "train": None, "eval": None,
+               "stopped_early": False}
+    pending, epoch_metrics, epoch_start = [], [], time.perf_counter()
+    with StopRequested() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+            batch = distributed.global_batch(next(data_iterator), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if step % config.log_every_steps == 0 or epoch_end:
+                train_metrics = _mean_metrics(pending)
+                _check_finite(train_metrics, step, checkpointer)
+                epoch_metrics.append((len(pending), train_metrics))
+                pending = []
+                logger.write(step, "train", {"epoch": step / steps_per_epoch, **train_metrics})
+                summary["train"] = train_metrics
+            progress.update(step, summary["train"] if step % config.log_every_steps == 0 else None)
+
+            eval_metrics = None
+            if epoch_end:
+                epoch = math.ceil(step / steps_per_epoch)
+                evals = {}
+                if epoch % config.eval_every_epochs == 0 or step == total_steps:
+                    evals["eval"] = evaluate(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
+                                             eval_loader, mesh)
+                    if config.ema_decay > 0:
+                        evals["eval_ema"] = evaluate(
+                            eval_step, {"params": state.ema_params, "batch_stats": state.ema_batch_stats},
+                            eval_loader, mesh)
+                    eval_metrics = evals["eval"]
+                    if eval_metrics["top1"] > best_top1:
+                        best_top1, best_step = eval_metrics["top1"], step
+                    for split, metrics_ in evals.items():
+                        logger.write(step, split, {"epoch": epoch, **metrics_,
+                                                   **({"best_top1": best_top1} if split == "eval" else {})})
+                    summary["eval"] = eval_metrics
+                counts = sum(n for n, _ in epoch_metrics)
+                epoch_train = {k: sum(n * m[k] for n, m in epoch_metrics) / counts for k in ("loss", "top1")}
+                progress.epoch_line(epoch, num_epochs, epoch_train, time.perf_counter() - epoch_start, evals)
+                epoch_metrics, epoch_start = [], time.perf_counter()
+                summary["epoch"] = epoch
+
+            sync_point = step % config.log_every_steps == 0 or epoch_end
+            stopping = (stop_at_step is not None and step >= stop_at_step) or stop.should_stop(sync_point)
+            if epoch_end or step % config.checkpoint_every_steps == 0 or stopping:
+                if pending:  # never save a state whose loss we have not checked
+                    _check_finite(_mean_metrics(pending), step, checkpointer)
+                checkpointer.save(step, state, data_iterator, eval_metrics, force=stopping)
+            summary["step"] = step
+            if stopping:
+                summary["stopped_early"] = step < total_steps
+                progress.write(f"stopping at step {step}: checkpoint saved in {checkpointer.directory}; "
+                               f"rerun the same command to resume")
+                break
+    progress.close()
+    checkpointer.close()
+    logger.close()
+    summary.update(best_top1=best_top1, best_step=best_step)
+    if primary and not summary["stopped_early"]:
+        progress.write(f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
+                       f"workdir {workdir}")
+    return summary

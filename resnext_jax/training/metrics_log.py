@@ -1,0 +1,106 @@
+"""What the user sees: a live progress bar, one line per epoch, `metrics.jsonl` and TensorBoard event files.
+
+Only process 0 writes; the others get a logger whose methods do nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import tqdm
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged point to `<workdir>/metrics.jsonl` and mirrors it to TensorBoard.
+
+    Every record has `step` and `split` ('train', 'eval' or 'eval_ema') plus the metric values, e.g.
+    `{"step": 100, "split": "eval", "epoch": 2, "loss": 0.31, "top1": 0.95, "top5": 0.99}`.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        """Records `metrics` (scalars) for `split` at `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{split}/{key}", value, int(step))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (written after the checkpoint a resumed run restarts from)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            records = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(records)
+
+    def close(self) -> None:
+        """Flushes TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of `<workdir>/metrics.jsonl`, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    return round(value, 6) if isinstance(value, float) else value
+
+
+class Progress:
+    """A tqdm bar over optimizer steps (loss, img/s, ETA) plus one summary line per epoch, on process 0 only.
+
+    `show_bar=False` (config.progress_bar) keeps the epoch lines but hides the bar, e.g. for log files.
+    """
+
+    def __init__(self, total_steps: int, initial_step: int, global_batch: int, primary: bool, show_bar: bool):
+        self.primary = primary
+        self.global_batch = global_batch
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                              disable=not (primary and show_bar), file=sys.stderr, desc="train")
+        self._last_time, self._last_step = time.perf_counter(), initial_step
+
+    def update(self, step: int, metrics: dict | None = None) -> None:
+        """Advances the bar to `step`; with `metrics`, refreshes loss and img/s."""
+        if self._bar.disable:
+            return
+        self._bar.update(step - self._bar.n)
+        if metrics is not None:
+            now = time.perf_counter()
+            rate = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
+            self._last_time, self._last_step = now, step
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
+
+    def epoch_line(self, epoch: int, num_epochs: int, train: dict, seconds: float, evals: dict[str, dict]) -> None:
+        """Prints one summary line: train loss and top-1, epoch time, and each eval's loss, top-1 and top-5."""
+        parts = [f"epoch {epoch}/{num_epochs}", f"train loss {train['loss']:.4f} top1 {train['top1']:.2%}",
+                 f"{seconds:.1f}s"]
+        for split, metrics in evals.items():
+            parts.append(f"{split} loss {metrics['loss']:.4f} top1 {metrics['top1']:.2%} top5 {metrics['top5']:.2%}")
+        self.write(" | ".join(parts))
+
+    def write(self, text: str) -> None:
+        """Prints `text` on process 0 without breaking the bar."""
+        if self.primary:
+            tqdm.tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        """Closes the bar."""
+        self._bar.close()

@@ -1,0 +1,172 @@
+"""The train state and the per-replica train and eval steps, as `jax.jit(jax.shard_map(...))` over the mesh axis
+`data`.
+
+Inside the shard_map every device sees its own slice of the global batch, exactly as under `pmap`: BatchNorm
+synchronizes its statistics through the axis name (the model is built with `bn_axis_name="data"`), and
+gradients and metrics are averaged with `lax.pmean`. Plain `jit` auto-sharding would all-gather the batch
+around every grouped conv (openxla/xla#47945), which is why the steps use shard_map.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the data-iterator position.
+
+    Attributes:
+      step: optimizer steps taken (int32 scalar).
+      params: float32 model parameters.
+      batch_stats: float32 BatchNorm running statistics ({} for group norm).
+      opt_state: optax state.
+      rng: base PRNG key (uint32[2]); step and device indices are folded in.
+      ema_params, ema_batch_stats: exponential moving average of the weights ({} when EMA is off).
+    """
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+    ema_params: Any
+    ema_batch_stats: Any
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+    """Random-initializes the model's {'params', 'batch_stats'} for (1, image_size, image_size, 3) NHWC input."""
+    return jax.jit(lambda r: model.init(r, jnp.zeros((1, image_size, image_size, 3)), train=False))(rng)
+
+
+def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: jax.Array,
+                       use_ema: bool) -> TrainState:
+    """Wraps model `variables` (random or converted torchvision weights) and a fresh optimizer state."""
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    # The EMA starts as a copy: the step donates the state, and one buffer cannot be donated twice.
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree) if use_ema else {}  # noqa: E731
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=rng, ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+
+
+def _freeze_batch_norm(next_fun, args, kwargs, context):
+    """Method interceptor: every BatchNorm uses its running statistics, even in training mode."""
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+        object.__setattr__(context.module, "use_running_average", True)
+    return next_fun(*args, **kwargs)
+
+
+def _norm_param_mask(params, batch_stats):
+    """True for the parameters of modules that have BatchNorm statistics (their scale and bias)."""
+    stats_paths = {path[:-1] for path, _ in jax.tree_util.tree_flatten_with_path(batch_stats)[0]}
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[:-1] in stats_paths, params)
+
+
+def cross_entropy_top1(logits: jax.Array, targets: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross-entropy against (soft) `targets` and mean top-1 against integer `labels`."""
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    top1 = (jnp.argmax(logits, -1) == labels).mean()
+    return loss, top1
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
+                    num_classes: int, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
+                    cutmix_alpha: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
+                    freeze_bn: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns `train_step(state, batch) -> (state, metrics)`, jitted, with `state` donated.
+
+    `batch` is {'image': (B, H, W, 3) float, 'label': (B,) int32}, sharded along `data` over `mesh`;
+    B must divide by `mesh.size * grad_accum_steps`. Metrics (float32 scalars, replicated): loss, top1,
+    grad_norm, param_norm, learning_rate.
+    """
+    def per_device_loss(params, batch_stats, images, targets, labels, dropout_rng):
+        def forward():
+            return model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        if freeze_bn:
+            with nn.intercept_methods(_freeze_batch_norm):
+                logits, _ = forward()
+            new_stats = batch_stats
+        else:
+            logits, updates = forward()
+            new_stats = updates.get("batch_stats", batch_stats)
+        loss, top1 = cross_entropy_top1(logits, targets, labels)
+        return loss, (new_stats, top1)
+
+    grad_fn = jax.value_and_grad(per_device_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+        mix_rng, dropout_rng = jax.random.split(rng)
+        images, labels = batch["image"], batch["label"]
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            from resnext_jax.data import mixup_cutmix
+            images, targets = mixup_cutmix(mix_rng, images, labels, num_classes, mixup_alpha=mixup_alpha,
+                                           cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing)
+        else:
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+        # Micro-batches run one after another in an unrolled Python loop: XLA:CPU runs convs inside a
+        # lax.scan/while body about 10x slower, and grad_accum_steps is small.
+        batch_stats, grads, loss, top1 = state.batch_stats, None, 0.0, 0.0
+        size = images.shape[0] // grad_accum_steps
+        for index in range(grad_accum_steps):
+            part = slice(index * size, (index + 1) * size)
+            (micro_loss, (batch_stats, micro_top1)), micro_grads = grad_fn(
+                state.params, batch_stats, images[part], targets[part], labels[part],
+                jax.random.fold_in(dropout_rng, index))
+            grads = micro_grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, micro_grads)
+            loss, top1 = loss + micro_loss, top1 + micro_top1
+        scale = 1.0 / grad_accum_steps
+        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+        # Per-replica semantics: average gradients and metrics over devices explicitly.
+        grads = jax.lax.pmean(grads, AXIS)
+        loss, top1 = jax.lax.pmean((loss * scale, top1 * scale), AXIS)
+        if freeze_bn:
+            mask = _norm_param_mask(grads, state.batch_stats)
+            grads = jax.tree_util.tree_map(lambda g, m: jnp.zeros_like(g) if m else g, grads, mask)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params, ema_stats = state.ema_params, state.ema_batch_stats
+        if ema_decay > 0:
+            def ema(e, p):
+                return ema_decay * e + (1.0 - ema_decay) * p
+            ema_params = jax.tree_util.tree_map(ema, ema_params, params)
+            ema_stats = jax.tree_util.tree_map(ema, ema_stats, batch_stats)
+        metrics = dict(loss=loss, top1=top1, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  ema_params=ema_params, ema_batch_stats=ema_stats)
+        return new_state, metrics
+
+    # check_vma=False keeps pmap's semantics: gradients w.r.t. replicated params stay per-device until the
+    # explicit pmean above (with vma checking, JAX would insert an implicit psum in the transpose).
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]:
+    """Returns `eval_step(variables, batch) -> sums`, jitted over the mesh.
+
+    `batch` has 'image', 'label' and a boolean 'mask' (False on padding rows). Returns global sums (replicated):
+    loss (cross-entropy), top1, top5 (correct counts) and count (real examples), so padded rows never count.
+    """
+    def step(variables, batch):
+        logits = model.apply(variables, batch["image"], train=False)
+        labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
+        top1 = jnp.argmax(logits, -1) == labels
+        sums = dict(loss=jnp.sum(loss * mask), top1=jnp.sum(top1 * mask), top5=jnp.sum(top5 * mask),
+                    count=jnp.sum(mask))
+        return jax.lax.psum(sums, AXIS)
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+    return jax.jit(sharded)

@@ -1,0 +1,5 @@
+"""`python -m train --config configs/<name>.py [--config.field=value ...] [--workdir DIR]` (see docs/training.md)."""
+from resnext_jax.training.cli import main
+
+if __name__ == "__main__":
+    main()
