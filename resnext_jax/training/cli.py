@@ -40,6 +40,23 @@ def _run(argv) -> None:
     logging.info("summary: %s", summary)
 
 
+def _parse_flags(argv):
+    """absl's parser, with one-line errors for a bad --config file or --config.field override."""
+    try:
+        args = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.keys()  # the config file loads lazily; surface a load failure here
+        return args
+    except (KeyError, AttributeError) as error:  # ml_collections' "Did you mean ..." for an unknown field
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        sys.exit(f"error: unknown config override {error.args[0] if error.args else error}")
+    except OSError as error:
+        sys.exit(f"error: {error}")
+    except flags.Error as error:
+        sys.exit(f"error: {error}\nRun with --helpfull to list the flags.")
+
+
 def main(argv=None) -> None:
     """Console-script entry point (`resnext-train`)."""
-    app.run(_run, argv=argv)
+    app.run(_run, argv=argv, flags_parser=_parse_flags)
