@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from resnext_jax.convert.names import (HEAD_PREFIX, LAYER_KINDS, TORCH_ONLY_BUFFERS, flax_to_torch_module,
                                        torch_to_flax_module)
+from resnext_jax.models.layers import stack_blocks, unstack_blocks
 from resnext_jax.models.registry import create_model, model_info
 
 __all__ = ["from_torchvision", "to_torchvision", "load_torch_state_dict", "ConversionError"]
@@ -135,6 +136,7 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
         initialize a fresh head (logged). Without it a head mismatch is an error.
       rng: key for a re-initialized head (default `jax.random.key(0)`).
       **model_overrides: other `create_model` fields that do not change the parameter layout (e.g. dtype).
+        `scan_blocks=True` returns the stacked layout that `create_model(name, scan_blocks=True)` expects.
     """
     family = model_info(name).family
     state = load_torch_state_dict(name, source)
@@ -146,6 +148,8 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
         raise ConversionError(
             f"the checkpoint's head has {ckpt_classes} classes but num_classes={num_classes}; pass "
             f"reinit_head=True to load the backbone and start a new {num_classes}-class head")
+    # Convert in the default (one module per block) layout, which the name map describes; stack at the end.
+    scanned = model_overrides.pop("scan_blocks", False)
     model = create_model(name, num_classes=num_classes, **model_overrides)
     expected = _expected_shapes(model)
 
@@ -185,20 +189,22 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
         for k, v in traverse_util.flatten_dict(fresh).items():
             if k[1] == head:
                 variables[k] = v
-    return traverse_util.unflatten_dict(variables)
+    variables = traverse_util.unflatten_dict(variables)
+    return stack_blocks(variables) if scanned else variables
 
 
 def to_torchvision(name: str, variables: Mapping) -> dict:
     """Converts Flax variables of builder `name` to a torchvision state_dict (torch tensors).
 
     torchvision's `load_state_dict(strict=True)` accepts the result. BatchNorm's
-    `num_batches_tracked`, which Flax does not keep, is exported as 0.
+    `num_batches_tracked`, which Flax does not keep, is exported as 0. Variables of a
+    `scan_blocks=True` model (stacked `layer{s}_rest` / `block{s}_rest`) are unstacked first.
     """
     import torch
 
     family = model_info(name).family
     state, unmapped = {}, []
-    for flax_key, value in traverse_util.flatten_dict(dict(variables)).items():
+    for flax_key, value in traverse_util.flatten_dict(unstack_blocks(variables)).items():
         mapped = _torch_key(family, flax_key)
         if mapped is None:
             unmapped.append("/".join(flax_key))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax.models.layers import (Conv2d, DropPath, SqueezeExcite, drop_path_rates, get_activation,
-                                       global_avg_pool, make_norm)
+                                       global_avg_pool, make_norm, needs_canonical_grad,
+                                       scan_blocks)
 
 ModuleDef = Any
 
@@ -66,7 +67,8 @@ class RegNetBlock(nn.Module):
     zero_init_last: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
+        """`drop_path_rate`, when given, overrides the field (a traced per-block rate under `scan_blocks`)."""
         width_in = x.shape[-1]
         width_b = int(round(self.width_out * self.bottleneck_multiplier))
         groups = width_b // self.group_width
@@ -79,7 +81,8 @@ class RegNetBlock(nn.Module):
         y = self.conv(self.width_out, (1, 1), name="c_conv")(y)
         scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         y = self.norm(name="c_bn", scale_init=scale_init)(y)
-        y = DropPath(self.drop_path_rate, name="drop_path")(y, deterministic=not train)
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        y = DropPath(rate, name="drop_path")(y, deterministic=not train)
         residual = x
         if width_in != self.width_out or self.strides != 1:
             residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
@@ -97,6 +100,7 @@ class RegNet(nn.Module):
       depth, w_0, w_a, w_m, group_width, bottleneck_multiplier: the design-space parameters.
       se_ratio: 0 for RegNetX, 0.25 for RegNetY.
       stem_width: stem output channels (32 in torchvision).
+      scan_blocks: as in `ResNet`; the stacked blocks live under `block{s}_rest`.
       Other fields: as in `ResNet`.
     """
     depth: int
@@ -118,10 +122,12 @@ class RegNet(nn.Module):
     dropout_rate: float = 0.0
     small_stem: bool = False
     conv_impl: str = "auto"
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
+        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
+                                 canonical_grad=needs_canonical_grad(self.scan_blocks))
         norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
                          groups=self.norm_groups)
         act = get_activation(self.activation)
@@ -134,12 +140,16 @@ class RegNet(nn.Module):
         rates = iter(drop_path_rates(self.drop_path_rate, sum(depths)))
         features = {}
         for stage, (width, num_blocks, group_width) in enumerate(zip(widths, depths, group_widths)):
-            for index in range(num_blocks):
-                x = RegNetBlock(width_out=width, group_width=group_width, conv=conv, norm=norm, act=act,
-                                strides=2 if index == 0 else 1, bottleneck_multiplier=self.bottleneck_multiplier,
-                                se_ratio=self.se_ratio, drop_path_rate=next(rates),
-                                zero_init_last=self.zero_init_last,
-                                name=f"block{stage + 1}_{index}")(x, train)
+            stage_rates = [next(rates) for _ in range(num_blocks)]
+            block = functools.partial(RegNetBlock, width_out=width, group_width=group_width, conv=conv, norm=norm,
+                                      act=act, bottleneck_multiplier=self.bottleneck_multiplier,
+                                      se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
+            x = block(strides=2, drop_path_rate=stage_rates[0], name=f"block{stage + 1}_0")(x, train)
+            if self.scan_blocks and num_blocks > 1:
+                x = scan_blocks(block(name=f"block{stage + 1}_rest"), x, stage_rates[1:], train)
+            else:
+                for index in range(1, num_blocks):
+                    x = block(drop_path_rate=stage_rates[index], name=f"block{stage + 1}_{index}")(x, train)
             features[f"stage{stage + 1}"] = x
         x = global_avg_pool(x)
         features["pre_logits"] = x

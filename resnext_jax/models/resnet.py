@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from resnext_jax.models.layers import (Conv2d, DropPath, SqueezeExcite, drop_path_rates, get_activation,
-                                       global_avg_pool, make_norm)
+                                       global_avg_pool, make_norm, needs_canonical_grad,
+                                       scan_blocks)
 
 ModuleDef = Any
 
@@ -35,7 +36,7 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         if self.cardinality != 1 or self.bottleneck_width != 64:
             raise ValueError("BasicBlock only supports cardinality=1 and bottleneck_width=64 (as torchvision)")
         residual = x
@@ -43,7 +44,7 @@ class BasicBlock(nn.Module):
         y = self.act(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
         y = self.norm(name="bn2", scale_init=_last_scale_init(self.zero_init_last))(y)
-        return _merge(self, x, residual, y, train)
+        return _merge(self, x, residual, y, train, drop_path_rate)
 
 
 class Bottleneck(nn.Module):
@@ -68,7 +69,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         width = int(self.filters * (self.bottleneck_width / 64.0)) * self.cardinality
         residual = x
         y = self.conv(width, (1, 1), name="conv1")(x)
@@ -77,20 +78,24 @@ class Bottleneck(nn.Module):
         y = self.act(self.norm(name="bn2")(y))
         y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
         y = self.norm(name="bn3", scale_init=_last_scale_init(self.zero_init_last))(y)
-        return _merge(self, x, residual, y, train)
+        return _merge(self, x, residual, y, train, drop_path_rate)
 
 
 def _last_scale_init(zero: bool):
     return nn.initializers.zeros if zero else nn.initializers.ones
 
 
-def _merge(block, x, residual, y, train):
-    """Optional SE, stochastic depth, projection shortcut, add, activation (shared by both blocks)."""
+def _merge(block, x, residual, y, train, drop_path_rate=None):
+    """Optional SE, stochastic depth, projection shortcut, add, activation (shared by both blocks).
+
+    `drop_path_rate`, when given, overrides the block's field (a traced per-block rate under `scan_blocks`).
+    """
     out_features = block.filters * block.expansion
     if block.se_ratio:
         y = SqueezeExcite(max(1, round(out_features * block.se_ratio)), conv=block.conv, act=block.act,
                           name="se")(y)
-    y = DropPath(block.drop_path_rate, name="drop_path")(y, deterministic=not train)
+    rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
+    y = DropPath(rate, name="drop_path")(y, deterministic=not train)
     if block.strides != 1 or x.shape[-1] != out_features:
         residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x)
         residual = block.norm(name="downsample_bn")(residual)
@@ -122,6 +127,9 @@ class ResNet(nn.Module):
       dropout_rate: dropout before the classifier.
       small_stem: a 3x3 stride-1 stem with no max-pool, for 32x32 images.
       conv_impl: grouped-conv implementation, see `resnext_jax.ops.CONV_IMPLS`.
+      scan_blocks: run blocks 1..n-1 of each stage (identical shapes) under `nn.scan`, so XLA compiles
+        one block per stage instead of n-1; their variables are stacked on a leading axis under
+        `layer{s}_rest`. Same math; convert layouts with `models.stack_blocks` / `unstack_blocks`.
     """
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
@@ -140,10 +148,12 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     small_stem: bool = False
     conv_impl: str = "auto"
+    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
+        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
+                                 canonical_grad=needs_canonical_grad(self.scan_blocks))
         norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
                          groups=self.norm_groups)
         act = get_activation(self.activation)
@@ -159,13 +169,18 @@ class ResNet(nn.Module):
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
-            for index in range(num_blocks):
-                x = self.block_cls(
-                    filters=self.num_filters * 2 ** stage, strides=2 if stage > 0 and index == 0 else 1,
-                    conv=conv, norm=norm, act=act, cardinality=self.cardinality,
-                    bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio,
-                    drop_path_rate=next(rates), zero_init_last=self.zero_init_last,
-                    name=f"layer{stage + 1}_{index}")(x, train)
+            stage_rates = [next(rates) for _ in range(num_blocks)]
+            block = functools.partial(
+                self.block_cls, filters=self.num_filters * 2 ** stage, conv=conv, norm=norm, act=act,
+                cardinality=self.cardinality, bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio,
+                zero_init_last=self.zero_init_last)
+            x = block(strides=2 if stage > 0 else 1, drop_path_rate=stage_rates[0], name=f"layer{stage + 1}_0")(
+                x, train)
+            if self.scan_blocks and num_blocks > 1:
+                x = scan_blocks(block(name=f"layer{stage + 1}_rest"), x, stage_rates[1:], train)
+            else:
+                for index in range(1, num_blocks):
+                    x = block(drop_path_rate=stage_rates[index], name=f"layer{stage + 1}_{index}")(x, train)
             features[f"stage{stage + 1}"] = x
         x = global_avg_pool(x)
         features["pre_logits"] = x

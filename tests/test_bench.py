@@ -1,0 +1,47 @@
+"""The benchmark CLI: its FLOP count against XLA's, its data-parallel check, its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import resnext_jax
+from resnext_jax import bench
+
+
+def test_model_flops_agree_with_xla_cost_analysis():
+    """2 x MACs from the jaxpr vs XLA's own count of the compiled forward. XLA skips kernel taps that fall
+    on padding (7% of resnet18's at 224) and adds BN and activations, hence the band."""
+    model = resnext_jax.create_model("resnet18", num_classes=10)
+    step, state, inputs = bench.make_jax_step(model, "infer", batch=1, resolution=224, num_classes=10)
+    compiled, _, memory = bench.compile_step(step, state, inputs)
+    ratio = compiled.cost_analysis()["flops"] / bench.model_flops(model, "infer", batch=1, resolution=224)
+    assert 0.88 < ratio < 1.05, ratio
+    assert bench.model_flops(model, "train", batch=1, resolution=224) == 3 * bench.model_flops(
+        model, "infer", batch=1, resolution=224)
+    assert memory["argument_size_in_bytes"] > 0
+
+
+def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "resnext_jax.bench", "--model", "resnet18", "--mode", "infer", "--batch", "4",
+               "--resolution", "32", "--runs", "2", "--devices", "2", "--flops-resolution", "32",
+               "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert "jax/torch" in result.stdout and r["command"].startswith("python -m resnext_jax.bench --model resnet18")
+    assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["compile_s"] > 0
+    assert r["ratio_jax_over_torch"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
+    dp = r["data_parallel_flops"]
+    assert dp["devices"] == 2
+    # shard_map: each device computes exactly its half of the batch.
+    assert dp["shard_map_ratio"] == pytest.approx(1.0, abs=0.02), dp
+
+
+def test_batch_not_divisible_by_devices_names_the_fix():
+    with pytest.raises(ValueError, match="use a multiple of 4"):
+        bench.check_batch_divides(6, 4)
+    bench.check_batch_divides(8, 4)

@@ -1,0 +1,145 @@
+"""`scan_blocks=True`: same math as the default layout, exact layout round trip, torchvision parity."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import resnext_jax
+from resnext_jax.convert import from_torchvision, to_torchvision
+from resnext_jax.models.layers import DropPath, stack_blocks, unstack_blocks
+from torch_reference import randomized_torchvision, torch_logits
+
+# Tiny models that still have stages of 1, 2 and 3 blocks, grouped convs, projections and SE.
+TINY = {
+    "resnext": ("resnext50_32x4d", dict(stage_sizes=(2, 3, 1), num_filters=16, cardinality=4, bottleneck_width=16,
+                                        num_classes=10)),
+    "regnet_y": ("regnet_y_400mf", dict(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8, num_classes=10)),
+}
+
+
+def _models(key, **extra):
+    name, fields = TINY[key]
+    return (resnext_jax.create_model(name, **fields, **extra),
+            resnext_jax.create_model(name, **fields, scan_blocks=True, **extra))
+
+
+def _init(model, images):
+    return jax.jit(lambda x: model.init(jax.random.key(0), x))(images)
+
+
+def _randomize_stats(variables, seed=1):
+    """Random BN statistics, so a block swap or a transposed stack would change the output."""
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    stats = jax.tree.map(lambda s: s + 0.1 * jax.random.uniform(next(keys), s.shape), variables["batch_stats"])
+    return {**variables, "batch_stats": stats}
+
+
+@pytest.mark.parametrize("key", sorted(TINY))
+def test_layout_round_trip_is_exact_and_matches_init(key):
+    plain, scanned = _models(key)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = _init(plain, x)
+    stacked = stack_blocks(variables)
+    expected = jax.eval_shape(lambda: scanned.init(jax.random.key(0), x))
+    assert jax.tree.structure(stacked) == jax.tree.structure(expected)
+    assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, expected)
+    assert any(name.endswith("_rest") for name in stacked["params"])
+    back = unstack_blocks(stacked)
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, variables)))
+    assert jax.tree.structure(unstack_blocks(variables)) == jax.tree.structure(variables)  # no-op on default layout
+
+
+@pytest.mark.parametrize("key", sorted(TINY))
+def test_scanned_logits_stats_and_gradients_equal_unscanned(key):
+    plain, scanned = _models(key)
+    images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
+    labels = jnp.arange(4) % 10
+    variables = _randomize_stats(_init(plain, images))
+    stacked = stack_blocks(variables)
+    infer = lambda model, v: jax.jit(lambda v: model.apply(v, images))(v)  # noqa: E731
+    np.testing.assert_allclose(infer(scanned, stacked), infer(plain, variables), rtol=1e-5, atol=1e-5)
+
+    def loss_fn(model):
+        def loss(params, batch_stats):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                          mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    (loss_p, updates_p), grads_p = loss_fn(plain)(variables["params"], variables["batch_stats"])
+    (loss_s, updates_s), grads_s = loss_fn(scanned)(stacked["params"], stacked["batch_stats"])
+    np.testing.assert_allclose(loss_s, loss_p, rtol=1e-6)
+    grads_s = unstack_blocks({"params": grads_s})["params"]
+    stats_s = unstack_blocks(updates_s)["batch_stats"]
+    jax.tree_util.tree_map_with_path(
+        lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
+        grads_s, grads_p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_s,
+                 updates_p["batch_stats"])
+
+
+def _seen_drop_path_rates(model, variables, images):
+    """Every DropPath rate used in one train-mode forward, read at run time (scanned rates are traced)."""
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, DropPath) and context.method_name == "__call__":
+            jax.debug.callback(lambda r: seen.append(round(float(r), 6)), jnp.asarray(context.module.rate))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.block_until_ready(jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"],
+                                                            rngs={"dropout": jax.random.key(3)}))(variables))
+    return sorted(seen)
+
+
+def test_scanned_blocks_get_their_own_drop_path_rates():
+    plain, scanned = _models("resnext", drop_path_rate=0.3)
+    images = jnp.ones((2, 32, 32, 3))
+    variables = _init(plain, images)
+    expected = _seen_drop_path_rates(plain, variables, images)
+    assert len(set(expected)) == 6  # six blocks, six distinct rates 0 .. 0.3
+    assert _seen_drop_path_rates(scanned, stack_blocks(variables), images) == expected
+
+
+def test_stack_blocks_names_a_gap():
+    with pytest.raises(ValueError, match="layer1 has blocks \\[1, 3\\]"):
+        stack_blocks({"params": {"layer1_0": {}, "layer1_1": {"w": jnp.ones(2)}, "layer1_3": {"w": jnp.ones(2)}}})
+
+
+@pytest.mark.parametrize("name", ["resnet18", "regnet_x_400mf"])
+def test_torchvision_parity_with_scanned_blocks(name):
+    reference = randomized_torchvision(name)
+    variables = from_torchvision(name, reference, scan_blocks=True)
+    assert any(k.endswith("_rest") for k in variables["params"])
+    model = resnext_jax.create_model(name, scan_blocks=True)
+    images = np.random.default_rng(0).standard_normal((2, 64, 64, 3), dtype=np.float32)
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
+    np.testing.assert_allclose(logits, torch_logits(reference, images), rtol=0, atol=1e-4)
+    state = to_torchvision(name, variables)
+    original = reference.state_dict()
+    assert state.keys() == original.keys()
+    for key, value in original.items():
+        assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("size,kernel,stride,groups", [(15, 3, 2, 4), (9, 7, 2, 1), (6, 1, 2, 1), (6, 3, 1, 2)])
+def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups):
+    from resnext_jax.models.layers import conv2d_canonical_grad
+    from resnext_jax.ops import conv2d
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 8))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 8 // groups, 12))
+    pad = (((kernel - 1) // 2,) * 2,) * 2
+    reference = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, strides=(stride, stride), padding=pad, groups=groups,
+                                                     impl="xla") ** 2), (0, 1))(x, w)
+    ours = jax.grad(lambda x, w: jnp.sum(conv2d_canonical_grad(x, w, (stride, stride), pad, groups, "split") ** 2),
+                    (0, 1))(x, w)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
