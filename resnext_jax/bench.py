@@ -135,9 +135,6 @@ def model_flops(model, mode: str, batch: int, resolution: int) -> float:
     import jax.numpy as jnp
     from resnext_jax.summary import count_macs
 
-    if getattr(model, "scan_blocks", False):
-        model = model.clone(scan_blocks=False)  # same math; count_macs counts a scan body once
-
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1], train=False), images)
     macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)

@@ -35,8 +35,10 @@ def _jaxpr_macs(jaxpr) -> int:
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        # A scan body runs `length` times (scan_blocks=True models).
+        repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for sub in _subjaxprs(eqn):
-            total += _jaxpr_macs(sub)
+            total += repeats * _jaxpr_macs(sub)
     return total
 
 

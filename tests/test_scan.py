@@ -143,3 +143,11 @@ def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups):
                     (0, 1))(x, w)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_mac_count_covers_every_scanned_block():
+    from resnext_jax.summary import summarize
+    plain = summarize("resnext50_32x4d", 64)
+    scanned = summarize("resnext50_32x4d", 64, scan_blocks=True)
+    assert scanned["gflops"] == pytest.approx(plain["gflops"], rel=1e-12)
+    assert scanned["params"] == plain["params"]

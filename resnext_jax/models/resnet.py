@@ -153,7 +153,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
-                                 canonical_grad=needs_canonical_grad(self.scan_blocks))
+                                 canonical_grad=needs_canonical_grad())
         norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
                          groups=self.norm_groups)
         act = get_activation(self.activation)

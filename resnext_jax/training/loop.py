@@ -81,8 +81,10 @@ def _initial_variables(config, num_classes, rng):
     if not config.init_from:
         return None
     from resnext_jax.convert import from_torchvision
+    # The layout must match the model's: stacked per stage when the config scans blocks.
+    scan = bool(config.model_kwargs.to_dict().get("scan_blocks", False))
     return from_torchvision(config.model, config.init_from, num_classes=num_classes, reinit_head=config.reinit_head,
-                            rng=rng)
+                            rng=rng, scan_blocks=scan)
 
 
 def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
