@@ -234,6 +234,41 @@ def scan_blocks(block: nn.Module, x: jax.Array, rates: Sequence[float], train: b
     return x
 
 
+def stem_and_block_factories(network: nn.Module, train: bool):
+    """The `conv`, `norm` and activation every block of `network` (a ResNet or RegNet) is built from."""
+    conv = functools.partial(Conv2d, dtype=network.dtype, impl=network.conv_impl,
+                             canonical_grad=needs_canonical_grad())
+    norm = make_norm(network.norm, train=train, dtype=network.dtype, axis_name=network.bn_axis_name,
+                     groups=network.norm_groups)
+    return conv, norm, get_activation(network.activation)
+
+
+def run_stage(block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], train: bool, prefix: str,
+              scan: bool, first_stride: int) -> jax.Array:
+    """Runs one stage: block `{prefix}_0` (stride, projection), then the identical blocks 1..n-1.
+
+    Those run one module each (`{prefix}_{i}`) or, with `scan`, as one scanned module `{prefix}_rest`.
+    """
+    x = block(strides=first_stride, drop_path_rate=rates[0], name=f"{prefix}_0")(x, train)
+    if scan and len(rates) > 1:
+        return scan_blocks(block(name=f"{prefix}_rest"), x, rates[1:], train)
+    for index in range(1, len(rates)):
+        x = block(drop_path_rate=rates[index], name=f"{prefix}_{index}")(x, train)
+    return x
+
+
+def classifier_head(network: nn.Module, features: dict, train: bool, return_features: bool,
+                    kernel_init: Callable = nn.initializers.lecun_normal()):
+    """Pool the last stage, dropout, the `fc` classifier; float32 logits or the whole feature dict."""
+    x = global_avg_pool(features[f"stage{len(features)}"])
+    features["pre_logits"] = x
+    x = nn.Dropout(network.dropout_rate, deterministic=not train)(x)
+    if network.num_classes:
+        x = nn.Dense(network.num_classes, dtype=network.dtype, kernel_init=kernel_init, name="fc")(x)
+    logits = x.astype(jnp.float32)
+    return {**features, "logits": logits} if return_features else logits
+
+
 # Top-level module names of per-block variables: ResNet's `layer{s}_{b}`, RegNet's `block{s}_{b}`.
 _BLOCK_NAME = re.compile(r"^(layer|block)(\d+)_(\d+)$")
 _STACKED_NAME = re.compile(r"^(layer|block)(\d+)_rest$")

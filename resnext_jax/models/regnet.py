@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax.models.layers import (Conv2d, DropPath, SqueezeExcite, drop_path_rates, get_activation,
-                                       global_avg_pool, make_norm, needs_canonical_grad,
-                                       scan_blocks)
+from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, run_stage,
+                                       stem_and_block_factories)
 
 ModuleDef = Any
 
@@ -126,11 +125,7 @@ class RegNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
-                                 canonical_grad=needs_canonical_grad())
-        norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                         groups=self.norm_groups)
-        act = get_activation(self.activation)
+        conv, norm, act = stem_and_block_factories(self, train)
         x = x.astype(self.dtype)
         stem_stride = 1 if self.small_stem else 2
         x = conv(self.stem_width, (3, 3), (stem_stride, stem_stride), name="stem_conv")(x)
@@ -140,28 +135,14 @@ class RegNet(nn.Module):
         rates = iter(drop_path_rates(self.drop_path_rate, sum(depths)))
         features = {}
         for stage, (width, num_blocks, group_width) in enumerate(zip(widths, depths, group_widths)):
-            stage_rates = [next(rates) for _ in range(num_blocks)]
             block = functools.partial(RegNetBlock, width_out=width, group_width=group_width, conv=conv, norm=norm,
                                       act=act, bottleneck_multiplier=self.bottleneck_multiplier,
                                       se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
-            x = block(strides=2, drop_path_rate=stage_rates[0], name=f"block{stage + 1}_0")(x, train)
-            if self.scan_blocks and num_blocks > 1:
-                x = scan_blocks(block(name=f"block{stage + 1}_rest"), x, stage_rates[1:], train)
-            else:
-                for index in range(1, num_blocks):
-                    x = block(drop_path_rate=stage_rates[index], name=f"block{stage + 1}_{index}")(x, train)
+            x = run_stage(block, x, [next(rates) for _ in range(num_blocks)], train, f"block{stage + 1}",
+                          self.scan_blocks, first_stride=2)
             features[f"stage{stage + 1}"] = x
-        x = global_avg_pool(x)
-        features["pre_logits"] = x
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        if self.num_classes:
-            # torchvision initializes the RegNet head with normal(0, 0.01) and zero bias.
-            x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
-                         name="fc")(x)
-        logits = x.astype(jnp.float32)
-        if return_features:
-            return {**features, "logits": logits}
-        return logits
+        # torchvision initializes the RegNet head with normal(0, 0.01) and zero bias.
+        return classifier_head(self, features, train, return_features, kernel_init=nn.initializers.normal(0.01))
 
     def stage_specs(self) -> list[dict]:
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""

@@ -14,9 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.models.layers import (Conv2d, DropPath, SqueezeExcite, drop_path_rates, get_activation,
-                                       global_avg_pool, make_norm, needs_canonical_grad,
-                                       scan_blocks)
+from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, run_stage,
+                                       stem_and_block_factories)
 
 ModuleDef = Any
 
@@ -152,11 +151,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
-                                 canonical_grad=needs_canonical_grad())
-        norm = make_norm(self.norm, train=train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                         groups=self.norm_groups)
-        act = get_activation(self.activation)
+        conv, norm, act = stem_and_block_factories(self, train)
         x = x.astype(self.dtype)
         if self.small_stem:
             x = conv(self.num_filters, (3, 3), name="conv1")(x)
@@ -169,28 +164,15 @@ class ResNet(nn.Module):
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
-            stage_rates = [next(rates) for _ in range(num_blocks)]
             block = functools.partial(
                 self.block_cls, filters=self.num_filters * 2 ** stage, conv=conv, norm=norm, act=act,
                 cardinality=self.cardinality, bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio,
                 zero_init_last=self.zero_init_last)
-            x = block(strides=2 if stage > 0 else 1, drop_path_rate=stage_rates[0], name=f"layer{stage + 1}_0")(
-                x, train)
-            if self.scan_blocks and num_blocks > 1:
-                x = scan_blocks(block(name=f"layer{stage + 1}_rest"), x, stage_rates[1:], train)
-            else:
-                for index in range(1, num_blocks):
-                    x = block(drop_path_rate=stage_rates[index], name=f"layer{stage + 1}_{index}")(x, train)
+            x = run_stage(block, x, [next(rates) for _ in range(num_blocks)], train, f"layer{stage + 1}",
+                          self.scan_blocks, first_stride=2 if stage > 0 else 1)
             features[f"stage{stage + 1}"] = x
-        x = global_avg_pool(x)
-        features["pre_logits"] = x
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        if self.num_classes:
-            x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-        logits = x.astype(jnp.float32)
-        if return_features:
-            return {**features, "logits": logits}
-        return logits
+        # torchvision's ResNet head keeps nn.Linear's default init; lecun_normal has the same variance scale.
+        return classifier_head(self, features, train, return_features)
 
     def stage_specs(self) -> list[dict]:
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""

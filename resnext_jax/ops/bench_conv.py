@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from resnext_jax.ops.grouped_conv import conv2d
 
