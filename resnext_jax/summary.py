@@ -59,7 +59,6 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
     features = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, return_features=True), variables, images)
     params = traverse_util.flatten_dict(variables["params"])
-    stage_names = [spec["name"] for spec in model.stage_specs()]
     rows = []
     for index, spec in enumerate(model.stage_specs()):
         shape = features[f"stage{index + 1}"].shape
@@ -70,7 +69,7 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     head_params = sum(math.prod(v.shape) for k, v in params.items() if k[0] == "fc")
     macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
     return {"name": name, "resolution": resolution, "stages": rows, "stem_params": total_params - staged - head_params,
-            "head_params": head_params, "params": total_params, "gflops": macs / 1e9, "stage_names": stage_names}
+            "head_params": head_params, "params": total_params, "gflops": macs / 1e9}
 
 
 def format_summary(summary: dict) -> str:

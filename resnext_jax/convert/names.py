@@ -7,6 +7,7 @@ appear on both sides.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 CONV, CONV_BIAS, BN, LINEAR = "conv", "conv_bias", "bn", "linear"
@@ -50,6 +51,7 @@ RULES = {
 HEAD_PREFIX = {"resnet": "fc", "regnet": "fc"}
 
 
+@functools.cache  # every key of a checkpoint is matched against every rule
 def _compile(template: str) -> re.Pattern:
     seen: set[str] = set()
 
