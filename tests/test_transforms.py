@@ -177,3 +177,13 @@ def test_normalize_matches_torchvision():
   np.testing.assert_allclose(T.normalize(image, MEAN, STD), want, atol=1e-5)
   assert math.isclose(float(T.normalize(np.full((1, 1, 3), 255, np.uint8), MEAN, STD)[0, 0, 0]),
                       (1 - MEAN[0]) / STD[0], rel_tol=1e-6)
+
+
+def test_normalize_of_a_batch_matches_float64_and_flipped_views():
+  images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3), dtype=np.uint8)
+  want = (images / 255.0 - np.asarray(MEAN)) / np.asarray(STD)  # float64 reference
+  got = T.normalize(images, MEAN, STD)
+  assert got.dtype == np.float32 and got.shape == images.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  # Non-contiguous input (a flipped view, as the train transform returns) normalizes to the flipped output.
+  np.testing.assert_array_equal(T.normalize(images[:, :, ::-1], MEAN, STD), got[:, :, ::-1])
