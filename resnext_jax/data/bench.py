@@ -51,13 +51,12 @@ def time_ours(jpegs: list[bytes], workers: int, jpeg_draft: bool) -> float:
 
   loaders.ensure_grain_flags()
   records = [{"image": data, "label": index % 1000} for index, data in enumerate(jpegs)]
+  # The operations, read options and buffer size of TrainLoader with its defaults (prefetch=2).
+  operations = loaders.train_operations("imagenet", 224, None, BATCH_SIZE, datasets.IMAGENET_MEAN,
+                                        datasets.IMAGENET_STD, jpeg_draft=jpeg_draft)
   loader = grain.DataLoader(
-      data_source=records,
-      sampler=grain.IndexSampler(len(records), shuffle=True, num_epochs=1, seed=0),
-      operations=[loaders._TrainTransform("imagenet", 224, None, jpeg_draft=jpeg_draft), loaders._DropBad(),
-                  grain.Batch(BATCH_SIZE, drop_remainder=True),
-                  loaders._Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)],
-      worker_count=workers, worker_buffer_size=2)
+      data_source=records, sampler=grain.IndexSampler(len(records), shuffle=True, num_epochs=1, seed=0),
+      operations=operations, worker_count=workers, worker_buffer_size=2, read_options=loaders.READ_OPTIONS)
   return _time_batches(iter(loader), workers)
 
 

@@ -20,6 +20,10 @@ from resnext_jax.data import transforms as T
 
 TRAIN_TRANSFORMS = ("imagenet", "cifar", "resize_crop", "none")
 AUGMENTS = (None, "randaugment", "autoaugment")
+# Threads that read records ahead of the transforms (in each worker process when worker_count > 0). Two hide
+# ArrayRecord read latency; grain's default of 16 only adds GIL hand-offs (290 us of overhead per record in
+# process against 140 us with 2, see docs/benchmarks.md "Input pipeline").
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 _bad_images = 0
 _bad_images_lock = threading.Lock()  # grain reads with a thread pool when worker_count is 0
@@ -104,6 +108,20 @@ class _Normalize(grain.MapTransform):
     return {**batch, "image": T.normalize(batch["image"], self.mean, self.std)}
 
 
+def train_operations(transform: str, image_size: int, augment: str | None, batch_size: int, mean, std,
+                     jpeg_draft: bool = True) -> list:
+  """Returns the grain operations from an encoded record to a normalized float32 (B, H, W, 3) batch.
+
+  `TrainLoader` and the input pipeline benchmark both use this, so the benchmark times what training runs.
+  """
+  return [
+      _TrainTransform(transform, image_size, augment, jpeg_draft=jpeg_draft),
+      _DropBad(),
+      grain.Batch(batch_size, drop_remainder=True),
+      _Normalize(mean, std),
+  ]
+
+
 class TrainLoader:
   """An endless (or `num_epochs`-long) stream of shuffled, augmented training batches for one process.
 
@@ -134,17 +152,13 @@ class TrainLoader:
         num_records=len(source),
         shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
         shuffle=True, num_epochs=num_epochs, seed=seed)
-    operations = [
-        _TrainTransform(transform, image_size, augment),
-        _DropBad(),
-        grain.Batch(batch_size, drop_remainder=True),
-        _Normalize(info.mean if mean is None else mean, info.std if std is None else std),
-    ]
+    operations = train_operations(transform, image_size, augment, batch_size, info.mean if mean is None else mean,
+                                  info.std if std is None else std)
     if worker_count:
       ensure_grain_flags()
     self._loader = grain.DataLoader(
         data_source=source, sampler=sampler, operations=operations, worker_count=worker_count,
-        worker_buffer_size=max(1, prefetch), read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+        worker_buffer_size=max(1, prefetch), read_options=READ_OPTIONS)
 
   def __iter__(self):
     return iter(self._loader)
@@ -232,5 +246,5 @@ class EvalLoader:
     sampler = grain.IndexSampler(len(self._source), shuffle=False, num_epochs=1, seed=0)
     loader = grain.DataLoader(data_source=self._source, sampler=sampler, operations=self._operations,
                               worker_count=self._worker_count,
-                              read_options=grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
+                              read_options=READ_OPTIONS)
     return iter(loader)
