@@ -24,6 +24,10 @@ CASES = [
     ("nonsquare-asym", (1, 9, 8, 12), (3, 2), 6, 3, (2, 1), ((1, 1), (0, 1))),
     ("wide-out", (1, 5, 6, 8), (1, 3), 12, 4, (1, 2), ((0, 0), (1, 1))),
     ("no-pad", (2, 6, 6, 4), (3, 3), 8, 2, (1, 1), ((0, 0), (0, 0))),
+    ("1x1-dense", (2, 6, 5, 8), (1, 1), 12, 1, (1, 1), ((0, 0), (0, 0))),
+    ("1x1-stride2-odd", (2, 7, 7, 8), (1, 1), 6, 1, (2, 2), ((0, 0), (0, 0))),
+    ("1x1-grouped-stride2", (1, 8, 6, 8), (1, 1), 8, 2, (2, 2), ((0, 0), (0, 0))),
+    ("stem-7x7-stride2", (1, 13, 12, 3), (7, 7), 4, 1, (2, 2), ((3, 3), (3, 3))),
 ]
 
 
@@ -145,6 +149,10 @@ def test_unknown_impl_lists_choices():
 
 
 def test_auto_resolution():
-    expected = "split" if jax.default_backend() == "cpu" else "xla"
-    assert resolve_impl("auto", groups=32) == expected
-    assert resolve_impl("auto", groups=1) == "xla"  # a dense conv needs no workaround
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_impl("auto", groups=32) == ("split" if on_cpu else "xla")
+    assert resolve_impl("auto", groups=1, kernel_hw=(3, 3)) == "xla"
+    assert resolve_impl("auto", groups=1, kernel_hw=(1, 1)) == ("gemm" if on_cpu else "xla")
+    # Grouped implementations of a dense conv are all the same single conv; 'gemm' is honoured.
+    assert resolve_impl("split", groups=1, kernel_hw=(1, 1)) == "xla"
+    assert resolve_impl("gemm", groups=1, kernel_hw=(3, 3)) == "gemm"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax.ops import conv2d
+from resnext_jax.ops.grouped_conv import resolve_impl
 
 Dtype = Any
 ModuleDef = Any
@@ -131,7 +132,8 @@ class Conv2d(nn.Module):
             padding = ((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)
         dtype = self.dtype or x.dtype
         padding = tuple(map(tuple, padding))
-        if self.canonical_grad:
+        # A 'gemm' conv's autodiff backward is already matmuls, which XLA:CPU handles well, scanned or not.
+        if self.canonical_grad and resolve_impl(self.impl, self.groups, (kh, kw)) != "gemm":
             y = conv2d_canonical_grad(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), padding,
                                       self.groups, self.impl)
         else:
