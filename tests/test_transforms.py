@@ -77,6 +77,48 @@ def test_jpeg_draft_decoding_crops_the_same_region():
     assert np.abs(fast - full).mean() < 6.0  # a wrong region gives 50+
 
 
+def _jpeg_variants() -> dict[str, bytes]:
+  photo = Image.fromarray(PHOTOS[0])
+  exif = Image.Exif()
+  exif[0x0112] = 6  # orientation "rotate 90": PIL ignores it, so a decoder that honours it would disagree
+  return {
+      "baseline": _encode(photo, "JPEG", quality=90),
+      "progressive": _encode(photo, "JPEG", quality=80, progressive=True),
+      "4:4:4": _encode(photo, "JPEG", quality=95, subsampling=0),
+      "exif-rotated": _encode(photo, "JPEG", quality=90, exif=exif),
+  }
+
+
+@pytest.mark.parametrize("variant", ["baseline", "progressive", "4:4:4", "exif-rotated"])
+def test_opencv_decode_gives_pils_pixels(variant):
+  data = _jpeg_variants()[variant]
+  pixels = T.decode_jpeg_with_opencv(T.open_image(data), data)
+  np.testing.assert_array_equal(pixels, np.asarray(T.decode_image(data)))
+
+
+def test_opencv_decode_leaves_other_images_to_pil():
+  photo = Image.fromarray(PHOTOS[1]).resize((80, 60))
+  jpeg = _encode(photo, "JPEG")
+  for data in [_encode(photo.convert("L"), "JPEG"), _encode(photo.convert("CMYK"), "JPEG"), _encode(photo, "PNG"),
+               jpeg[: len(jpeg) // 2]]:
+    assert T.decode_jpeg_with_opencv(T.open_image(data), data) is None
+
+
+@pytest.mark.parametrize("jpeg_draft", [True, False])
+def test_train_crop_from_bytes_is_torchvisions_resized_crop(jpeg_draft):
+  # The whole train crop from encoded bytes (OpenCV decode, PIL resize) against torchvision on the PIL-decoded
+  # photo with the same box: identical wherever no reduced-size decode happens (a 640x427 photo at size 224 is
+  # never drafted, whatever the crop).
+  data = _jpeg_variants()["baseline"]
+  decoded = T.decode_image(data)
+  for seed in range(8):
+    ours = T.random_resized_crop(T.open_image(data), np.random.default_rng(seed), 224, data=data,
+                                 jpeg_draft=jpeg_draft)
+    left, top, width, height = T.random_resized_crop_box(640, 427, np.random.default_rng(seed))
+    want = np.asarray(TF.resized_crop(decoded, top, left, height, width, [224, 224]))
+    np.testing.assert_array_equal(ours, want)
+
+
 @pytest.mark.parametrize("op_name,magnitude", [
     ("ShearX", 0.3), ("ShearY", -0.2), ("TranslateX", 40.0), ("TranslateY", -33.0), ("Rotate", 25.0),
     ("Brightness", 0.5), ("Color", -0.6), ("Contrast", 0.9), ("Sharpness", 0.7), ("Posterize", 5),

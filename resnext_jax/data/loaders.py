@@ -75,21 +75,20 @@ class _TrainTransform(grain.RandomMapTransform):
   def _augment(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
     size = self.image_size
     if self.transform == "imagenet":
-      image = T.random_resized_crop(T.open_image(data) if self.jpeg_draft else T.decode_image(data), rng, size)
+      image = T.random_resized_crop(T.open_image(data), rng, size, data=data, jpeg_draft=self.jpeg_draft)
     elif self.transform == "resize_crop":
-      image = T.random_resize_then_crop(T.decode_image(data), rng, size)
+      image = np.asarray(T.random_resize_then_crop(T.decode_image(data), rng, size))
     elif self.transform == "cifar":
-      array = T.resize_to(T.decode_image(data), size)
-      image = Image.fromarray(T.pad_crop_flip(array, rng))
+      image = T.pad_crop_flip(T.resize_to(T.decode_image(data), size), rng)
     else:  # "none"
       return T.resize_to(T.decode_image(data), size)
     if self.transform != "cifar" and rng.random() < 0.5:
-      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+      image = image[:, ::-1]  # a view: batching copies it anyway, so the flip costs no pass of its own
     if self.augment == "randaugment":
-      image = autoaugment.rand_augment(image, rng)
+      image = np.asarray(autoaugment.rand_augment(Image.fromarray(image), rng))
     elif self.augment == "autoaugment":
-      image = autoaugment.auto_augment_imagenet(image, rng)
-    return np.asarray(image)
+      image = np.asarray(autoaugment.auto_augment_imagenet(Image.fromarray(image), rng))
+    return image
 
 
 class _DropBad(grain.FilterTransform):
