@@ -146,8 +146,8 @@ def decode_jpeg_with_opencv(image: Image.Image, data: bytes) -> np.ndarray | Non
 
 def random_resized_crop(image, rng: np.random.Generator, size: int, scale=(0.08, 1.0),
                         ratio=(3.0 / 4.0, 4.0 / 3.0), data: bytes | None = None,
-                        jpeg_draft: bool = True) -> np.ndarray:
-  """torchvision's RandomResizedCrop(size, scale, ratio) on a PIL image or uint8 array; returns uint8 (size, size, 3).
+                        jpeg_draft: bool = True) -> Image.Image:
+  """torchvision's RandomResizedCrop(size, scale, ratio) on a PIL image or uint8 array; returns a PIL image.
 
   If `image` is a lazily opened JPEG (see `open_image`) and `jpeg_draft`, it is decoded at 1/2, 1/4 or 1/8 scale
   when the crop is at least that much larger than `size` (PIL's draft mode). That changes pixels slightly, not
@@ -173,7 +173,7 @@ def random_resized_crop(image, rng: np.random.Generator, size: int, scale=(0.08,
       # Image.fromarray copies only the crop, which is also what PIL's crop() would copy.
       image = Image.fromarray(pixels[top:top + crop_height, left:left + crop_width])
       box = (0, 0, crop_width, crop_height)
-  return np.asarray(resized_crop(to_pil(image), box, size))
+  return resized_crop(to_pil(image), box, size)
 
 
 def random_resize_then_crop(image, rng: np.random.Generator, size: int, max_scale: float = 1.35) -> Image.Image:
