@@ -6,8 +6,9 @@ Both pipelines decode the same in-memory JPEGs (made from scikit-learn's two sam
 ImageNet-like sizes, so nothing is downloaded) and apply RandomResizedCrop(224), a horizontal flip and
 normalization, batching 32. "workers 0" decodes in the main process; N > 0 uses N worker processes. Each
 configuration runs `--repeats` times over the images twice; after one batch per worker (which pays for worker
-start-up) the rest is timed, and the median images/s is printed. torch uses one intra-op thread per process so that both sides use one core per
-worker. Ours is measured twice: with reduced-size JPEG decoding (the default) and with full decoding.
+start-up) the rest is timed, and the median images/s is printed. torch uses one intra-op thread per process so that
+both sides use one core per worker. Ours runs TrainLoader's own operations and read options, twice: with
+reduced-size JPEG decoding (the default) and with full decoding.
 """
 
 import argparse
