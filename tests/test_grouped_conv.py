@@ -156,3 +156,18 @@ def test_auto_resolution():
     # Grouped implementations of a dense conv are all the same single conv; 'gemm' is honoured.
     assert resolve_impl("split", groups=1, kernel_hw=(1, 1)) == "xla"
     assert resolve_impl("gemm", groups=1, kernel_hw=(3, 3)) == "gemm"
+
+
+def test_auto_forward_only_narrow_groups_use_chunks():
+    """Forward-only 'auto' on narrow groups (<= 4 channels) merges 4 groups per block-diagonal chunk on CPU."""
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_impl("auto", 32, (3, 3), channels=128, forward_only=True) == ("chunked" if on_cpu else "xla")
+    assert resolve_impl("auto", 32, (3, 3), channels=256, forward_only=True) == ("split" if on_cpu else "xla")
+    assert resolve_impl("auto", 32, (3, 3), channels=128) == ("split" if on_cpu else "xla")
+    # And the chunks it builds compute the grouped conv: 8 groups of 2 channels -> 2 chunks of 4 groups.
+    strides, padding, groups = (2, 1), ((1, 1), (1, 0)), 8
+    x, w, ct = _inputs((2, 7, 6, 16), (3, 3), 24, groups, strides, padding)
+    y_ref, _, _ = reference_conv_and_grads(x, w, ct, strides, padding, groups)
+    y = conv2d(jnp.asarray(x), jnp.asarray(w), strides=strides, padding=padding, groups=groups, impl="auto",
+               forward_only=True, precision=jax.lax.Precision.HIGHEST)
+    _assert_close(y, y_ref, 1e-5, "auto forward-only output")

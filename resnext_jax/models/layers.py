@@ -59,7 +59,7 @@ def conv2d_canonical_grad(x: jax.Array, kernel: jax.Array, strides: tuple, paddi
     dense conv of the transposed input with the transposed output gradient (per group), both
     already in the layout XLA:CPU's fast convolution expects. The forward is unchanged.
     """
-    return conv2d(x, kernel, strides=strides, padding=padding, groups=groups, impl=impl)
+    return conv2d(x, kernel, strides=strides, padding=padding, groups=groups, impl=impl, forward_only=True)
 
 
 def _canonical_fwd(x, kernel, strides, padding, groups, impl):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from resnext_jax.ops import step_compiler_options
+
 AXIS = "data"
 
 
@@ -149,7 +151,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     # check_vma=False keeps pmap's semantics: gradients w.r.t. replicated params stay per-device until the
     # explicit pmean above (with vma checking, JAX would insert an implicit psum in the transpose).
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,))
+    return jax.jit(sharded, donate_argnums=(0,), compiler_options=step_compiler_options(_platform(mesh)))
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]:
@@ -169,4 +171,8 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]
         return jax.lax.psum(sums, AXIS)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
-    return jax.jit(sharded)
+    return jax.jit(sharded, compiler_options=step_compiler_options(_platform(mesh)))
+
+
+def _platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
