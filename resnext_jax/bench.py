@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip the torchvision baseline")
     parser.add_argument("--torch-channels-last", action="store_true", help="torch model and input in channels_last")
     parser.add_argument("--torch-optimizer", choices=("adamw", "sgd"), default="adamw")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="after timing, trace one JAX step with jax.profiler into DIR and print where its time goes")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak of the device for MFU; default: known accelerator peak, or a timed matmul on CPU")
     parser.add_argument("--devices", type=int, default=0,
@@ -140,7 +142,8 @@ def model_flops(model, mode: str, batch: int, resolution: int) -> float:
 
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1], train=False), images)
-    macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
+    nominal = model.clone(conv_impl="xla")  # the model's FLOPs, not the zeros of a block-diagonal implementation
+    macs = count_macs(lambda v, x: nominal.apply(v, x, train=False), variables, images)
     return 2.0 * macs * (3 if mode == "train" else 1)
 
 
@@ -229,6 +232,47 @@ def _jax_callable(compiled, state, inputs, mode):
             holder[0], loss = compiled(holder[0], *inputs)
             jax.block_until_ready(loss)
     return call
+
+
+def profile_step(call, compiled, trace_dir: str, top: int = 15) -> dict:
+    """Traces one call of the compiled step and sums the device time of its HLO ops.
+
+    Ops are grouped two ways: by HLO kind (fusions by fusion kind: `kCustom` are library calls such as
+    matmuls and library convolutions, `kLoop` the generated elementwise/reduction loops), and by the JAX
+    op that produced them (`op_name` metadata, block indices folded so that e.g. every block's conv2
+    backward adds up). Returns milliseconds per group, largest first.
+    """
+    import collections
+    import glob
+    import gzip
+    import re
+
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        call()
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = {}
+    for line in compiled.as_text().splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if match:
+            kind = re.search(r"kind=(\w+)", line) if match.group(2) == "fusion" else None
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            ops[match.group(1)] = (match.group(2) + (f":{kind.group(1)}" if kind else ""),
+                                   re.sub(r"(layer|block)\d_\d+", r"\1*", op_name.group(1)) if op_name else "?")
+    by_kind, by_op = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in ops:
+            kind, op_name = ops[event["name"]]
+            by_kind[kind] += event["dur"] / 1e3
+            by_op[f"{kind} {op_name}"] += event["dur"] / 1e3
+    return {"trace_dir": trace_dir, "total_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(by_kind.most_common(top)), "by_op_ms": dict(by_op.most_common(top))}
 
 
 # -------------------------------------------------------------------------------- data-parallel FLOPs
@@ -359,6 +403,8 @@ def run(args, argv) -> dict:
         results.update(torch_img_s=args.batch / torch_s, torch_step_s=timings["torch"]["all_s"],
                        ratio_jax_over_torch=torch_s / jax_s, torch_channels_last=args.torch_channels_last,
                        torch_optimizer=args.torch_optimizer if args.mode == "train" else None)
+    if args.profile:
+        results["profile"] = profile_step(steps["jax"], compiled, args.profile)
     if args.devices > 1:
         results["data_parallel_flops"] = run_flops_check_subprocess(args, argv)
     return results
@@ -382,6 +428,12 @@ def format_results(r: dict) -> str:
         line += (f" = {100 * r['fraction_of_peak']:.1f}% of {1e3 * r['peak_tflops']:.1f} GFLOP/s "
                  f"({r['peak_source']})")
     lines.append(line)
+    prof = r.get("profile")
+    if prof:
+        lines.append(f"  profile of one step ({prof['total_ms']:.0f} ms of ops, trace in {prof['trace_dir']}):")
+        lines += [f"    {ms:8.1f} ms {100 * ms / prof['total_ms']:5.1f}%  {kind}" for kind, ms in prof["by_kind_ms"].items()]
+        lines.append("  largest ops by JAX op_name:")
+        lines += [f"    {ms:8.1f} ms  {op}" for op, ms in prof["by_op_ms"].items()]
     dp = r.get("data_parallel_flops")
     if dp and "error" in dp:
         lines.append(f"  data-parallel FLOPs check failed: {dp['error']}")

@@ -67,7 +67,9 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     total_params = sum(math.prod(v.shape) for v in params.values())
     staged = sum(r["params"] for r in rows)
     head_params = sum(math.prod(v.shape) for k, v in params.items() if k[0] == "fc")
-    macs = count_macs(lambda v, x: model.apply(v, x, train=False), variables, images)
+    # The model's own FLOPs, not an implementation's: 'auto' may pick block-diagonal chunks with extra zeros.
+    nominal = model.clone(conv_impl="xla")
+    macs = count_macs(lambda v, x: nominal.apply(v, x, train=False), variables, images)
     return {"name": name, "resolution": resolution, "stages": rows, "stem_params": total_params - staged - head_params,
             "head_params": head_params, "params": total_params, "gflops": macs / 1e9}
 
