@@ -45,3 +45,28 @@ def test_batch_not_divisible_by_devices_names_the_fix():
     with pytest.raises(ValueError, match="use a multiple of 4"):
         bench.check_batch_divides(6, 4)
     bench.check_batch_divides(8, 4)
+
+
+def test_profile_attributes_time_to_the_expensive_op(tmp_path):
+    """A 1024^2 matmul next to a cheap add: the trace must put most of the op time on the matmul's op_name,
+    and the summed op time cannot exceed the call's wall time."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    def fn(a, b):
+        return (a @ b) + 1.0
+
+    a = jnp.ones((1024, 1024))
+    compiled = jax.jit(fn).lower(a, a).compile()
+    call = lambda: jax.block_until_ready(compiled(a, a))  # noqa: E731
+    call()
+    start = time.perf_counter()
+    call()
+    wall_ms = 1e3 * (time.perf_counter() - start)
+    prof = bench.profile_step(call, compiled, str(tmp_path / "trace"))
+    assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["total_ms"])
+    matmul_ms = sum(ms for op, ms in prof["by_op_ms"].items() if "dot_general" in op)
+    assert matmul_ms > 0.5 * prof["total_ms"], prof
+    assert prof["total_ms"] < 3 * wall_ms + 5, (prof, wall_ms)
