@@ -159,10 +159,10 @@ def test_auto_resolution():
 
 
 def test_auto_forward_only_narrow_groups_use_chunks():
-    """Forward-only 'auto' on narrow groups (<= 4 channels) merges 4 groups per block-diagonal chunk on CPU."""
+    """Forward-only 'auto' on narrow groups (<= 8 channels) merges 4 groups per block-diagonal chunk on CPU."""
     on_cpu = jax.default_backend() == "cpu"
-    assert resolve_impl("auto", 32, (3, 3), channels=128, forward_only=True) == ("chunked" if on_cpu else "xla")
-    assert resolve_impl("auto", 32, (3, 3), channels=256, forward_only=True) == ("split" if on_cpu else "xla")
+    assert resolve_impl("auto", 32, (3, 3), channels=256, forward_only=True) == ("chunked" if on_cpu else "xla")
+    assert resolve_impl("auto", 32, (3, 3), channels=512, forward_only=True) == ("split" if on_cpu else "xla")
     assert resolve_impl("auto", 32, (3, 3), channels=128) == ("split" if on_cpu else "xla")
     # And the chunks it builds compute the grouped conv: 8 groups of 2 channels -> 2 chunks of 4 groups.
     strides, padding, groups = (2, 1), ((1, 1), (1, 0)), 8
