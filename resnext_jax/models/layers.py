@@ -173,15 +173,115 @@ class Conv2d(nn.Module):
 def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, groups: int = 32) -> ModuleDef:
     """Returns a norm-layer constructor: batch norm (torch's eps and momentum) or group norm.
 
+    Both are called as `norm(name=...)(x, residual=None, act=None)` and return `act(norm(x) + residual)`.
     Batch statistics are reduced in float32 even when `dtype` is bfloat16, and the
     running statistics are stored in float32.
     """
     if kind == "batch":
-        return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=dtype, axis_name=axis_name)
     if kind == "group":
         return functools.partial(_GroupNorm, num_groups=groups, dtype=dtype)
     raise ValueError(f"norm={kind!r} is not supported; use one of {NORMS}")
+
+
+def _add_act(y: jax.Array, residual: jax.Array | None, act: Callable | None) -> jax.Array:
+    if residual is not None:
+        y = y + residual
+    return act(y) if act is not None else y
+
+
+def _batch_moments(x: jax.Array, axis_name: str | None):
+    """Per-channel mean and (biased) variance over all but the last axis, in float32, synced over `axis_name`."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    count = x.size // x.shape[-1]
+    sums, squares = jnp.sum(xf, axes), jnp.sum(xf * xf, axes)
+    if axis_name is not None:
+        sums, squares, count = lax.psum((sums, squares, count), axis_name)
+    mean = sums / count
+    # E[x^2] - E[x]^2, as flax.linen.BatchNorm's default (use_fast_variance) computes it.
+    return mean, jnp.maximum(squares / count - mean * mean, 0.0), count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: jax.Array | None, epsilon: float,
+                     relu: bool, axis_name: str | None):
+    """Training-mode batch norm, `relu(bn(x) + residual)`, with a hand-written backward pass.
+
+    Returns `(y, mean, var)`: the output in `x.dtype` and the batch's float32 mean and biased variance
+    (synchronized over `axis_name` when given, under shard_map/pmap). The same math as
+    `flax.linen.BatchNorm` followed by the add and the ReLU, but the backward is one fused reduction and
+    one elementwise pass from the saved input and output, where autodiff of the unfused ops leaves XLA:CPU
+    more passes over the activations (docs/benchmarks.md). The cotangents of `mean` and `var` are ignored:
+    they only feed the running statistics.
+    """
+    return _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name):
+    mean, var, count = _batch_moments(x, axis_name)
+    inv = lax.rsqrt(var + epsilon)
+    y = (x.astype(jnp.float32) - mean) * (scale * inv) + bias
+    y = _add_act(y, None if residual is None else residual.astype(jnp.float32), nn.relu if relu else None)
+    y = y.astype(x.dtype)
+    return (y, mean, var), (x, scale, mean, inv, count, y if relu else None, residual is not None)
+
+
+def _batch_norm_bwd(epsilon, relu, axis_name, saved, cotangents):
+    x, scale, mean, inv, count, y, has_residual = saved
+    dz = cotangents[0].astype(jnp.float32)
+    if relu:
+        dz = jnp.where(y > 0, dz, 0.0)
+    axes = tuple(range(x.ndim - 1))
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    dbias, dscale = jnp.sum(dz, axes), jnp.sum(dz * xhat, axes)
+    # The statistics are shared across the axis, so their gradient terms are summed over it; the parameter
+    # gradients stay per-device (the train step averages them), as with autodiff under pmap semantics.
+    total_dbias, total_dscale = (dbias, dscale) if axis_name is None else lax.psum((dbias, dscale), axis_name)
+    dx = (scale * inv) * (dz - total_dbias / count - xhat * (total_dscale / count))
+    dresidual = dz.astype(x.dtype) if has_residual else None
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype), dresidual
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Batch norm over the last axis with `flax.linen.BatchNorm`'s variables and update rule.
+
+    Params `scale` and `bias`, batch statistics `mean` and `var` (float32), running averages updated as
+    `momentum * old + (1 - momentum) * batch` with the biased batch variance, exactly as flax's, so
+    checkpoints and converted weights are the same. Called as `bn(x, residual=None, act=None)`, it returns
+    `act(bn(x) + residual)`; in training mode with `act=nn.relu` (or none) the add and the ReLU are fused
+    into `batch_norm_train`'s hand-written backward pass, other activations are applied after it.
+    """
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, residual: jax.Array | None = None, act: Callable | None = None) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        dtype = self.dtype or x.dtype
+        if self.use_running_average:
+            y = (x.astype(jnp.float32) - ra_mean.value) * (scale * lax.rsqrt(ra_var.value + self.epsilon)) + bias
+            return _add_act(y.astype(dtype), residual, act)
+        fuse = act is None or act is nn.relu
+        y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, residual if fuse else None, self.epsilon,
+                                        fuse and act is not None, self.axis_name)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y if fuse else _add_act(y, residual, act)
 
 
 class _GroupNorm(nn.Module):
@@ -191,11 +291,12 @@ class _GroupNorm(nn.Module):
     scale_init: Callable = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None, act=None):
         channels = x.shape[-1]
         groups = next(g for g in range(min(self.num_groups, channels), 0, -1) if channels % g == 0)
-        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init,
-                            name="gn")(x)
+        y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init,
+                         name="gn")(x)
+        return _add_act(y, residual, act)
 
 
 class DropPath(nn.Module):

@@ -71,21 +71,24 @@ class RegNetBlock(nn.Module):
         width_in = x.shape[-1]
         width_b = int(round(self.width_out * self.bottleneck_multiplier))
         groups = width_b // self.group_width
-        y = self.act(self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x)))
+        y = self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x), act=self.act)
         y = self.conv(width_b, (3, 3), (self.strides, self.strides), groups=groups, name="b_conv")(y)
-        y = self.act(self.norm(name="b_bn")(y))
+        y = self.norm(name="b_bn")(y, act=self.act)
         if self.se_ratio:
             # torchvision squeezes relative to the block's *input* width.
             y = SqueezeExcite(int(round(self.se_ratio * width_in)), conv=self.conv, act=self.act, name="se")(y)
         y = self.conv(self.width_out, (1, 1), name="c_conv")(y)
         scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        y = self.norm(name="c_bn", scale_init=scale_init)(y)
-        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-        y = DropPath(rate, name="drop_path")(y, deterministic=not train)
         residual = x
         if width_in != self.width_out or self.strides != 1:
             residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
             residual = self.norm(name="proj_bn")(residual)
+        norm = self.norm(name="c_bn", scale_init=scale_init)
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if not train or isinstance(rate, (int, float)) and rate == 0.0:
+            # No stochastic depth: the add and the activation go into the norm (fused with it in training).
+            return norm(y, residual=residual, act=self.act)
+        y = DropPath(rate, name="drop_path")(norm(y), deterministic=not train)
         return self.act(residual + y)
 
 
@@ -129,7 +132,7 @@ class RegNet(nn.Module):
         x = x.astype(self.dtype)
         stem_stride = 1 if self.small_stem else 2
         x = conv(self.stem_width, (3, 3), (stem_stride, stem_stride), name="stem_conv")(x)
-        x = act(norm(name="stem_bn")(x))
+        x = norm(name="stem_bn")(x, act=act)
         widths, depths, group_widths = regnet_widths(self.depth, self.w_0, self.w_a, self.w_m, self.group_width,
                                                      self.bottleneck_multiplier)
         rates = iter(drop_path_rates(self.drop_path_rate, sum(depths)))

@@ -38,12 +38,10 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         if self.cardinality != 1 or self.bottleneck_width != 64:
             raise ValueError("BasicBlock only supports cardinality=1 and bottleneck_width=64 (as torchvision)")
-        residual = x
         y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1")(y, act=self.act)
         y = self.conv(self.filters, (3, 3), name="conv2")(y)
-        y = self.norm(name="bn2", scale_init=_last_scale_init(self.zero_init_last))(y)
-        return _merge(self, x, residual, y, train, drop_path_rate)
+        return _merge(self, x, y, "bn2", train, drop_path_rate)
 
 
 class Bottleneck(nn.Module):
@@ -70,34 +68,39 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         width = int(self.filters * (self.bottleneck_width / 64.0)) * self.cardinality
-        residual = x
         y = self.conv(width, (1, 1), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = self.norm(name="bn1")(y, act=self.act)
         y = self.conv(width, (3, 3), (self.strides, self.strides), groups=self.cardinality, name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y))
+        y = self.norm(name="bn2")(y, act=self.act)
         y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
-        y = self.norm(name="bn3", scale_init=_last_scale_init(self.zero_init_last))(y)
-        return _merge(self, x, residual, y, train, drop_path_rate)
+        return _merge(self, x, y, "bn3", train, drop_path_rate)
 
 
 def _last_scale_init(zero: bool):
     return nn.initializers.zeros if zero else nn.initializers.ones
 
 
-def _merge(block, x, residual, y, train, drop_path_rate=None):
-    """Optional SE, stochastic depth, projection shortcut, add, activation (shared by both blocks).
+def _merge(block, x, y, norm_name, train, drop_path_rate=None):
+    """The last norm, optional SE, stochastic depth, projection shortcut, add, activation (both blocks).
 
-    `drop_path_rate`, when given, overrides the block's field (a traced per-block rate under `scan_blocks`).
+    Without SE and stochastic depth the add and the activation go into the last norm (fused with it in
+    training). `drop_path_rate`, when given, overrides the block's field (a traced per-block rate under
+    `scan_blocks`).
     """
     out_features = block.filters * block.expansion
-    if block.se_ratio:
-        y = SqueezeExcite(max(1, round(out_features * block.se_ratio)), conv=block.conv, act=block.act,
-                          name="se")(y)
-    rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
-    y = DropPath(rate, name="drop_path")(y, deterministic=not train)
+    residual = x
     if block.strides != 1 or x.shape[-1] != out_features:
         residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x)
         residual = block.norm(name="downsample_bn")(residual)
+    norm = block.norm(name=norm_name, scale_init=_last_scale_init(block.zero_init_last))
+    rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
+    if not block.se_ratio and (not train or isinstance(rate, (int, float)) and rate == 0.0):
+        return norm(y, residual=residual, act=block.act)
+    y = norm(y)
+    if block.se_ratio:
+        y = SqueezeExcite(max(1, round(out_features * block.se_ratio)), conv=block.conv, act=block.act,
+                          name="se")(y)
+    y = DropPath(rate, name="drop_path")(y, deterministic=not train)
     return block.act(residual + y)
 
 
@@ -155,10 +158,10 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         if self.small_stem:
             x = conv(self.num_filters, (3, 3), name="conv1")(x)
-            x = act(norm(name="bn1")(x))
+            x = norm(name="bn1")(x, act=act)
         else:
             x = conv(self.num_filters, (7, 7), (2, 2), name="conv1")(x)
-            x = act(norm(name="bn1")(x))
+            x = norm(name="bn1")(x, act=act)
             # Flax pads max_pool with -inf, like torch.
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from resnext_jax.models.layers import BatchNorm
 from resnext_jax.ops import step_compiler_options
 
 AXIS = "data"
@@ -60,7 +61,7 @@ def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: j
 
 def _freeze_batch_norm(next_fun, args, kwargs, context):
     """Method interceptor: every BatchNorm uses its running statistics, even in training mode."""
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+    if isinstance(context.module, (nn.BatchNorm, BatchNorm)) and context.method_name == "__call__":
         object.__setattr__(context.module, "use_running_average", True)
     return next_fun(*args, **kwargs)
 

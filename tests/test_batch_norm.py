@@ -1,0 +1,146 @@
+"""`models.layers.BatchNorm` (hand-written backward, fused add + ReLU) against flax.linen.BatchNorm + autodiff.
+
+flax's BatchNorm is the second implementation: same variables, same update rule, so outputs, running
+statistics and gradients with respect to the input, the residual, scale and bias must all agree.
+"""
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnext_jax.models.layers import BatchNorm
+
+
+class FlaxReference(nn.Module):
+    """flax's BatchNorm, then the add and the activation, differentiated by autodiff."""
+    train: bool
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual=None, act=None):
+        y = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                         name="bn")(x)
+        if residual is not None:
+            y = y + residual
+        return act(y) if act is not None else y
+
+
+class Ours(nn.Module):
+    train: bool
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, residual=None, act=None):
+        return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                         name="bn")(x, residual=residual, act=act)
+
+
+def _inputs(dtype=jnp.float32, shape=(4, 5, 6, 16)):
+    rng = np.random.default_rng(0)
+    # A large per-channel offset tests the E[x^2] - E[x]^2 variance and the centred backward.
+    x = rng.standard_normal(shape) * rng.uniform(0.5, 3, shape[-1]) + rng.uniform(-4, 4, shape[-1])
+    variables = {"params": {"bn": {"scale": rng.uniform(0.5, 1.5, shape[-1]), "bias": rng.standard_normal(shape[-1])}},
+                 "batch_stats": {"bn": {"mean": rng.standard_normal(shape[-1]),
+                                        "var": rng.uniform(0.5, 2, shape[-1])}}}
+    variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), variables)
+    return (jnp.asarray(x, dtype), jnp.asarray(rng.standard_normal(shape), dtype),
+            jnp.asarray(rng.standard_normal(shape), jnp.float32), variables)
+
+
+def _run(module, variables, x, residual, weights, act):
+    """Output, updated running statistics and gradients of sum(y * weights) w.r.t. (params, x, residual)."""
+    def loss(params, x, residual):
+        y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, residual, act,
+                                  mutable=["batch_stats"])
+        return jnp.sum(y.astype(jnp.float32) * weights), (y, updates["batch_stats"])
+    grads, (y, stats) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(variables["params"], x, residual)
+    return y, stats, grads
+
+
+@pytest.mark.parametrize("act", [None, nn.relu, nn.silu], ids=["none", "relu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_train_mode_matches_flax(act, with_residual):
+    x, residual, weights, variables = _inputs()
+    residual = residual if with_residual else None
+    y, stats, grads = _run(Ours(train=True), variables, x, residual, weights, act)
+    y_ref, stats_ref, grads_ref = _run(FlaxReference(train=True), variables, x, residual, weights, act)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("act", [None, nn.relu])
+def test_eval_mode_matches_flax(act):
+    x, residual, weights, variables = _inputs()
+    y = Ours(train=False).apply(variables, x, residual, act)
+    y_ref = FlaxReference(train=False).apply(variables, x, residual, act)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_matches_float32_reference():
+    """bf16 activations: statistics in float32, output and input gradient in bf16 (rounding-level error)."""
+    x, residual, weights, variables = _inputs(jnp.bfloat16)
+    y, stats, grads = _run(Ours(train=True, dtype=jnp.bfloat16), variables, x, residual, weights, nn.relu)
+    assert y.dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16 and grads[0]["bn"]["scale"].dtype == jnp.float32
+    y_ref, stats_ref, grads_ref = _run(FlaxReference(train=True), variables, x.astype(jnp.float32),
+                                       residual.astype(jnp.float32), weights, nn.relu)
+    np.testing.assert_allclose(y.astype(jnp.float32), y_ref, rtol=2e-2, atol=2e-2)
+    for ours, ref in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(ours.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
+
+
+def test_synced_statistics_match_flax_under_shard_map():
+    """With `axis_name`, statistics and the input gradient span every device's slice, as flax's do.
+
+    Runs on 4 simulated CPU devices, in a subprocess (the device count is fixed when JAX starts).
+    """
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    code = "import test_batch_norm as t; t.check_synced_statistics(4)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def check_synced_statistics(num_devices: int):
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    devices = jax.devices()
+    assert len(devices) == num_devices, devices
+    mesh = Mesh(np.array(devices), ("d",))
+    x, residual, weights, variables = _inputs(shape=(2 * len(devices), 3, 3, 8))
+
+    def per_device(module):
+        def fn(params, x, residual, weights):
+            def loss(params, x):
+                y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, residual,
+                                          nn.relu, mutable=["batch_stats"])
+                return jnp.sum(y * weights), updates["batch_stats"]
+            (_, stats), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            return stats, jax.lax.pmean(grads[0], "d"), grads[1]
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("d"), P("d"), P("d")),
+                                     out_specs=(P(), P(), P("d")), check_vma=False))
+
+    class SyncedOurs(nn.Module):
+        @nn.compact
+        def __call__(self, x, residual, act):
+            return BatchNorm(axis_name="d", name="bn")(x, residual=residual, act=act)
+
+    class SyncedFlax(nn.Module):
+        @nn.compact
+        def __call__(self, x, residual, act):
+            return act(nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, axis_name="d",
+                                    name="bn")(x) + residual)
+
+    ours = per_device(SyncedOurs())(variables["params"], x, residual, weights)
+    ref = per_device(SyncedFlax())(variables["params"], x, residual, weights)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
