@@ -357,6 +357,7 @@ def run(args, argv) -> dict:
     import jax.numpy as jnp
 
     from resnext_jax.models.registry import create_model
+    from resnext_jax.ops.host_memory import huge_pages_enabled
 
     model = create_model(args.model, dtype=getattr(jnp, args.dtype), conv_impl=args.conv_impl,
                          scan_blocks=args.scan_blocks)
@@ -394,6 +395,7 @@ def run(args, argv) -> dict:
         "threads": args.threads, "runs": args.runs,
         "jax_img_s": args.batch / jax_s, "jax_step_s": timings["jax"]["all_s"], "compile_s": compile_s,
         "xla_memory_bytes": memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "malloc_huge_pages": huge_pages_enabled(),
         "model_gflops_per_step": flops / 1e9, "achieved_tflops": flops / jax_s / 1e12,
         "peak_tflops": peak, "peak_source": peak_source if peak else None,
         "fraction_of_peak": flops / jax_s / 1e12 / peak if peak else None,
@@ -422,7 +424,8 @@ def format_results(r: dict) -> str:
     mem = r["xla_memory_bytes"]
     if mem:
         lines.append(f"  memory: XLA memory_analysis temp {mem['temp_size_in_bytes'] / 2**20:.0f} MiB + args "
-                     f"{mem['argument_size_in_bytes'] / 2**20:.0f} MiB; process peak RSS {r['peak_rss_mb']:.0f} MiB")
+                     f"{mem['argument_size_in_bytes'] / 2**20:.0f} MiB; process peak RSS {r['peak_rss_mb']:.0f} MiB; "
+                     f"malloc huge pages {'on' if r.get('malloc_huge_pages') else 'off'}")
     line = f"  model FLOPs/step {r['model_gflops_per_step']:.1f} G, achieved {1e3 * r['achieved_tflops']:.1f} GFLOP/s"
     if r["peak_tflops"]:
         line += (f" = {100 * r['fraction_of_peak']:.1f}% of {1e3 * r['peak_tflops']:.1f} GFLOP/s "
@@ -461,4 +464,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from resnext_jax.ops.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages(log=lambda message: print(message, file=sys.stderr))
     sys.exit(main())

@@ -58,5 +58,16 @@ def _parse_flags(argv):
 
 
 def main(argv=None) -> None:
-    """Console-script entry point (`resnext-train`)."""
+    """Parses flags and trains, in this process."""
     app.run(_run, argv=argv, flags_parser=_parse_flags)
+
+
+def console_main() -> None:
+    """`python -m train` and the `resnext-train` console script.
+
+    Restarts once with glibc malloc's huge pages for XLA:CPU's per-step buffers (see
+    `resnext_jax.ops.host_memory`; `RESNEXT_JAX_HUGEPAGES=0` turns it off), then runs `main`.
+    """
+    from resnext_jax.ops.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages(log=lambda message: print(message, file=sys.stderr))
+    main()
