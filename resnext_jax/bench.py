@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--conv-impl", default="auto", help="grouped conv implementation (resnext_jax.ops)")
     parser.add_argument("--scan-blocks", action="store_true", help="run each stage's identical blocks under nn.scan")
     parser.add_argument("--runs", type=int, default=5, help="timed steps per block; the median over all is reported")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
     parser.add_argument("--rounds", type=int, default=2,
                         help="blocks per framework: JAX and torch take turns, a block of steps each")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
