@@ -62,6 +62,7 @@ def test_feature_shapes(name):
     assert out["logits"].shape == (2, 5)
 
 
+@pytest.mark.slow  # 9-21 s: full-size models; CI runs it
 def test_features_agree_with_logits():
     model = tiny()
     variables = init(model)
@@ -85,6 +86,7 @@ def test_grouped_kernel_layout():
     assert params["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 2, 8)
 
 
+@pytest.mark.slow  # 9-21 s: full-size models; CI runs it
 def test_num_classes_and_float32_logits_under_bf16():
     model = tiny(dtype=jnp.bfloat16, num_classes=3)
     variables = init(model)
@@ -104,6 +106,7 @@ def test_zero_init_last_makes_blocks_identity_on_the_branch():
     assert not np.any(regnet["block1_0"]["c_bn"]["scale"])
 
 
+@pytest.mark.slow  # 9-21 s: full-size models; CI runs it
 def test_group_norm_is_per_example():
     """Group norm (for tiny per-device batches) must not mix examples, unlike batch norm."""
     x = images(4)
@@ -156,6 +159,7 @@ def test_drop_path_and_dropout_train_vs_eval():
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow  # 9-21 s: full-size models; CI runs it
 def test_activations():
     variables = init(tiny(small_stem=True))
     outputs = {}
