@@ -223,15 +223,23 @@ def time_in_blocks(steps: dict, runs: int, warmup: int, rounds: int) -> dict:
     over both (docs/benchmarks.md).
     """
     times = {key: [] for key in steps}
+    faults = dict.fromkeys(steps, 0)
+    kernel_s = dict.fromkeys(steps, 0.0)
     for _ in range(rounds):
         for key, fn in steps.items():
             for _ in range(warmup):
                 fn()
+            before = resource.getrusage(resource.RUSAGE_SELF)
             for _ in range(runs):
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)
-    return {key: {"median_s": statistics.median(t), "all_s": t} for key, t in times.items()}
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[key] += after.ru_minflt - before.ru_minflt
+            kernel_s[key] += after.ru_stime - before.ru_stime
+    # Page faults and kernel CPU time per timed step (getrusage: the whole process, but only one side runs at a time).
+    return {key: {"median_s": statistics.median(t), "all_s": t, "minor_faults_per_step": faults[key] / len(t),
+                  "kernel_s_per_step": kernel_s[key] / len(t)} for key, t in times.items()}
 
 
 def _jax_callable(compiled, state, inputs, mode):
@@ -419,6 +427,8 @@ def run(args, argv) -> dict:
         "dtype": args.dtype, "conv_impl": args.conv_impl, "scan_blocks": args.scan_blocks,
         "threads": args.threads, "runs": args.runs * args.rounds,
         "jax_img_s": args.batch / jax_s, "jax_step_s": timings["jax"]["all_s"], "compile_s": compile_s,
+        "jax_minor_faults_per_step": timings["jax"]["minor_faults_per_step"],
+        "jax_kernel_s_per_step": timings["jax"]["kernel_s_per_step"],
         "xla_memory_bytes": memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "malloc_huge_pages": huge_pages_enabled(),
         "model_gflops_per_step": flops / 1e9, "achieved_tflops": flops / jax_s / 1e12,
@@ -451,6 +461,9 @@ def format_results(r: dict) -> str:
         lines.append(f"  memory: XLA memory_analysis temp {mem['temp_size_in_bytes'] / 2**20:.0f} MiB + args "
                      f"{mem['argument_size_in_bytes'] / 2**20:.0f} MiB; process peak RSS {r['peak_rss_mb']:.0f} MiB; "
                      f"malloc huge pages {'on' if r.get('malloc_huge_pages') else 'off'}")
+    if "jax_minor_faults_per_step" in r:
+        lines.append(f"  JAX step: {r['jax_minor_faults_per_step']:.0f} page faults, "
+                     f"{r['jax_kernel_s_per_step']:.3f} s kernel CPU time (getrusage)")
     line = f"  model FLOPs/step {r['model_gflops_per_step']:.1f} G, achieved {1e3 * r['achieved_tflops']:.1f} GFLOP/s"
     if r["peak_tflops"]:
         line += (f" = {100 * r['fraction_of_peak']:.1f}% of {1e3 * r['peak_tflops']:.1f} GFLOP/s "

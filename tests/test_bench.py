@@ -36,6 +36,7 @@ def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
     assert "jax/torch" in result.stdout and r["command"].startswith("python -m resnext_jax.bench --model resnet18")
     assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["compile_s"] > 0
     assert r["ratio_jax_over_torch"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
+    assert r["jax_minor_faults_per_step"] >= 0 and r["jax_kernel_s_per_step"] >= 0 and "page faults" in result.stdout
     dp = r["data_parallel_flops"]
     assert dp["devices"] == 2
     # shard_map: each device computes exactly its half of the batch.
