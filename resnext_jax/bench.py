@@ -348,11 +348,13 @@ def flops_check(args) -> dict:
             args = (spec(state, NamedSharding(mesh, P())), *spec((images, labels), NamedSharding(mesh, P("data"))))
         return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
 
+    def shard_mapped(update=True):
+        out_specs = P("data") if args.mode == "infer" else (P(), P())
+        return jax.shard_map(step_for(synced, "data", update), mesh=mesh, in_specs=(P(), P("data"), P("data")),
+                             out_specs=out_specs, check_vma=False)
+
     single = flops(step_for(local))
-    out_specs = P("data") if args.mode == "infer" else (P(), P())
-    mapped = jax.shard_map(step_for(synced, "data"), mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                           out_specs=out_specs, check_vma=False)
-    per_device_shard_map = flops(mapped, sharded_batch=True)
+    per_device_shard_map = flops(shard_mapped(), sharded_batch=True)
     per_device_jit = flops(step_for(local), sharded_batch=True)
     result = {"devices": num, "conv_impl": args.flops_conv_impl, "resolution": res, "mode": args.mode,
               "single_device_flops": single,
@@ -363,9 +365,7 @@ def flops_check(args) -> dict:
     if args.mode == "train":
         # Without the optimizer update, which every data-parallel replica runs in full on its copy of the params.
         grads_single = flops(step_for(local, update=False))
-        grads_mapped = jax.shard_map(step_for(synced, "data", update=False), mesh=mesh,
-                                     in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()), check_vma=False)
-        result["shard_map_gradient_ratio"] = flops(grads_mapped, sharded_batch=True) * num / grads_single
+        result["shard_map_gradient_ratio"] = flops(shard_mapped(update=False), sharded_batch=True) * num / grads_single
         result["jit_gradient_ratio"] = flops(step_for(local, update=False), sharded_batch=True) * num / grads_single
     return result
 
@@ -506,5 +506,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from resnext_jax.ops.host_memory import reexec_with_huge_pages
-    reexec_with_huge_pages(log=lambda message: print(message, file=sys.stderr))
+    reexec_with_huge_pages()
     sys.exit(main())

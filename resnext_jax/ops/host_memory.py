@@ -7,7 +7,7 @@ kernel time per step on the 2-core CPU, charged to whichever op first writes eac
 With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages on its mappings
 (`madvise(MADV_HUGEPAGE)`), the same buffer faults in 2 MiB at a time, and the step runs 1.67 -> 1.44 s
 (docs/benchmarks.md, "Host memory"). Keeping the pages mapped instead (`glibc.malloc.mmap_max=0` with one
-arena) removes the faults too, but measured slower: 1.75-1.79 s.
+arena) removes the faults too, but measured slower: 1.75-2.24 s.
 
 glibc reads tunables only when a process starts, so the command-line entry points (`python -m train`,
 `python -m resnext_jax.bench`) call `reexec_with_huge_pages()` first: when the machine would benefit,
@@ -65,11 +65,16 @@ def huge_pages_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def reexec_with_huge_pages(log: Callable[[str], None] | None = None) -> None:
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def reexec_with_huge_pages(log: Callable[[str], None] | None = _to_stderr) -> None:
     """Re-executes the current command with `GLIBC_TUNABLES` += `glibc.malloc.hugetlb=1` when useful.
 
     Call it first thing in a `__main__`, before any work: the process image is replaced (same PID, same
-    arguments). Returns without doing anything when `huge_page_env` says so.
+    arguments), after one line to `log` (stderr by default; None for silence). Returns without doing
+    anything when `huge_page_env` says so.
     """
     env = huge_page_env(os.environ, glibc_version(), thp_mode())
     if env is None:

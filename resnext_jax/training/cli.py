@@ -69,5 +69,5 @@ def console_main() -> None:
     `resnext_jax.ops.host_memory`; `RESNEXT_JAX_HUGEPAGES=0` turns it off), then runs `main`.
     """
     from resnext_jax.ops.host_memory import reexec_with_huge_pages
-    reexec_with_huge_pages(log=lambda message: print(message, file=sys.stderr))
+    reexec_with_huge_pages()
     main()
