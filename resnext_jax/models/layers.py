@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax.ops import conv2d
-from resnext_jax.ops.grouped_conv import resolve_impl
+from resnext_jax.ops.grouped_conv import block_diagonal_kernel, resolve_impl
 
 Dtype = Any
 ModuleDef = Any
@@ -95,16 +95,70 @@ def _kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
     return jnp.stack(taps).reshape(kh, kw, x.shape[-1], out)
 
 
+def _phase_taps(residue: int, size: int, stride: int, low: int) -> tuple[list[int], list[int]]:
+    """Kernel taps that reach input rows `stride * t + residue`, and the output-row offset of each.
+
+    Forward: `y[i] = sum_k x[stride * i + k - low] w[k]`, so input row `m = stride * t + residue` gets
+    `dy[t + (residue + low - k) // stride] w[k]` from every tap `k` with `(residue + low - k) % stride == 0`.
+    """
+    taps = [k for k in range(size) if (residue + low - k) % stride == 0]
+    return taps, [(residue + low - k) // stride for k in taps]
+
+
+def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides: tuple, padding: tuple,
+                by_phases: bool):
+    """Input gradient of a dense NHWC/HWIO conv with kernel `(kh, kw, C, O)`, as plain convolutions.
+
+    Stride 1, or not `by_phases`: one conv of `dy` with the flipped, transposed kernel (with zeros between
+    the rows of `dy` for a stride). Strided `by_phases`: one small conv per output phase (input rows and
+    columns `stride * t + r`) with the kernel taps that reach that phase, interleaved afterwards, because the
+    dilated form spends stride**2 times the FLOPs on zeros. ResNet-50's 56x56x128 stride-2 3x3 conv at
+    batch 8: 24.7 ms dilated, 14.2 ms by phases. Grouped convs do not use phases: each chunk would become
+    stride**2 convs, and a ResNeXt-50 train step compiled in 16.0 instead of 14.0 s (20.8 s with phases on
+    every strided conv) for no step time measurable above the noise (docs/benchmarks.md).
+    """
+    kh, kw, cin, _ = kernel.shape
+    n, ho, wo, _ = dy.shape
+    (h, w), (sh, sw) = x_hw, strides
+    if (sh, sw) == (1, 1) or not by_phases:
+        # One conv of the flipped, transposed kernel over `dy`, dilated by the stride.
+        pads = [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
+                in ((h, kh, sh, padding[0], ho), (w, kw, sw, padding[1], wo))]
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        return _dense_conv(dy, flipped, (1, 1), pads, lhs_dilation=(sh, sw))
+    th, tw = -(-h // sh), -(-w // sw)  # rows and columns per phase (the last phase may run past the input)
+    rows = []
+    for rh in range(sh):
+        khs, dhs = _phase_taps(rh, kh, sh, padding[0][0])
+        row = []
+        for rw in range(sw):
+            kws, dws = _phase_taps(rw, kw, sw, padding[1][0])
+            if not khs or not kws:  # no tap reaches this phase (a kernel smaller than its stride)
+                row.append(jnp.zeros((n, th, tw, cin), dy.dtype))
+                continue
+            # Offsets descend as the tap index ascends: reversed, the taps form a correlation kernel.
+            sub = jnp.stack([jnp.stack([kernel[a, b].T for b in kws[::-1]]) for a in khs[::-1]])
+            pads = ((-dhs[-1], th - 1 + dhs[0] - (ho - 1)), (-dws[-1], tw - 1 + dws[0] - (wo - 1)))
+            row.append(_dense_conv(dy, sub, (1, 1), pads))
+        rows.append(jnp.stack(row, 3))  # (N, th, tw, sw, C)
+    dx = jnp.stack(rows, 2).reshape(n, th * sh, tw * sw, cin)  # (N, th, sh, tw, sw, C) interleaved
+    return dx[:, :h, :w]
+
+
 def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     x, kernel = residuals
     kh, kw, cin_g, out = kernel.shape
     out_g = out // groups
-    pads_x, pads_w = [], []
+    x_hw = x.shape[1:3]
+    pads_w = []
     for size, k, stride, (low, _), out_size in ((x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
                                                (x.shape[2], kw, strides[1], padding[1], dy.shape[2])):
         dilated = (out_size - 1) * stride + 1
-        pads_x.append((k - 1 - low, size - dilated + low))
         pads_w.append((low, k - 1 + dilated - size - low))
+    if groups == 1 and dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and cin_g >= _TAP_MATMUL_MIN_CHANNELS:
+        dw = _kernel_grad_by_taps(x, dy, (kh, kw), strides, padding)
+        dx = _input_grad(dy, kernel, x_hw, strides, padding, by_phases=True)
+        return dx.astype(x.dtype), dw.astype(kernel.dtype)
     # Narrow groups are merged `per_chunk` at a time into one dense conv with a block-diagonal kernel (input
     # gradient) and one dense kernel-gradient conv whose diagonal blocks are kept: 4-channel groups at
     # 8x56x56x128 take 36 instead of 65 ms this way; dense convs with 4 channels run far below XLA:CPU's speed.
@@ -112,23 +166,17 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     while groups % per_chunk:
         per_chunk -= 1
     chunks, ci, co = groups // per_chunk, per_chunk * cin_g, per_chunk * out_g
-    # Per group, the flipped kernel with its in/out axes swapped: (G, kh, kw, out_g, cin_g).
-    flipped = jnp.flip(kernel, (0, 1)).reshape(kh, kw, cin_g, groups, out_g).transpose(3, 0, 1, 4, 2)
+    # Per chunk, its (block-diagonal) dense kernel: (chunks, kh, kw, ci, co).
+    chunk_kernels = kernel.reshape(kh, kw, cin_g, chunks, co).transpose(3, 0, 1, 2, 4)
     if per_chunk > 1:
-        flipped = flipped.reshape(chunks, per_chunk, kh, kw, out_g, cin_g)
-        flipped = jnp.einsum("cghwoi,gq->chwgoqi", flipped, jnp.eye(per_chunk, dtype=kernel.dtype))
-        flipped = flipped.reshape(chunks, kh, kw, co, ci)
-    if groups == 1 and dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and cin_g >= _TAP_MATMUL_MIN_CHANNELS:
-        dw = _kernel_grad_by_taps(x, dy, (kh, kw), strides, padding)
-        dx = _dense_conv(dy, flipped[0], (1, 1), pads_x, lhs_dilation=strides)
-        return dx.astype(x.dtype), dw.astype(kernel.dtype)
+        chunk_kernels = jax.vmap(functools.partial(block_diagonal_kernel, groups=per_chunk))(chunk_kernels)
     # Transpose the input and the output gradient once for all groups (per-group transposes were 2048 small
     # fusions in a ResNeXt-50 step), then slice each chunk out of them.
     xt, dyt = x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
     dxs, dws = [], []
     for c in range(chunks):
         outs = slice(c * co, (c + 1) * co)
-        dxs.append(_dense_conv(dy[..., outs], flipped[c], (1, 1), pads_x, lhs_dilation=strides))
+        dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases=False))
         dw = _dense_conv(xt[c * ci:(c + 1) * ci], dyt[..., outs], (1, 1), pads_w, rhs_dilation=strides)
         if per_chunk > 1:  # (ci, kh, kw, co) -> the diagonal blocks, (cin_g, kh, kw, co)
             dw = jnp.einsum("aihwao->ihwao", dw.reshape(per_chunk, cin_g, kh, kw, per_chunk, out_g))
