@@ -58,8 +58,10 @@ def conv2d_canonical_grad(x: jax.Array, kernel: jax.Array, strides: tuple, paddi
     dense conv of the dilated output gradient with the flipped kernel, and the kernel gradient a
     dense conv of the transposed input with the transposed output gradient (per group), both
     already in the layout XLA:CPU's fast convolution expects. Groups of at most 8 channels are merged
-    into 16-channel block-diagonal chunks, and a dense kernel with at least 16 input channels and a 28x28
-    output takes its kernel gradient as one matmul per tap (`_kernel_grad_by_taps`); both measured faster on CPU. The
+    into 16-channel block-diagonal chunks; a kernel with at least 16 input channels per group, at most 8
+    groups and a 28x28 output takes its kernel gradient as one matmul per tap and group
+    (`_kernel_grad_by_taps`); a strided conv with at most 8 chunks takes its input gradient by output
+    phases (`_input_grad`); all measured faster on CPU (docs/benchmarks.md). The
     forward is `conv2d(forward_only=True)`, so 'auto' may pick a forward whose own autodiff backward
     would be slow (narrow groups: 'chunked').
     """
@@ -72,10 +74,16 @@ def _canonical_fwd(x, kernel, strides, padding, groups, impl):
 
 # The backward pass merges narrow groups into chunks of this many input channels (block-diagonal kernels).
 _BWD_CHUNK_CHANNELS = 16
-# A dense conv's kernel gradient is one matmul per kernel tap when its output has at least this many pixels and
-# its input this many channels (the 3-channel 7x7 stem: 55 ms as taps, 49 ms as a conv).
+# A conv's kernel gradient is one matmul per kernel tap (and group) when its output has at least this many
+# pixels, its groups this many input channels and it has at most this many groups (the 3-channel 7x7 stem: 55 ms
+# as taps, 49 ms as a conv; RegNetY-1.6GF's 24-channel groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms
+# for the backward of its six such convs; 32 groups would be 288 matmuls to compile).
 _TAP_MATMUL_MIN_PIXELS = 28 * 28
 _TAP_MATMUL_MIN_CHANNELS = 16
+_TAP_MATMUL_MAX_GROUPS = 8
+# A strided conv's input gradient goes by output phases (`_input_grad`) when it has at most this many chunks
+# (stride**2 convs per chunk: ResNeXt-50's 16- and 32-chunk strided convs compiled 2 s slower for no gain).
+_PHASE_MAX_CHUNKS = 8
 
 
 def _kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
@@ -150,17 +158,8 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     kh, kw, cin_g, out = kernel.shape
     out_g = out // groups
     x_hw = x.shape[1:3]
-    pads_w = []
-    for size, k, stride, (low, _), out_size in ((x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
-                                               (x.shape[2], kw, strides[1], padding[1], dy.shape[2])):
-        dilated = (out_size - 1) * stride + 1
-        pads_w.append((low, k - 1 + dilated - size - low))
-    if groups == 1 and dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and cin_g >= _TAP_MATMUL_MIN_CHANNELS:
-        dw = _kernel_grad_by_taps(x, dy, (kh, kw), strides, padding)
-        dx = _input_grad(dy, kernel, x_hw, strides, padding, by_phases=True)
-        return dx.astype(x.dtype), dw.astype(kernel.dtype)
     # Narrow groups are merged `per_chunk` at a time into one dense conv with a block-diagonal kernel (input
-    # gradient) and one dense kernel-gradient conv whose diagonal blocks are kept: 4-channel groups at
+    # gradient) and one dense kernel gradient whose diagonal blocks are kept: 4-channel groups at
     # 8x56x56x128 take 36 instead of 65 ms this way; dense convs with 4 channels run far below XLA:CPU's speed.
     per_chunk = max(1, min(groups, _BWD_CHUNK_CHANNELS // cin_g))
     while groups % per_chunk:
@@ -170,20 +169,32 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     chunk_kernels = kernel.reshape(kh, kw, cin_g, chunks, co).transpose(3, 0, 1, 2, 4)
     if per_chunk > 1:
         chunk_kernels = jax.vmap(functools.partial(block_diagonal_kernel, groups=per_chunk))(chunk_kernels)
-    # Transpose the input and the output gradient once for all groups (per-group transposes were 2048 small
-    # fusions in a ResNeXt-50 step), then slice each chunk out of them.
-    xt, dyt = x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
+    by_taps = (dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and cin_g >= _TAP_MATMUL_MIN_CHANNELS
+               and groups <= _TAP_MATMUL_MAX_GROUPS)
+    by_phases = chunks <= _PHASE_MAX_CHUNKS
+    if not by_taps:
+        pads_w = []
+        for size, k, stride, (low, _), out_size in ((x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
+                                                   (x.shape[2], kw, strides[1], padding[1], dy.shape[2])):
+            dilated = (out_size - 1) * stride + 1
+            pads_w.append((low, k - 1 + dilated - size - low))
+        # Transpose the input and the output gradient once for all groups (per-group transposes were 2048
+        # small fusions in a ResNeXt-50 step), then slice each chunk out of them.
+        xt, dyt = x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
     dxs, dws = [], []
     for c in range(chunks):
-        outs = slice(c * co, (c + 1) * co)
-        dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases=False))
-        dw = _dense_conv(xt[c * ci:(c + 1) * ci], dyt[..., outs], (1, 1), pads_w, rhs_dilation=strides)
-        if per_chunk > 1:  # (ci, kh, kw, co) -> the diagonal blocks, (cin_g, kh, kw, co)
-            dw = jnp.einsum("aihwao->ihwao", dw.reshape(per_chunk, cin_g, kh, kw, per_chunk, out_g))
-            dw = dw.reshape(cin_g, kh, kw, co)
+        ins, outs = slice(c * ci, (c + 1) * ci), slice(c * co, (c + 1) * co)
+        dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
+        if by_taps:  # (kh, kw, ci, co)
+            dw = _kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
+        else:  # (ci, kh, kw, co)
+            dw = _dense_conv(xt[ins], dyt[..., outs], (1, 1), pads_w, rhs_dilation=strides).transpose(1, 2, 0, 3)
+        if per_chunk > 1:  # (kh, kw, ci, co) -> the diagonal blocks, (kh, kw, cin_g, co)
+            dw = jnp.einsum("hwaiao->hwiao", dw.reshape(kh, kw, per_chunk, cin_g, per_chunk, out_g))
+            dw = dw.reshape(kh, kw, cin_g, co)
         dws.append(dw)
     cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)  # noqa: E731
-    return cat(dxs).astype(x.dtype), cat(dws).transpose(1, 2, 0, 3).astype(kernel.dtype)
+    return cat(dxs).astype(x.dtype), cat(dws).astype(kernel.dtype)
 
 
 conv2d_canonical_grad.defvjp(_canonical_fwd, _canonical_bwd)
