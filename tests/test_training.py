@@ -213,3 +213,22 @@ def test_ema_tracks_the_weights_and_frozen_bn_keeps_statistics_and_affine():
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, initial["batch_stats"])
     np.testing.assert_array_equal(state.params["bn1"]["scale"], initial["params"]["bn1"]["scale"])
     assert not np.allclose(state.params["conv1"]["kernel"], initial["params"]["conv1"]["kernel"])
+
+
+def test_first_log_line_names_the_overrides_and_counts_params_like_torchvision():
+    import torchvision
+
+    from resnext_jax.training.loop import build_model, describe_model
+    from resnext_jax.training.step import init_variables
+
+    config = default_config()
+    config.model = "resnet18"
+    params = jax.eval_shape(lambda: init_variables(build_model(config, 1000), jax.random.key(0), 32))["params"]
+    expected = sum(p.numel() for p in torchvision.models.resnet18().parameters()) / 1e6
+    assert describe_model(config, params) == f"resnet18 ({expected:.2f}M params)"
+
+    config = tiny_config()
+    params = jax.eval_shape(lambda: init_variables(build_model(config, 10), jax.random.key(0), 16))["params"]
+    line = describe_model(config, params)
+    assert line.startswith("resnext50_32x4d (bottleneck_width=32, cardinality=4, num_filters=8, small_stem=True, "
+                           "stage_sizes=(1,); ")

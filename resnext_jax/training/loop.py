@@ -76,6 +76,18 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
                                     bn_axis_name=AXIS, **kwargs)
 
 
+def describe_model(config: ml_collections.ConfigDict, params) -> str:
+    """`config.model` with the `model_kwargs` that change it and the parameter count, for the run's first log line.
+
+    e.g. "resnext50_32x4d (cardinality=8, ..., stage_sizes=(1, 1); 0.03M params)": the quick start's two-stage model
+    is not the 25M-parameter builder its name alone would suggest.
+    """
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    overrides = ", ".join(f"{key}={tuple(value) if isinstance(value, list) else value!r}"
+                          for key, value in sorted(config.model_kwargs.to_dict().items()))
+    return f"{config.model} ({overrides + '; ' if overrides else ''}{count / 1e6:.2f}M params)"
+
+
 def _initial_variables(config, num_classes, rng):
     """Converted torchvision weights when `config.init_from` names some; None means random init."""
     if not config.init_from:
@@ -185,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         ema_decay=config.ema_decay, freeze_bn=config.freeze_bn)
     eval_step = make_eval_step(model, mesh)
     progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
-    progress.write(f"{config.model} on {config.dataset}: {mesh.size} device(s), {jax.process_count()} process(es), "
+    progress.write(f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), {jax.process_count()} process(es), "
                    f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
                    + (f", resuming at step {start_step}" if start_step else ""))
 
