@@ -73,6 +73,7 @@ def test_features_agree_with_logits():
     np.testing.assert_allclose(model.apply(variables, images()), out["logits"])
 
 
+@pytest.mark.slow  # 8-15 s of compiles; keeps the fast subset near 5 minutes; CI runs it
 def test_small_stem_keeps_resolution():
     model = tiny(small_stem=True)
     out = jax.eval_shape(lambda: model.apply(init(model), jnp.zeros((1, 32, 32, 3)), return_features=True))
@@ -97,6 +98,7 @@ def test_num_classes_and_float32_logits_under_bf16():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow  # 8-15 s of compiles; keeps the fast subset near 5 minutes; CI runs it
 def test_zero_init_last_makes_blocks_identity_on_the_branch():
     variables = init(tiny(zero_init_last=True))
     params = variables["params"]
@@ -122,6 +124,7 @@ def test_group_norm_is_per_example():
     assert "batch_stats" not in init(tiny(norm="group"))
 
 
+@pytest.mark.slow  # 8-15 s of compiles; keeps the fast subset near 5 minutes; CI runs it
 def test_squeeze_excitation_block():
     model = tiny(se_ratio=0.25)
     variables = init(model)
@@ -147,6 +150,7 @@ def test_drop_path_statistics():
     np.testing.assert_array_equal(DropPath(0.25).apply({}, x, deterministic=True), x)
 
 
+@pytest.mark.slow  # 8-15 s of compiles; keeps the fast subset near 5 minutes; CI runs it
 def test_drop_path_and_dropout_train_vs_eval():
     model = tiny(drop_path_rate=0.5, dropout_rate=0.5)
     variables = init(model)
