@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax.ops import conv2d
-from resnext_jax.ops.grouped_conv import block_diagonal_kernel, im2col, resolve_impl
+from resnext_jax.ops.grouped_conv import block_diagonal_kernel, resolve_impl
 
 Dtype = Any
 ModuleDef = Any
@@ -75,10 +75,9 @@ def _canonical_fwd(x, kernel, strides, padding, groups, impl):
 # The backward pass merges narrow groups into chunks of this many input channels (block-diagonal kernels).
 _BWD_CHUNK_CHANNELS = 16
 # A conv's kernel gradient is one matmul per kernel tap (and group) when its output has at least this many
-# pixels, its groups this many input channels and it has at most this many groups (RegNetY-1.6GF's 24-channel
-# groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms for the backward of its six such convs; 32 groups would be
-# 288 matmuls to compile). A dense conv with fewer input channels (the 3-channel stems) takes it as one matmul
-# over im2col instead: the 7x7 stem 55 ms as taps, 69-73 ms as a conv, 43-44 ms by im2col.
+# pixels, its groups this many input channels and it has at most this many groups (the 3-channel 7x7 stem: 55 ms
+# as taps, 49 ms as a conv; RegNetY-1.6GF's 24-channel groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms
+# for the backward of its six such convs; 32 groups would be 288 matmuls to compile).
 _TAP_MATMUL_MIN_PIXELS = 28 * 28
 _TAP_MATMUL_MIN_CHANNELS = 16
 _TAP_MATMUL_MAX_GROUPS = 8
@@ -154,20 +153,6 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides
     return dx[:, :h, :w]
 
 
-def _kernel_grad_by_im2col(x, dy, kernel_hw, strides, padding):
-    """Kernel gradient of a dense conv with few input channels as one `(kh*kw*C, P) @ (P, O)` matmul over im2col.
-
-    For the 3-channel stems: ResNet's 7x7 stride-2 stem at 224 px, batch 8, took 69-73 ms as XLA:CPU's
-    convolution (batch and features swapped) and 43-44 ms this way, im2col's 59 MB copy included; as 49 per-tap
-    matmuls of 3 rows each it was slower than the convolution.
-    """
-    kh, kw = kernel_hw
-    cols = im2col(x, kernel_hw, strides, padding)
-    dw = lax.dot_general(cols.reshape(-1, cols.shape[-1]), dy.reshape(-1, dy.shape[-1]), (((0,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32)
-    return dw.reshape(kh, kw, x.shape[-1], dy.shape[-1])
-
-
 def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     x, kernel = residuals
     kh, kw, cin_g, out = kernel.shape
@@ -184,11 +169,10 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     chunk_kernels = kernel.reshape(kh, kw, cin_g, chunks, co).transpose(3, 0, 1, 2, 4)
     if per_chunk > 1:
         chunk_kernels = jax.vmap(functools.partial(block_diagonal_kernel, groups=per_chunk))(chunk_kernels)
-    as_matmuls = dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and groups <= _TAP_MATMUL_MAX_GROUPS
-    by_taps = as_matmuls and cin_g >= _TAP_MATMUL_MIN_CHANNELS
-    by_im2col = as_matmuls and groups == 1 and not by_taps
+    by_taps = (dy.shape[1] * dy.shape[2] >= _TAP_MATMUL_MIN_PIXELS and cin_g >= _TAP_MATMUL_MIN_CHANNELS
+               and groups <= _TAP_MATMUL_MAX_GROUPS)
     by_phases = chunks <= _PHASE_MAX_CHUNKS
-    if not (by_taps or by_im2col):
+    if not by_taps:
         pads_w = []
         for size, k, stride, (low, _), out_size in ((x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
                                                    (x.shape[2], kw, strides[1], padding[1], dy.shape[2])):
@@ -203,8 +187,6 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
         dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
         if by_taps:  # (kh, kw, ci, co)
             dw = _kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
-        elif by_im2col:
-            dw = _kernel_grad_by_im2col(x, dy, (kh, kw), strides, padding)
         else:  # (ci, kh, kw, co)
             dw = _dense_conv(xt[ins], dyt[..., outs], (1, 1), pads_w, rhs_dilation=strides).transpose(1, 2, 0, 3)
         if per_chunk > 1:  # (kh, kw, ci, co) -> the diagonal blocks, (kh, kw, cin_g, co)
