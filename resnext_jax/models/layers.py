@@ -121,9 +121,9 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides
     the rows of `dy` for a stride). Strided `by_phases`: one small conv per output phase (input rows and
     columns `stride * t + r`) with the kernel taps that reach that phase, interleaved afterwards, because the
     dilated form spends stride**2 times the FLOPs on zeros. ResNet-50's 56x56x128 stride-2 3x3 conv at
-    batch 8: 24.7 ms dilated, 14.2 ms by phases. Grouped convs do not use phases: each chunk would become
-    stride**2 convs, and a ResNeXt-50 train step compiled in 16.0 instead of 14.0 s (20.8 s with phases on
-    every strided conv) for no step time measurable above the noise (docs/benchmarks.md).
+    batch 8: 24.7 ms dilated, 14.2 ms by phases. Convs with more than `_PHASE_MAX_CHUNKS` chunks do not use
+    phases: each chunk would become stride**2 convs, and a ResNeXt-50 train step (16- and 32-chunk strided convs)
+    compiled in 20.8 instead of 14.2 s for no step time measurable above the noise (docs/benchmarks.md).
     """
     kh, kw, cin, _ = kernel.shape
     n, ho, wo, _ = dy.shape

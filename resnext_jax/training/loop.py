@@ -197,8 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         ema_decay=config.ema_decay, freeze_bn=config.freeze_bn)
     eval_step = make_eval_step(model, mesh)
     progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
-    progress.write(f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), {jax.process_count()} process(es), "
-                   f"global batch {config.batch_size}, {steps_per_epoch} steps/epoch, {total_steps} steps"
+    progress.write(f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "
+                   f"{jax.process_count()} process(es), global batch {config.batch_size}, "
+                   f"{steps_per_epoch} steps/epoch, {total_steps} steps"
                    + (f", resuming at step {start_step}" if start_step else ""))
 
     summary = {"step": start_step, "epoch": start_step // steps_per_epoch, "train": None, "eval": None,
