@@ -5,10 +5,15 @@
 Prints JAX img/s (median of `--runs` timed steps after a warm-up step), the jit compile seconds,
 memory (XLA's `memory_analysis()` of the compiled step and the process's peak RSS from
 `resource.getrusage`), model FLOPs (2 x multiply-adds of the forward, x3 for a train step) and the
-fraction of a peak they reach (`--peak-tflops`, a known accelerator peak, or on CPU an f32/bf16
-matmul timed in the same run). With torch installed it times torchvision's model on the same
-batch with `torch.set_num_threads(--threads)`, taking turns with the JAX step in `--rounds` blocks
-of `--warmup` + `--runs` steps (see `time_in_blocks`), and prints the ratio.
+fraction of a peak they reach (`--peak-tflops`, a known accelerator's spec-sheet peak, or on CPU an
+f32/bf16 matmul timed in the same run; on an accelerator the timed matmul is reported beside the peak).
+With torch installed it times torchvision's model on the same batch with `torch.set_num_threads(--threads)`,
+taking turns with the JAX step in `--rounds` blocks of `--warmup` + `--runs` steps (see `time_in_blocks`),
+and prints the ratio.
+
+On a GPU, torch runs on CUDA too, with `cudnn.benchmark` on; `--dtype bfloat16` is bf16 autocast there
+(PyTorch AMP), and `--torch-channels-last` its channels_last layout. Both frameworks then share the GPU's
+memory: unless `XLA_PYTHON_CLIENT_MEM_FRACTION` is set, JAX preallocates 45% of it instead of 75%.
 
 `--devices N` (N > 1) also checks data parallelism in a subprocess with N host devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the per-device FLOPs of the compiled
@@ -155,12 +160,13 @@ def model_flops(model, mode: str, batch: int, resolution: int) -> float:
     return 2.0 * macs * (3 if mode == "train" else 1)
 
 
-def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
-    """Median TFLOP/s of a jitted size x size matmul: the practical CPU ceiling measured in this run."""
+def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 9) -> float:
+    """Median TFLOP/s of a jitted size x size matmul: the practical ceiling of this device, measured in this run."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((size, size), getattr(jnp, dtype))
+    # Random operands: a GPU multiplies constant or zero data faster than real data.
+    a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
     matmul = jax.jit(lambda a: a @ a).lower(a).compile()
     matmul(a).block_until_ready()
     times = []
@@ -172,20 +178,34 @@ def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float
 
 
 # ------------------------------------------------------------------------------------------ torch steps
+def torch_device(jax_platform: str) -> str:
+    """torch's device for the baseline: 'cuda' when JAX runs on a GPU and torch sees one, else 'cpu'."""
+    import torch
+
+    if jax_platform == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: str, channels_last: bool,
-                    optimizer: str, num_classes: int = 1000):
-    """Returns a zero-arg callable running one torchvision train (loss, backward, optimizer) or no-grad step."""
+                    optimizer: str, num_classes: int = 1000, device: str = "cpu"):
+    """Returns a zero-arg callable running one torchvision train (loss, backward, optimizer) or no-grad step.
+
+    On 'cuda' the call waits for the GPU (`torch.cuda.synchronize`), as the JAX step waits for its result;
+    `bfloat16` is autocast (PyTorch AMP) on either device, with float32 params, like the JAX model.
+    """
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, num_classes=num_classes)
-    images = torch.randn(batch, 3, resolution, resolution)
-    labels = torch.randint(0, num_classes, (batch,))
+    model = torchvision.models.get_model(name, num_classes=num_classes).to(device)
+    images = torch.randn(batch, 3, resolution, resolution, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else None
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
         if autocast is None:
@@ -199,6 +219,7 @@ def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: st
         def infer():
             with torch.inference_mode():
                 forward()
+            sync()
         return infer
     model.train()
     opt = (torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05) if optimizer == "adamw"
@@ -209,6 +230,7 @@ def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: st
         opt.zero_grad(set_to_none=True)
         loss_fn(forward().float(), labels).backward()
         opt.step()
+        sync()
     return train
 
 
@@ -397,7 +419,7 @@ def run(args, argv) -> dict:
     step, state, inputs = make_jax_step(model, args.mode, args.batch, args.resolution)
     compiled, compile_s, memory = compile_step(step, state, inputs)
     steps = {"jax": _jax_callable(compiled, state, inputs, args.mode)}
-    torch_version = None
+    torch_version = torch_on = None
     if not args.no_torch:
         try:
             import torch
@@ -406,8 +428,11 @@ def run(args, argv) -> dict:
         else:
             torch.set_num_threads(args.threads)
             torch_version = torch.__version__
+            torch_on = torch_device(jax.default_backend())
+            if torch_on == "cuda":
+                torch.backends.cudnn.benchmark = True  # what a tuned PyTorch training script sets
             steps["torch"] = make_torch_step(args.model, args.mode, args.batch, args.resolution, args.dtype,
-                                             args.torch_channels_last, args.torch_optimizer)
+                                             args.torch_channels_last, args.torch_optimizer, device=torch_on)
     timings = time_in_blocks(steps, args.runs, args.warmup, args.rounds)
     flops = model_flops(model, args.mode, args.batch, args.resolution)
     device = jax.devices()[0]
@@ -415,8 +440,10 @@ def run(args, argv) -> dict:
     peak = args.peak_tflops
     if peak is None and device.device_kind in KNOWN_PEAK_TFLOPS:
         peak, peak_source = KNOWN_PEAK_TFLOPS[device.device_kind][args.dtype], f"spec sheet {device.device_kind}"
+    matmul_size = 2048 if device.platform == "cpu" else 8192
+    matmul_tflops = measured_matmul_tflops(args.dtype, matmul_size)
     if peak is None and device.platform == "cpu":
-        peak, peak_source = measured_matmul_tflops(args.dtype), f"timed 2048^2 {args.dtype} matmul, this run"
+        peak, peak_source = matmul_tflops, f"timed {matmul_size}^2 {args.dtype} matmul, this run"
     jax_s = timings["jax"]["median_s"]
     results = {
         "command": "python -m resnext_jax.bench " + " ".join(argv),
@@ -434,11 +461,14 @@ def run(args, argv) -> dict:
         "model_gflops_per_step": flops / 1e9, "achieved_tflops": flops / jax_s / 1e12,
         "peak_tflops": peak, "peak_source": peak_source if peak else None,
         "fraction_of_peak": flops / jax_s / 1e12 / peak if peak else None,
+        "matmul_tflops": matmul_tflops, "matmul_size": matmul_size,
+        "fraction_of_matmul": flops / jax_s / 1e12 / matmul_tflops,
     }
     if "torch" in timings:
         torch_s = timings["torch"]["median_s"]
         results.update(torch_img_s=args.batch / torch_s, torch_step_s=timings["torch"]["all_s"],
                        ratio_jax_over_torch=torch_s / jax_s, torch_channels_last=args.torch_channels_last,
+                       torch_device=torch_on,
                        torch_optimizer=args.torch_optimizer if args.mode == "train" else None)
     if args.profile:
         results["profile"] = profile_step(steps["jax"], compiled, args.profile)
@@ -454,7 +484,10 @@ def format_results(r: dict) -> str:
              f"scan_blocks={r['scan_blocks']}",
              f"  jax   {r['jax_img_s']:8.2f} img/s (median of {r['runs']}), compile {r['compile_s']:.1f} s"]
     if "torch_img_s" in r:
-        lines.append(f"  torch {r['torch_img_s']:8.2f} img/s ({r['threads']} threads, channels_last="
+        where = (f"{r['threads']} threads" if r.get("torch_device", "cpu") == "cpu"
+                 else f"{r['torch_device']}, cudnn.benchmark")
+        amp = ", bf16 autocast" if r["dtype"] == "bfloat16" else ""
+        lines.append(f"  torch {r['torch_img_s']:8.2f} img/s ({where}{amp}, channels_last="
                      f"{r['torch_channels_last']}); jax/torch = {r['ratio_jax_over_torch']:.2f}x")
     mem = r["xla_memory_bytes"]
     if mem:
@@ -469,6 +502,9 @@ def format_results(r: dict) -> str:
         line += (f" = {100 * r['fraction_of_peak']:.1f}% of {1e3 * r['peak_tflops']:.1f} GFLOP/s "
                  f"({r['peak_source']})")
     lines.append(line)
+    if r.get("matmul_tflops") and r["peak_source"] and not r["peak_source"].startswith("timed"):
+        lines.append(f"    = {100 * r['fraction_of_matmul']:.1f}% of a {r['matmul_size']}^2 {r['dtype']} matmul "
+                     f"timed in this run ({1e3 * r['matmul_tflops']:.0f} GFLOP/s)")
     prof = r.get("profile")
     if prof:
         lines.append(f"  profile of one step ({prof['total_ms']:.0f} ms of ops, trace in {prof['trace_dir']}):")
@@ -496,6 +532,8 @@ def main(argv=None) -> int:
         return 0
     if args.devices > 1:
         check_batch_divides(args.batch, args.devices)
+    if not args.no_torch:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # room for torch on the same GPU
     results = run(args, argv)
     print(format_results(results))
     if args.json:

@@ -3,7 +3,7 @@
 Prints a markdown table: median milliseconds for the forward pass and for forward+VJP
 (gradients with respect to input and kernel), jitted, after a warm-up call, plus the jit
 compile seconds of the VJP. torch (`F.conv2d(groups=...)`, NCHW and channels_last) runs with
-the same thread count in the same process, as the ratio baseline.
+the same thread count in the same process, as the ratio baseline; on CUDA when JAX runs on a GPU.
 
     python -m resnext_jax.ops.bench_conv [--dtypes float32,bfloat16] [--impls split,chunked]
     python -m resnext_jax.ops.bench_conv --shape-set dense --impls xla,gemm --dtypes float32
@@ -85,31 +85,34 @@ def jax_step(impl, batch, shape, dtype, grad):
     return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
-def torch_step(layout, batch, shape, dtype, grad):
-    """torch's conv forward (or forward+backward) as a zero-arg callable."""
+def torch_step(layout, batch, shape, dtype, grad, device="cpu"):
+    """torch's conv forward (or forward+backward) as a zero-arg callable (which waits for the GPU on 'cuda')."""
     import torch
     import torch.nn.functional as F
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     _, size, cin, cout, k, stride, groups = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, size, size, generator=gen).to(tdtype).contiguous(
+    x = torch.randn(batch, cin, size, size, generator=gen).to(device, tdtype).contiguous(
         memory_format=memory_format)
-    w = (0.1 * torch.randn(cout, cin // groups, k, k, generator=gen)).to(tdtype).contiguous(
+    w = (0.1 * torch.randn(cout, cin // groups, k, k, generator=gen)).to(device, tdtype).contiguous(
         memory_format=memory_format)
     conv = lambda: F.conv2d(x, w, stride=stride, padding=k // 2, groups=groups)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if not grad:
         def step():
             with torch.no_grad():
                 conv()
+            sync()
         return step
     x.requires_grad_(True)
     w.requires_grad_(True)
-    ct = torch.randn(conv().shape, generator=gen).to(tdtype).contiguous(memory_format=memory_format)
+    ct = torch.randn(conv().shape, generator=gen).to(device, tdtype).contiguous(memory_format=memory_format)
 
     def step():
         x.grad = w.grad = None
         conv().backward(ct)
+        sync()
     return step
 
 
@@ -129,12 +132,18 @@ def main(argv=None):
     impls = [i for i in args.impls.split(",") if i]
     shapes = [s for s in SHAPE_SETS[args.shape_set]
               if not args.shapes or any(k in s[0] for k in args.shapes.split(","))]
+    torch_on = None
     if not args.no_torch:
         import torch
+
+        from resnext_jax.bench import torch_device
         torch.set_num_threads(args.threads)
+        torch_on = torch_device(jax.default_backend())
+        torch.backends.cudnn.benchmark = True
     print(f"# python -m resnext_jax.ops.bench_conv {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"{jax.default_backend()}, batch {args.batch}, median of {args.reps}, {args.shape_set} shapes")
+          f"{jax.default_backend()} ({jax.devices()[0].device_kind}), torch on {torch_on}, batch {args.batch}, "
+          f"median of {args.reps}, {args.shape_set} shapes")
     print("| shape | dtype | pass | " + " | ".join(
         impls + ([] if args.no_torch else ["torch NCHW", "torch NHWC"])) + " |")
     print("|---" * (3 + len(impls) + (0 if args.no_torch else 2)) + "|")
@@ -151,7 +160,7 @@ def main(argv=None):
                 if not args.no_torch:
                     for layout in ("nchw", "channels_last"):
                         labels.append(layout)
-                        steps.append(torch_step(layout, args.batch, shape, dtype, grad))
+                        steps.append(torch_step(layout, args.batch, shape, dtype, grad, torch_on))
                 ms = dict(zip(labels, _time_interleaved(steps, args.reps)))
                 cells = [f"{ms[i]:.1f} ({compiles[i]:.1f}s)" if i in ms else "skip" for i in impls]
                 if not args.no_torch:
