@@ -44,11 +44,14 @@ flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torch
       bench resnet_train 90 --model resnet50 --mode train --dtype bfloat16 --batch "$BATCH" \
         --torch-channels-last --runs 10 --rounds 3 ;;
     regnet_train)
-      bench regnet_train 120 --model regnet_y_1_6gf --mode train --dtype bfloat16 --batch "$BATCH" \
+      bench regnet_train 240 --model regnet_y_1_6gf --mode train --dtype bfloat16 --batch "$BATCH" \
         --torch-channels-last --runs 10 --rounds 3 ;;
     resnext_split)  # 'auto' on GPU is 'xla': the whole model with 'split' instead, for contrast
       bench resnext_split 150 --model resnext50_32x4d --mode train --dtype bfloat16 --batch "$BATCH" \
         --conv-impl split --torch-channels-last --runs 10 --rounds 2 ;;
+    resnext_xla)  # 'auto' with cuDNN's grouped conv everywhere instead of block-diagonal narrow groups
+      bench resnext_xla 150 --model resnext50_32x4d --mode train --dtype bfloat16 --batch "$BATCH" \
+        --conv-impl xla --torch-channels-last --runs 10 --rounds 3 ;;
     resnext_f32)
       bench resnext_f32 120 --model resnext50_32x4d --mode train --dtype float32 --batch "$BATCH" \
         --runs 10 --rounds 2 ;;
@@ -63,6 +66,6 @@ flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torch
   esac
 }
 
-STAGES=${*:-env resnext_train conv resnext_infer resnet_train regnet_train resnext_split resnext_f32 profile tests}
+STAGES=${*:-env resnext_train conv resnext_infer resnet_train regnet_train resnext_xla resnext_split resnext_f32 profile tests}
 for s in $STAGES; do stage "$s"; done
 rm -rf "$RES"
