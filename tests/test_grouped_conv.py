@@ -158,15 +158,6 @@ def test_auto_resolution():
     assert resolve_impl("gemm", groups=1, kernel_hw=(3, 3)) == "gemm"
 
 
-def test_auto_on_gpu_expands_narrow_groups_only():
-    """The GPU rule, checked on any backend: <= 8-channel groups as one block-diagonal conv, wider ones native."""
-    assert resolve_impl("auto", 32, (3, 3), channels=128, backend="gpu") == "blockdiag"
-    assert resolve_impl("auto", 32, (3, 3), channels=256, backend="gpu") == "blockdiag"
-    assert resolve_impl("auto", 32, (3, 3), channels=512, backend="gpu") == "xla"
-    assert resolve_impl("auto", 1, (1, 1), channels=64, backend="gpu") == "xla"
-    assert resolve_impl("auto", 32, (3, 3), channels=128, backend="tpu") == "xla"
-
-
 def test_auto_forward_only_narrow_groups_use_chunks():
     """Forward-only 'auto' on narrow groups (<= 8 channels) merges 4 groups per block-diagonal chunk on CPU."""
     on_cpu = jax.default_backend() == "cpu"

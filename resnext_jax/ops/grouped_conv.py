@@ -120,7 +120,7 @@ _IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _
 
 
 def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), channels: int | None = None,
-                 forward_only: bool = False, backend: str | None = None) -> str:
+                 forward_only: bool = False) -> str:
     """Maps 'auto' to a concrete implementation for the current default backend and the conv's shape.
 
     CPU (docs/benchmarks.md has the measurements):
@@ -134,27 +134,21 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
       groups stay on 'split' (2.9 vs 7.7 ms at 14x14x512);
     - dense 1x1: 'gemm', a single matmul, 4-8x faster than XLA:CPU's convolution forward+backward;
     - other dense kernels: 'xla' (im2col's 9x copy costs what the matmul saves).
-    GPU (H100, bf16, batch 128; docs/benchmarks.md): groups of at most `_NARROW_GROUP` channels take
-    'blockdiag', one dense conv with `groups`x the FLOPs: cuDNN's grouped backward is slow on them
-    (jax#13800), and ResNeXt-50's 4-channel 56x56 conv runs forward+backward in 0.7 ms as 'blockdiag'
-    against 1.0 ms as 'xla'; wider groups take 'xla' (16-channel 14x14: 0.4 ms vs 0.6), a native cuDNN
-    op, while 'split' (`groups` small kernels) is 3-6x slower than either.
-    TPU: 'xla', a native op.
+    GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op; the slow GPU backward of
+    jax#13800 is still no worse than a dense conv, while 'split' launches `groups` small kernels
+    per conv.
 
     An explicit grouped implementation on a dense conv (`groups == 1`) is plain 'xla': they
     all compute the same single convolution. 'gemm' is honoured for any conv.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
-    backend = backend or jax.default_backend()
-    on_cpu = backend == "cpu"
+    on_cpu = jax.default_backend() == "cpu"
     if impl == "auto":
-        narrow = channels is not None and groups > 1 and channels // groups <= _NARROW_GROUP
-        if backend == "gpu":
-            return "blockdiag" if narrow else "xla"
         if not on_cpu:
             return "xla"
         if groups > 1:
+            narrow = channels is not None and channels // groups <= _NARROW_GROUP
             return "chunked" if forward_only and narrow else "split"
         return "gemm" if tuple(kernel_hw) == (1, 1) else "xla"
     if groups == 1 and impl != "gemm":
