@@ -34,9 +34,9 @@ flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torch
       bench resnext_train 150 --model resnext50_32x4d --mode train --dtype bfloat16 --batch "$BATCH" \
         --torch-channels-last --runs 10 --rounds 3 ;;
     conv)  # every grouped-conv implementation on ResNeXt-50's grouped shapes vs torch's cuDNN
-      log "## conv: python -m resnext_jax.ops.bench_conv --dtypes bfloat16 --impls xla,split,chunked,blockdiag,gemm --batch $BATCH --reps 20"
-      timeout 150 $PY -m resnext_jax.ops.bench_conv --dtypes bfloat16 --impls xla,split,chunked,blockdiag,gemm \
-        --batch "$BATCH" --reps 20 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$OUT/log.txt" ;;
+      local args="--dtypes bfloat16 --impls xla,split,chunked,blockdiag,gemm --batch $BATCH --reps 20"
+      log "## conv: python -m resnext_jax.ops.bench_conv $args"
+      timeout 150 $PY -m resnext_jax.ops.bench_conv $args 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$OUT/log.txt" ;;
     resnext_infer)
       bench resnext_infer 90 --model resnext50_32x4d --mode infer --dtype bfloat16 --batch "$BATCH" \
         --torch-channels-last --runs 10 --rounds 3 ;;
