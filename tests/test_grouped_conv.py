@@ -9,7 +9,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.ops import CONV_IMPLS, conv2d
+from resnext_jax.ops import CONV_IMPLS, conv2d, native
 from resnext_jax.ops.grouped_conv import resolve_impl
 
 # "auto" is one of these per backend; test_auto_resolution checks which.
@@ -171,3 +171,74 @@ def test_auto_forward_only_narrow_groups_use_chunks():
     y = conv2d(jnp.asarray(x), jnp.asarray(w), strides=strides, padding=padding, groups=groups, impl="auto",
                forward_only=True, precision=jax.lax.Precision.HIGHEST)
     _assert_close(y, y_ref, 1e-5, "auto forward-only output")
+
+
+# ---------------------------------------------------------------------------------------- the native kernel
+def _native_prerequisites() -> bool:
+    import platform
+    return platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in native.cpu_flags() and bool(
+        native.compiler()) and jax.default_backend() == "cpu"
+
+
+def test_native_builds_wherever_it_can():
+    """With an x86-64 AVX-512 CPU and a C++ compiler the kernel must build and load; otherwise the reason
+    names what is missing."""
+    if _native_prerequisites():
+        assert native.available(), native.unavailable_reason()
+    else:
+        assert not native.available() and native.unavailable_reason()
+
+
+# (name, x shape NHWC, kernel (kh, kw), groups, strides, padding): every compiled group width, strides,
+# odd and non-square sizes, asymmetric padding, rows shorter than a register block of 8 pixels.
+NATIVE_CASES = [
+    ("cg4-resnext", (2, 9, 11, 64), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
+    ("cg4-stride2-odd", (2, 9, 7, 32), (3, 3), 8, (2, 2), ((1, 1), (1, 1))),
+    ("cg8-stride21-asym", (1, 10, 13, 64), (3, 3), 8, (2, 1), ((1, 0), (0, 2))),
+    ("cg16-nonsquare", (2, 6, 19, 64), (3, 2), 4, (1, 2), ((1, 1), (0, 1))),
+    ("cg32-nopad", (1, 7, 7, 64), (3, 3), 2, (1, 1), ((0, 0), (0, 0))),
+    ("cg1-depthwise", (1, 5, 6, 16), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
+    ("cg2", (1, 5, 9, 32), (3, 3), 16, (2, 2), ((1, 1), (1, 1))),
+    ("cg48-1x1", (1, 4, 5, 96), (1, 1), 2, (1, 1), ((0, 0), (0, 0))),
+    ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
+]
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
+def test_native_matches_float64_reference(case):
+    """The C++ kernel's output (and the VJP it borrows from 'split') within 1e-5 of float64, and the
+    compiled program really calls the kernel; where it cannot be built, asking for it says why."""
+    _, x_shape, kernel_hw, groups, strides, padding = case
+    x, w, ct = _inputs(x_shape, kernel_hw, x_shape[-1], groups, strides, padding, seed=2)
+    if not _native_prerequisites():
+        with pytest.raises(ValueError, match="'native' is unavailable"):
+            _run("native", x, w, ct, strides, padding, groups)
+        return
+    assert native.supports(x.shape, w.shape, x.dtype, groups)
+    conv = jax.jit(lambda x, w: conv2d(x, w, strides=strides, padding=padding, groups=groups, impl="native"))
+    assert native.TARGET in conv.lower(jnp.asarray(x), jnp.asarray(w)).as_text()
+    y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, groups)
+    y, dx, dw = _run("native", x, w, ct, strides, padding, groups)
+    _assert_close(y, y_ref, 1e-5, "native output")
+    _assert_close(dx, dx_ref, 1e-5, "native d/dx")
+    _assert_close(dw, dw_ref, 1e-5, "native d/dw")
+
+
+def test_auto_picks_native_where_it_runs():
+    supported = native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.float32, 32)
+    assert supported and not native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.bfloat16, 32)
+    assert not native.supports((8, 28, 28, 96), (3, 3, 24, 96), jnp.float32, 4)  # 24-channel groups
+    expected = "native" if native.available() else ("split" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_impl("auto", 32, (3, 3), channels=128, native_shape=True) == expected
+    # An explicit 'native' on a conv the kernel does not support is 'split'.
+    if native.available():
+        assert resolve_impl("native", 4, (3, 3), channels=96, native_shape=False) == "split"
+
+
+def test_native_unavailable_raises_with_the_reason(monkeypatch):
+    monkeypatch.setattr(native, "_load", lambda: (False, "no C++ compiler found: install g++ (or set CXX)"))
+    with pytest.raises(ValueError, match="unavailable: no C\\+\\+ compiler found.*impl='auto'"):
+        conv2d(jnp.zeros((1, 4, 4, 16)), jnp.zeros((3, 3, 4, 16)), groups=4, impl="native")
+    # 'auto' still works, without it.
+    y = conv2d(jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 4, 16)), padding=((1, 1), (1, 1)), groups=4)
+    assert float(y[0, 1, 1, 0]) == 36.0  # 3x3 taps x 4 channels of ones

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnext_jax.ops import conv2d
+from resnext_jax.ops import conv2d, native
 from resnext_jax.ops.grouped_conv import block_diagonal_kernel, resolve_impl
 
 Dtype = Any
@@ -181,10 +181,12 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
         # Transpose the input and the output gradient once for all groups (per-group transposes were 2048
         # small fusions in a ResNeXt-50 step), then slice each chunk out of them.
         xt, dyt = x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
+    dx = _native_input_grad(dy, kernel, strides, padding, groups, impl)
     dxs, dws = [], []
     for c in range(chunks):
         ins, outs = slice(c * ci, (c + 1) * ci), slice(c * co, (c + 1) * co)
-        dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
+        if dx is None:
+            dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
         if by_taps:  # (kh, kw, ci, co)
             dw = _kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
         else:  # (ci, kh, kw, co)
@@ -194,7 +196,24 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
             dw = dw.reshape(kh, kw, cin_g, co)
         dws.append(dw)
     cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)  # noqa: E731
-    return cat(dxs).astype(x.dtype), cat(dws).astype(kernel.dtype)
+    return (cat(dxs) if dx is None else dx).astype(x.dtype), cat(dws).astype(kernel.dtype)
+
+
+def _native_input_grad(dy, kernel, strides, padding, groups, impl):
+    """A stride-1 grouped conv's input gradient by the native kernel, or None where it does not apply.
+
+    It is the grouped conv of `dy` with the kernel flipped and, within each group, transposed
+    (`(kh, kw, cg, G*cg)`: input and output channel swapped), padded by `k - 1 - pad` on each side.
+    """
+    kh, kw, cin_g, out = kernel.shape
+    pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]), (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    if (groups == 1 or tuple(strides) != (1, 1) or min(map(min, pads)) < 0
+            or resolve_impl(impl, groups, (kh, kw), dy.shape[-1], True,
+                            native.supports(dy.shape, kernel.shape, dy.dtype, groups)) != "native"):
+        return None
+    flipped = kernel[::-1, ::-1].reshape(kh, kw, cin_g, groups, out // groups)
+    return native.grouped_conv_forward(dy, flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cin_g, out), (1, 1),
+                                       pads)
 
 
 conv2d_canonical_grad.defvjp(_canonical_fwd, _canonical_bwd)

@@ -20,10 +20,14 @@ hence the choice. Implementations:
   1x1 kernel) and one matmul per group. Autodiff turns it into matmuls too, which XLA:CPU runs
   at GEMM speed, while its own convolution backward does not come close: a 1x1 conv's
   forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
+- `native`: the forward pass by a C++ AVX-512 kernel through `jax.ffi` (`resnext_jax.ops.native`, built
+  on first use with the system's C++ compiler), no FLOPs spent on zeros; the backward is `split`'s
+  autodiff. CPU only, float32, as many output as input channels per group, channels a multiple of 16 and
+  groups of a divisor or multiple of 16 channels; other convs run as `split`.
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
-All are plain JAX, so gradients come from autodiff and match the float64 reference
-(tests/test_grouped_conv.py).
+All but `native` are plain JAX, so gradients come from autodiff; all match the float64
+reference (tests/test_grouped_conv.py).
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "split", "blockdiag", "chunked", "gemm")
+from resnext_jax.ops import native
+
+CONV_IMPLS = ("auto", "xla", "split", "blockdiag", "chunked", "gemm", "native")
 
 Padding = Sequence[tuple[int, int]]
 
@@ -111,19 +117,41 @@ def _gemm(x, kernel, strides, padding, groups, precision):
     return outs[0] if groups == 1 else jnp.concatenate(outs, axis=-1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _native(x, kernel, strides, padding, groups, precision):
+    """The native kernel's forward; the backward is `split`'s autodiff (per-group dense convs)."""
+    return native.grouped_conv_forward(x, kernel, strides, padding)
+
+
+def _native_fwd(x, kernel, strides, padding, groups, precision):
+    return _native(x, kernel, strides, padding, groups, precision), (x, kernel)
+
+
+def _native_bwd(strides, padding, groups, precision, residuals, dy):
+    _, vjp = jax.vjp(lambda x, k: _split(x, k, strides, padding, groups, precision), *residuals)
+    return vjp(dy)
+
+
+_native.defvjp(_native_fwd, _native_bwd)
+
+
 # For a forward-only conv, 'auto' merges groups of at most _NARROW_GROUP channels into block-diagonal
 # chunks of _GROUPS_PER_CHUNK groups (see resolve_impl).
 _NARROW_GROUP = 8
 _GROUPS_PER_CHUNK = 4
 
-_IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _chunked, "gemm": _gemm}
+_IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _chunked, "gemm": _gemm,
+             "native": _native}
 
 
 def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), channels: int | None = None,
-                 forward_only: bool = False) -> str:
+                 forward_only: bool = False, native_shape: bool = False) -> str:
     """Maps 'auto' to a concrete implementation for the current default backend and the conv's shape.
 
     CPU (docs/benchmarks.md has the measurements):
+    - grouped, where the native kernel supports the conv (`native_shape`: see `native.supports`) and
+      could be built here (`native.available()`): 'native', about half the time of the best pure-XLA
+      forward on ResNeXt-50's grouped convs (its backward is 'split''s);
     - grouped: 'split', the fastest forward+backward on every ResNeXt-50 grouped shape; but when only
       the forward runs through this op (`forward_only`: a custom VJP such as
       `models.layers.conv2d_canonical_grad` computes the backward, or there is none) and groups are
@@ -141,7 +169,8 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     jax#13800); a GPU rule for narrow groups waits on a whole-model measurement.
 
     An explicit grouped implementation on a dense conv (`groups == 1`) is plain 'xla': they
-    all compute the same single convolution. 'gemm' is honoured for any conv.
+    all compute the same single convolution. 'gemm' is honoured for any conv. An explicit 'native' on
+    a conv the kernel does not support runs as 'split'; where the kernel cannot be built it raises.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
@@ -150,11 +179,20 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
         if not on_cpu:
             return "xla"
         if groups > 1:
+            if native_shape and native.available():
+                return "native"
             narrow = channels is not None and channels // groups <= _NARROW_GROUP
             return "chunked" if forward_only and narrow else "split"
         return "gemm" if tuple(kernel_hw) == (1, 1) else "xla"
     if groups == 1 and impl != "gemm":
         return "xla"
+    if impl == "native":
+        if not on_cpu or not native.available():
+            raise ValueError(f"conv impl 'native' is unavailable: "
+                             f"{'it is a CPU kernel' if not on_cpu else native.unavailable_reason()}; "
+                             f"use impl='auto', which picks the fastest available implementation")
+        if not native_shape:
+            return "split"
     return impl
 
 
@@ -184,7 +222,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
             f"{tuple(kernel.shape)}; need groups >= 1 dividing both, and kernel "
             f"(kh, kw, {channels // groups if groups >= 1 else '?'}, O) with O % groups == 0")
     requested = impl
-    impl = resolve_impl(impl, groups, kernel.shape[:2], channels, forward_only)
+    impl = resolve_impl(impl, groups, kernel.shape[:2], channels, forward_only,
+                        native.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype)
     fn = _IMPL_FNS[impl]
     if impl == "chunked" and requested == "auto":
         fn = functools.partial(_chunked, chunks=max(1, groups // _GROUPS_PER_CHUNK))
