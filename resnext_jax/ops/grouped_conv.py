@@ -23,7 +23,7 @@ hence the choice. Implementations:
 - `native`: the forward pass by a C++ AVX-512 kernel through `jax.ffi` (`resnext_jax.ops.native`, built
   on first use with the system's C++ compiler), no FLOPs spent on zeros; the backward is `split`'s
   autodiff. CPU only, float32, as many output as input channels per group, channels a multiple of 16 and
-  groups of a divisor or multiple of 16 channels; other convs run as `split`.
+  `native.GROUP_WIDTHS` channels per group; other convs run as `split`.
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64

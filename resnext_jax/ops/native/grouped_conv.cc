@@ -6,7 +6,7 @@
 // per group (`cg`), C a multiple of 16, and `cg` one of `RowFor`'s widths (ResNeXt's 4-32, RegNet's 8, 16,
 // 48, 64); resnext_jax/ops/native.py's GROUP_WIDTHS lists the same.
 //
-// Each output pixel's channels are computed 16 at a time (one AVX-512 vector) for 4 neighbouring
+// Each output pixel's channels are computed 16 at a time (one AVX-512 vector) for 8 neighbouring
 // pixels at once. For a vector of output channels, the input value each lane needs for input channel
 // `c` of its group is gathered with one permute of the 16 input channels at the same position (groups
 // narrower than 16) or broadcast from memory (groups of 16 or more), then multiplied by the kernel row
