@@ -201,13 +201,16 @@ NATIVE_CASES = [
     ("cg2", (1, 5, 9, 32), (3, 3), 16, (2, 2), ((1, 1), (1, 1))),
     ("cg48-1x1", (1, 4, 5, 96), (1, 1), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
+    ("cg8-1x1-overpadded", (1, 5, 4, 32), (1, 1), 4, (1, 1), ((1, 2), (2, 0))),
+    ("cg32-stride3-7x7", (2, 11, 10, 64), (7, 7), 2, (3, 3), ((3, 3), (3, 2))),
 ]
 
 
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=[c[0] for c in NATIVE_CASES])
 def test_native_matches_float64_reference(case):
-    """The C++ kernel's output (and the VJP it borrows from 'split') within 1e-5 of float64, and the
-    compiled program really calls the kernel; where it cannot be built, asking for it says why."""
+    """The C++ kernels' output, input gradient and kernel gradient within 1e-5 of float64, also through
+    the models' `conv2d_canonical_grad`, and the compiled programs really call the kernels; where they
+    cannot be built, asking for them says why."""
     _, x_shape, kernel_hw, groups, strides, padding = case
     x, w, ct = _inputs(x_shape, kernel_hw, x_shape[-1], groups, strides, padding, seed=2)
     if not _native_prerequisites():
@@ -222,6 +225,14 @@ def test_native_matches_float64_reference(case):
     _assert_close(y, y_ref, 1e-5, "native output")
     _assert_close(dx, dx_ref, 1e-5, "native d/dx")
     _assert_close(dw, dw_ref, 1e-5, "native d/dw")
+    from resnext_jax.models.layers import conv2d_canonical_grad
+    canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, groups, "native")
+    grads = jax.jit(lambda x, w, ct: jax.vjp(canonical, x, w)[1](ct))
+    text = grads.lower(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct)).as_text()
+    assert native.TARGET in text and native.GRAD_TARGET in text
+    dx, dw = grads(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
+    _assert_close(dx, dx_ref, 1e-5, "canonical native d/dx")
+    _assert_close(dw, dw_ref, 1e-5, "canonical native d/dw")
 
 
 def test_auto_picks_native_where_it_runs():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax.ops import conv2d, native
-from resnext_jax.ops.grouped_conv import block_diagonal_kernel, resolve_impl
+from resnext_jax.ops.grouped_conv import block_diagonal_kernel, native_vjp, resolve_impl
 
 Dtype = Any
 ModuleDef = Any
@@ -155,6 +155,9 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides
 
 def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
     x, kernel = residuals
+    if resolve_impl(impl, groups, kernel.shape[:2], x.shape[-1], True,
+                    native.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype == dy.dtype) == "native":
+        return native_vjp(strides, padding, residuals, dy)
     kh, kw, cin_g, out = kernel.shape
     out_g = out // groups
     x_hw = x.shape[1:3]
@@ -181,12 +184,10 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
         # Transpose the input and the output gradient once for all groups (per-group transposes were 2048
         # small fusions in a ResNeXt-50 step), then slice each chunk out of them.
         xt, dyt = x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)
-    dx = _native_input_grad(dy, kernel, strides, padding, groups, impl)
     dxs, dws = [], []
     for c in range(chunks):
         ins, outs = slice(c * ci, (c + 1) * ci), slice(c * co, (c + 1) * co)
-        if dx is None:
-            dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
+        dxs.append(_input_grad(dy[..., outs], chunk_kernels[c], x_hw, strides, padding, by_phases))
         if by_taps:  # (kh, kw, ci, co)
             dw = _kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
         else:  # (ci, kh, kw, co)
@@ -196,24 +197,7 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
             dw = dw.reshape(kh, kw, cin_g, co)
         dws.append(dw)
     cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, -1)  # noqa: E731
-    return (cat(dxs) if dx is None else dx).astype(x.dtype), cat(dws).astype(kernel.dtype)
-
-
-def _native_input_grad(dy, kernel, strides, padding, groups, impl):
-    """A stride-1 grouped conv's input gradient by the native kernel, or None where it does not apply.
-
-    It is the grouped conv of `dy` with the kernel flipped and, within each group, transposed
-    (`(kh, kw, cg, G*cg)`: input and output channel swapped), padded by `k - 1 - pad` on each side.
-    """
-    kh, kw, cin_g, out = kernel.shape
-    pads = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]), (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-    if (groups == 1 or tuple(strides) != (1, 1) or min(map(min, pads)) < 0
-            or resolve_impl(impl, groups, (kh, kw), dy.shape[-1], True,
-                            native.supports(dy.shape, kernel.shape, dy.dtype, groups)) != "native"):
-        return None
-    flipped = kernel[::-1, ::-1].reshape(kh, kw, cin_g, groups, out // groups)
-    return native.grouped_conv_forward(dy, flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cin_g, out), (1, 1),
-                                       pads)
+    return cat(dxs).astype(x.dtype), cat(dws).astype(kernel.dtype)
 
 
 conv2d_canonical_grad.defvjp(_canonical_fwd, _canonical_bwd)

@@ -29,7 +29,9 @@ import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "grouped_conv.cc")
 TARGET = "resnext_jax_grouped_conv_forward"
-SYMBOL = "ResnextJaxGroupedConvForward"
+GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
+# FFI target -> symbol in the built library.
+SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -82,6 +84,10 @@ def _build(cxx: str) -> str:
     return target
 
 
+# FFI target -> the name it is registered under in this process (filled by `_load`).
+_REGISTERED: dict[str, str] = {}
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
     """(available, reason): builds and registers the kernel once per process."""
@@ -95,11 +101,25 @@ def _load() -> tuple[bool, str]:
     if cxx is None:
         return False, "no C++ compiler found: install g++ (or set CXX) to build it"
     try:
-        library = ctypes.cdll.LoadLibrary(_build(cxx))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        path = _build(cxx)
+        library = ctypes.cdll.LoadLibrary(path)
+        # Registered under names unique to the build, so that two versions of this package can run in one
+        # process (benchmarks/ab.py) without one calling the other's kernels.
+        build = os.path.basename(path)[:-len(".so")].rsplit("-", 1)[-1]
+        for target, symbol in SYMBOLS.items():
+            _REGISTERED[target] = f"{target}_{build}"
+            jax.ffi.register_ffi_target(_REGISTERED[target], jax.ffi.pycapsule(getattr(library, symbol)),
+                                        platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         return False, f"building or loading it failed: {e}"
     return True, "built"
+
+
+def _target(name: str) -> str:
+    """The registered name of FFI target `name`, building the kernels first if need be."""
+    if not available():
+        raise RuntimeError(f"the native grouped-conv kernels are unavailable: {unavailable_reason()}")
+    return _REGISTERED[name]
 
 
 def available() -> bool:
@@ -124,12 +144,42 @@ def supports(x_shape, kernel_shape, dtype, groups: int) -> bool:
             and cin_g * groups == channels and channels % 16 == 0 and cin_g in GROUP_WIDTHS)
 
 
-def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-    """The grouped conv `(N, H, W, C) * (kh, kw, C/G, C) -> (N, H', W', C)` by the native kernel (no VJP)."""
+def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1)) -> jax.Array:
+    """The grouped conv `(N, H, W, C) * (kh, kw, C/G, C) -> (N, H', W', C)` by the native kernel (no VJP).
+
+    `input_dilation` `(dh, dw)` puts `d - 1` zeros between input rows and columns without computing on
+    them (`lax.conv_general_dilated`'s `lhs_dilation`; `dw > 1` needs a column stride of 1): a strided
+    conv's input gradient. Padding may be negative.
+    """
     n, h, w, _ = x.shape
     kh, kw, _, out = kernel.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-    ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, ho, wo, out), jnp.float32),
+    (sh, sw), ((pt, pb), (pl, pr)), (dh, dw) = strides, padding, input_dilation
+    ho, wo = ((h - 1) * dh + 1 + pt + pb - kh) // sh + 1, ((w - 1) * dw + 1 + pl + pr - kw) // sw + 1
+    call = jax.ffi.ffi_call(_target(TARGET), jax.ShapeDtypeStruct((n, ho, wo, out), jnp.float32),
                             vmap_method="sequential")
-    return call(x, kernel, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl))
+    return call(x, kernel, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl), dh=np.int64(dh),
+                dw=np.int64(dw))
+
+
+def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, padding) -> jax.Array:
+    """The input gradient of `grouped_conv_forward(x, kernel, strides, padding)` for output gradient `dy`.
+
+    It is the grouped conv of `dy`, dilated by the stride, with the kernel flipped and, within each group,
+    transposed (input and output channels swapped), padded by `k - 1 - pad` below and what makes the
+    result `x_hw` above.
+    """
+    kh, kw, cin_g, out = kernel.shape
+    groups = out // cin_g
+    pads = [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
+            in zip(x_hw, (kh, kw), strides, padding, dy.shape[1:3])]
+    flipped = kernel[::-1, ::-1].reshape(kh, kw, cin_g, groups, cin_g).transpose(0, 1, 4, 3, 2)
+    return grouped_conv_forward(dy, flipped.reshape(kh, kw, cin_g, out), (1, 1), pads, input_dilation=strides)
+
+
+def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, padding) -> jax.Array:
+    """The kernel gradient `(kh, kw, C/G, C)` of `grouped_conv_forward(x, kernel, strides, padding)` for
+    output gradient `dy`."""
+    call = jax.ffi.ffi_call(_target(GRAD_TARGET), jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
+                            vmap_method="sequential")
+    (sh, sw), ((pt, _), (pl, _)) = strides, padding
+    return call(x, dy, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl))
