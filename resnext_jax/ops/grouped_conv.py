@@ -184,13 +184,13 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     if impl == "auto":
         if not on_cpu:
             return "xla"
+        if native_shape and (groups > 1 or tuple(kernel_hw) != (1, 1)) and native.available():
+            return "native"
         if groups > 1:
-            if native_shape and native.available():
-                return "native"
             narrow = channels is not None and channels // groups <= _NARROW_GROUP
             return "chunked" if forward_only and narrow else "split"
         return "gemm" if tuple(kernel_hw) == (1, 1) else "xla"
-    if groups == 1 and impl != "gemm":
+    if groups == 1 and impl not in ("gemm", "native"):
         return "xla"
     if impl == "native":
         if not on_cpu or not native.available():
@@ -198,7 +198,7 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
                              f"{'it is a CPU kernel' if not on_cpu else native.unavailable_reason()}; "
                              f"use impl='auto', which picks the fastest available implementation")
         if not native_shape:
-            return "split"
+            return "split" if groups > 1 else "xla"
     return impl
 
 

@@ -132,16 +132,19 @@ def unavailable_reason() -> str | None:
     return None if ok else reason
 
 
-# Channels per group the kernel is compiled for (`RowFor` in native/grouped_conv.cc).
-GROUP_WIDTHS = (1, 2, 4, 8, 16, 32, 48, 64)
+# Groups narrower than 16 channels the kernels are compiled for (`KernelsFor` in native/grouped_conv.cc);
+# wider groups need a multiple of 16 channels.
+NARROW_GROUP_WIDTHS = (1, 2, 4, 8)
 
 
 def supports(x_shape, kernel_shape, dtype, groups: int) -> bool:
-    """Whether the kernel handles this conv: float32, NHWC/HWIO, as many output as input channels per
-    group, channels a multiple of 16 and `GROUP_WIDTHS` channels per group."""
+    """Whether the kernels handle this conv: float32, NHWC/HWIO, as many output as input channels per
+    group, channels a multiple of 16, and `NARROW_GROUP_WIDTHS` or a multiple of 16 channels per group
+    (dense convs included: one group of all the channels)."""
     channels, (_, _, cin_g, out) = x_shape[-1], kernel_shape
-    return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and groups > 1 and out == channels
-            and cin_g * groups == channels and channels % 16 == 0 and cin_g in GROUP_WIDTHS)
+    return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and out == channels
+            and cin_g * groups == channels and channels % 16 == 0
+            and (cin_g in NARROW_GROUP_WIDTHS or cin_g % 16 == 0))
 
 
 def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1)) -> jax.Array:

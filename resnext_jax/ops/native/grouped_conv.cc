@@ -3,17 +3,18 @@
 //
 // Layouts are JAX's: input NHWC (N, H, W, C), kernel HWIO in Flax's `feature_group_count` layout
 // (KH, KW, C / G, O), output NHWC (N, Ho, Wo, O), float32. Supported: as many output as input channels
-// per group (`cg`), C a multiple of 16, and `cg` one of `KernelsFor`'s widths (ResNeXt's 4-32, RegNet's 8,
-// 16, 48, 64); resnext_jax/ops/native.py's GROUP_WIDTHS lists the same.
+// per group (`cg`), C a multiple of 16, and `cg` 1, 2, 4, 8 or a multiple of 16 (dense convs included:
+// cg == C); resnext_jax/ops/native.py's `supports` says the same.
 //
 // Forward (also the input gradient: the grouped conv of dy, dilated by the stride, with the kernel flipped
-// and transposed within groups). Each output pixel's channels are computed 16 at a time (one AVX-512
-// vector) for 8 pixels at once. For a vector of output channels, the input value each lane needs for input
-// channel `c` of its group is gathered with one permute of the 16 input channels at the same position
-// (groups narrower than 16) or broadcast from memory (groups of 16 or more), then multiplied by the kernel
-// row (a contiguous vector of the HWIO kernel). No FLOP is spent on zeros, unlike a block-diagonal dense
-// conv, nor on the zeros of a dilated input: with input dilation the 8 pixels of a block are output
-// columns of one phase, which all meet real input columns under the same kernel taps.
+// and transposed within groups). Output channels are computed in vectors of 16 (AVX-512) for a block of
+// neighbouring pixels at once. Groups narrower than 16: the input value each lane needs for input channel
+// `c` of its group is gathered with one permute of the 16 input channels at the same position; groups of
+// 16 or more: up to 4 vectors of output channels share the group, and each pixel's input is broadcast from
+// memory. Either is multiplied by the kernel row (a contiguous vector of the HWIO kernel). No FLOP is spent
+// on zeros, unlike a block-diagonal dense conv, nor on the zeros of a dilated input: with input dilation
+// the pixels of a block are output columns of one phase, which all meet real input columns under the same
+// kernel taps.
 //
 // Kernel gradient: dW[i, j, c, o] = sum over pixels of dy[o] * x[the input under tap (i, j), channel c of
 // o's group]. Per 16 output channels, accumulators for 3 taps x up to 8 input channels stay in registers
@@ -61,103 +62,177 @@ void GroupIndices(__m512i* index) {
   }
 }
 
-// One output row of the forward; `CG` (channels per group) is a compile-time constant so that every inner
-// loop has a constant trip count and the accumulators stay in registers. CG < 16: one permute per input
-// channel gathers each lane's input; CG >= 16: a whole vector of outputs shares one group, so a broadcast
-// does. With input dilation (dw > 1, then sw == 1) output columns are taken one phase (column mod dw) at a
-// time, so that a tap either reaches real input columns for all 8 pixels of a block or for none.
-template <int CG>
-void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t row) {
-  const int64_t n = row / s.ho, ho = row % s.ho, o = s.c, blocks = o / 16;
-  __m512i index[CG < 16 ? CG : 1];
-  if constexpr (CG < 16) GroupIndices<CG>(index);
+// Calls `tap(t, inside, x_at)` for every kernel tap t = i * kw + j that reaches real input for at least one
+// of the P output pixels phase + (t0 + p) * dw (p < P, t0 + p < count) of output row `ho` of image `n`:
+// x_at[p] points at that pixel's input (channel 0), or at column 0 of the input row where `inside[p]` is 0
+// (past the row's end or on the padding). With input dilation (dw > 1, then sw == 1) the pixels are output
+// columns of one phase (column mod dw), so a tap reaches real input columns for all of them or for none.
+template <int P, typename Tap>
+inline __attribute__((always_inline)) void ForEachTap(const float* x, const Shape& s, int64_t n, int64_t ho,
+                                                       int64_t phase, int64_t t0, int64_t count, Tap&& tap) {
+  for (int64_t i = 0; i < s.kh; ++i) {
+    const int64_t m = ho * s.sh + i - s.ph;  // row of the dilated input
+    if (m < 0 || FloorMod(m, s.dh) || FloorDiv(m, s.dh) >= s.h) continue;
+    const float* x_row = x + (n * s.h + FloorDiv(m, s.dh)) * s.w * s.c;
+    for (int64_t j = 0; j < s.kw; ++j) {
+      const int64_t d = phase + j - s.pw;
+      if (FloorMod(d, s.dw)) continue;  // this phase meets only the dilation's zeros under tap j
+      const int64_t base = FloorDiv(d, s.dw);
+      __mmask16 inside[P], any = 0;
+      const float* x_at[P];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const int64_t wi = (t0 + p) * s.sw + base;
+        const bool ok = t0 + p < count && wi >= 0 && wi < s.w;
+        inside[p] = ok ? 0xFFFF : 0;
+        any |= inside[p];
+        x_at[p] = x_row + (ok ? wi : 0) * s.c;
+      }
+      if (any) tap(i * s.kw + j, inside, x_at);
+    }
+  }
+}
+
+// Output channels [c0, c1) of one output row of the forward, in blocks of `OB` * 16 channels and `P` pixels:
+// `block` is called per (channel block b, P pixels) with the pixels' accumulators, zeroed, and fills them.
+template <int OB, int P, typename Block>
+inline __attribute__((always_inline)) void ForEachBlock(float* y, const Shape& s, int64_t row, int64_t c0,
+                                                         int64_t c1, Block&& block) {
+  const int64_t n = row / s.ho, ho = row % s.ho, o = s.c;
   float* y_row = y + (n * s.ho + ho) * s.wo * o;
-  // Output-channel blocks outermost: a block's kernel slice (kh * kw * CG vectors) stays in L1 across the row.
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t group_start = (b * 16) / CG * CG;  // first input channel of this vector's group
+  // Output-channel blocks outermost: a block's kernel slice stays in cache across the row.
+  for (int64_t b = c0 / (16 * OB); b < c1 / (16 * OB); ++b) {
     for (int64_t phase = 0; phase < std::min(s.dw, s.wo); ++phase) {
       const int64_t count = (s.wo - phase + s.dw - 1) / s.dw;  // output columns phase, phase + dw, ...
-      for (int64_t t0 = 0; t0 < count; t0 += kPixels) {
-        __m512 acc[kPixels];
-#pragma GCC unroll 8
-        for (int p = 0; p < kPixels; ++p) acc[p] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < s.kh; ++i) {
-          const int64_t m = ho * s.sh + i - s.ph;  // row of the dilated input
-          if (m < 0 || FloorMod(m, s.dh) || FloorDiv(m, s.dh) >= s.h) continue;
-          const float* x_row = x + (n * s.h + FloorDiv(m, s.dh)) * s.w * s.c;
-          for (int64_t j = 0; j < s.kw; ++j) {
-            const int64_t d = phase + j - s.pw;
-            if (FloorMod(d, s.dw)) continue;  // this phase meets only the dilation's zeros under tap j
-            const int64_t base = FloorDiv(d, s.dw);
-            const float* k_tap = k + (i * s.kw + j) * CG * o + b * 16;
-            // Pixels past the row's end or on the padding read channel 0 of column 0, masked to zero.
-            __mmask16 inside[kPixels], any = 0;
-            const float* x_at[kPixels];
-#pragma GCC unroll 8
-            for (int p = 0; p < kPixels; ++p) {
-              const int64_t wi = (t0 + p) * s.sw + base;
-              const bool ok = t0 + p < count && wi >= 0 && wi < s.w;
-              inside[p] = ok ? 0xFFFF : 0;
-              any |= inside[p];
-              x_at[p] = x_row + (ok ? wi : 0) * s.c;
-            }
-            if (!any) continue;
-            if constexpr (CG < 16) {
-              __m512 xv[kPixels];
-#pragma GCC unroll 8
-              for (int p = 0; p < kPixels; ++p) xv[p] = _mm512_maskz_loadu_ps(inside[p], x_at[p] + b * 16);
+      for (int64_t t0 = 0; t0 < count; t0 += P) {
+        __m512 acc[P][OB];
 #pragma GCC unroll 16
-              for (int c = 0; c < CG; ++c) {
-                const __m512 kv = _mm512_loadu_ps(k_tap + c * o);
-#pragma GCC unroll 8
-                for (int p = 0; p < kPixels; ++p)
-                  acc[p] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index[c], xv[p]), kv, acc[p]);
-              }
-            } else {
-              for (int c = 0; c < CG; ++c) {
-                const __m512 kv = _mm512_loadu_ps(k_tap + c * o);
-#pragma GCC unroll 8
-                for (int p = 0; p < kPixels; ++p)
-                  acc[p] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(x_at[p][group_start + c]), kv, acc[p], inside[p]);
-              }
-            }
-          }
-        }
-        const int64_t pixels = std::min<int64_t>(kPixels, count - t0);
-        for (int64_t p = 0; p < pixels; ++p)
-          _mm512_storeu_ps(y_row + (phase + (t0 + p) * s.dw) * o + b * 16, acc[p]);
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+          for (int v = 0; v < OB; ++v) acc[p][v] = _mm512_setzero_ps();
+        block(n, ho, b, phase, t0, count, acc);
+        // Constant trip counts here too: a loop to a runtime bound would keep `acc` in memory throughout.
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+          for (int v = 0; v < OB; ++v)
+            if (t0 + p < count) _mm512_storeu_ps(y_row + (phase + (t0 + p) * s.dw) * o + (b * OB + v) * 16, acc[p][v]);
       }
     }
   }
 }
 
+// Forward row, groups narrower than 16 channels (`CG`, a compile-time constant so that the inner loops have
+// constant trip counts and the accumulators stay in registers): a vector of 16 output channels spans
+// 16 / CG groups, and one permute per input channel gathers each lane's input from the 16 input channels
+// at the same position.
+template <int CG>
+void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
+  __m512i index[CG];
+  GroupIndices<CG>(index);
+  ForEachBlock<1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
+                                          int64_t count, __m512 (&acc)[kPixels][1]) {
+    ForEachTap<kPixels>(x, s, n, ho, phase, t0, count,
+                        [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
+      const float* k_tap = k + tap * CG * s.c + b * 16;
+      __m512 xv[kPixels];
+#pragma GCC unroll 8
+      for (int p = 0; p < kPixels; ++p) xv[p] = _mm512_maskz_loadu_ps(inside[p], x_at[p] + b * 16);
+#pragma GCC unroll 16
+      for (int c = 0; c < CG; ++c) {
+        const __m512 kv = _mm512_loadu_ps(k_tap + c * s.c);
+#pragma GCC unroll 8
+        for (int p = 0; p < kPixels; ++p)
+          acc[p][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(index[c], xv[p]), kv, acc[p][0]);
+      }
+    });
+  });
+}
+
+// Forward row, groups of 16 or more channels (any multiple of 16, dense convs included): a block of OB
+// vectors (OB * 16 output channels, all in one group) x P pixels; per input channel and tap, OB kernel
+// vectors are loaded and each pixel's input is broadcast from memory into OB FMAs.
+template <int OB, int P>
+void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0,
+                 int64_t c1) {
+  ForEachBlock<OB, P>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
+                                     int64_t count, __m512 (&acc)[P][OB]) {
+    const int64_t group_start = (b * OB * 16) / s.cg * s.cg;  // first input channel of the block's group
+    ForEachTap<P>(x, s, n, ho, phase, t0, count,
+                  [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
+      // The kernel comes packed (PackKernel): (block b, tap, input channel, OB * 16 outputs), read in order.
+      const float* k_tap = k + ((b * s.kh * s.kw + tap) * s.cg) * (OB * 16);
+      const float* x_in[P];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) x_in[p] = x_at[p] + group_start;
+      for (int64_t c = 0; c < s.cg; ++c) {
+        __m512 kv[OB];
+#pragma GCC unroll 4
+        for (int v = 0; v < OB; ++v) kv[v] = _mm512_loadu_ps(k_tap + c * (OB * 16) + v * 16);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          const __m512 xb = _mm512_set1_ps(x_in[p][c]);
+#pragma GCC unroll 4
+          for (int v = 0; v < OB; ++v) acc[p][v] = _mm512_mask3_fmadd_ps(xb, kv[v], acc[p][v], inside[p]);
+        }
+      }
+    });
+  });
+}
+
 // The kernel gradient of 16 output channels (block `b`) over output rows [r0, r1) (row = n * ho + output
-// row), added to `acc_buf` ((kh * kw) x CG x 16 floats: tap, input channel, lane). Accumulators for
+// row), added to `acc_buf` ((kh * kw) x cg x 16 floats: tap, input channel, lane). Accumulators for
 // kTaps taps of one kernel row x kInputs input channels stay in registers while the rows stream past; the
 // input is walked column by column (one stride phase at a time), so that each input vector is permuted
-// (or broadcast) once per input channel and used for every tap of the kernel row that reaches it.
+// (CG < 16, a compile-time constant) or broadcast (CG == 0: groups of any multiple of 16 channels, `s.cg`)
+// once per input channel and used for every tap of the kernel row that reaches it.
 template <int CG>
 void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape& s, int64_t b, int64_t r0,
                     int64_t r1) {
-  constexpr int kTaps = 3, kInputs = CG < 16 ? CG : 8;
-  const int64_t o = s.c;
-  __m512i index[CG < 16 ? CG : 1];
-  if constexpr (CG < 16) GroupIndices<CG>(index);
-  const int64_t x_offset = CG < 16 ? b * 16 : (b * 16) / CG * CG;  // x vector (CG < 16) or group start
+  static_assert(CG < 16);
+  constexpr int kTaps = 3, kInputs = CG ? CG : 8;
+  const int64_t o = s.c, cg = CG ? CG : s.cg;
+  __m512i index[CG ? CG : 1];
+  if constexpr (CG != 0) GroupIndices<CG>(index);
+  const int64_t x_offset = CG ? b * 16 : (b * 16) / cg * cg;  // x vector (CG < 16) or group start
   for (int64_t i = 0; i < s.kh; ++i) {
     for (int64_t j0 = 0; j0 < s.kw; j0 += kTaps) {
       const int taps = static_cast<int>(std::min<int64_t>(kTaps, s.kw - j0));
-      for (int c0 = 0; c0 < CG; c0 += kInputs) {
+      for (int64_t c0 = 0; c0 < cg; c0 += kInputs) {
         __m512 acc[kTaps][kInputs];
-        float* acc_at = acc_buf + ((i * s.kw + j0) * CG + c0) * 16;
+        float* acc_at = acc_buf + ((i * s.kw + j0) * cg + c0) * 16;
+#pragma GCC unroll 3
         for (int t = 0; t < kTaps; ++t)
+#pragma GCC unroll 16
           for (int c = 0; c < kInputs; ++c)
-            acc[t][c] = t < taps ? _mm512_loadu_ps(acc_at + (t * CG + c) * 16) : _mm512_setzero_ps();
+            acc[t][c] = t < taps ? _mm512_loadu_ps(acc_at + (t * cg + c) * 16) : _mm512_setzero_ps();
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t n = row / s.ho, ho = row % s.ho, hi = ho * s.sh + i - s.ph;
           if (hi < 0 || hi >= s.h) continue;
-          const float* x_row = x + (n * s.h + hi) * s.w * s.c + x_offset + (CG < 16 ? 0 : c0);
+          const float* x_row = x + (n * s.h + hi) * s.w * s.c + x_offset + (CG ? 0 : c0);
           const float* dy_row = dy + (n * s.ho + ho) * s.wo * o + b * 16;
+          if (CG == 0 && s.sw > 1) {
+            // Wide groups, strided: walk the output columns instead (a broadcast is not worth sharing
+            // between taps, and by input columns most taps would meet no output column).
+            for (int64_t wo = 0; wo < s.wo; ++wo) {
+              const __m512 dyv = _mm512_loadu_ps(dy_row + wo * o);
+              const float* x_at[kTaps];
+              __mmask16 inside[kTaps];
+#pragma GCC unroll 3
+              for (int t = 0; t < kTaps; ++t) {
+                const int64_t wi = wo * s.sw + j0 + t - s.pw;
+                const bool ok = t < taps && wi >= 0 && wi < s.w;
+                inside[t] = ok ? 0xFFFF : 0;
+                x_at[t] = x_row + (ok ? wi : 0) * s.c;
+              }
+#pragma GCC unroll 8
+              for (int c = 0; c < kInputs; ++c)
+#pragma GCC unroll 3
+                for (int t = 0; t < kTaps; ++t)
+                  acc[t][c] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(x_at[t][c]), dyv, acc[t][c], inside[t]);
+            }
+            continue;
+          }
           for (int64_t phase = 0; phase < std::min(s.sw, s.w); ++phase) {
             // Input columns phase + sw * q meet output column q + offset[t] under tap j0 + t, if that is
             // an integer (`reaches`) inside the output row.
@@ -177,7 +252,7 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
                 dyv[t] = _mm512_maskz_loadu_ps(ok ? 0xFFFF : 0, dy_row + (ok ? wo : 0) * o);
               }
               const float* x_at = x_row + wi * s.c;
-              if constexpr (CG < 16) {
+              if constexpr (CG != 0) {
                 const __m512 xv = _mm512_loadu_ps(x_at);
 #pragma GCC unroll 16
                 for (int c = 0; c < kInputs; ++c) {
@@ -196,32 +271,49 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
             }
           }
         }
-        for (int t = 0; t < taps; ++t)
-          for (int c = 0; c < kInputs; ++c) _mm512_storeu_ps(acc_at + (t * CG + c) * 16, acc[t][c]);
+        // Constant trip counts: a loop to a runtime bound would keep `acc` in memory throughout.
+#pragma GCC unroll 3
+        for (int t = 0; t < kTaps; ++t)
+#pragma GCC unroll 16
+          for (int c = 0; c < kInputs; ++c)
+            if (t < taps) _mm512_storeu_ps(acc_at + (t * cg + c) * 16, acc[t][c]);
       }
     }
   }
 }
 
-using RowFn = void (*)(const float*, const float*, float*, const Shape&, int64_t);
+using RowFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t);
 using GradFn = void (*)(const float*, const float*, float*, const Shape&, int64_t, int64_t, int64_t);
 
 struct Kernels {
   RowFn row;
+  int64_t row_channels;  // output channels per forward work item (0: all): a multiple of its vector block
   GradFn grad;
 };
 
-Kernels KernelsFor(int64_t cg) {
+// The forward's register block for groups of `cg` (a multiple of 16) channels and rows of `wo` pixels: the
+// widest vector block that stays within a group, and pixel blocks of 7 or 14, which divide the rows of
+// 224-pixel ResNets (112, 56, 28, 14, 7).
+// The forward's register block for groups of `cg` (a multiple of 16) channels and rows of `wo` pixels: the
+// widest vector block that stays within a group (OB vectors), and pixel blocks of 7 or 14, which divide the
+// rows of 224-pixel ResNets (112, 56, 28, 14, 7). Each work item computes one such channel block of one
+// output row, and consecutive items the same channels of the next rows, so that the kernel slice they use
+// stays in cache (a dense 3x3 kernel of 512 channels is 9 MB; 64 of its outputs 1.2 MB).
+Kernels WideKernelsFor(int64_t cg, int64_t wo) {
+  const bool short_rows = wo % 14 != 0;
+  if (cg % 64 == 0) return {ConvRowWide<4, 7>, 64, KernelGradRows<0>};
+  if (cg % 48 == 0) return {ConvRowWide<3, 7>, 48, KernelGradRows<0>};
+  if (cg % 32 == 0) return {short_rows ? ConvRowWide<2, 7> : ConvRowWide<2, 14>, 32, KernelGradRows<0>};
+  return {short_rows ? ConvRowWide<1, 7> : ConvRowWide<1, 14>, 16, KernelGradRows<0>};
+}
+
+Kernels KernelsFor(int64_t cg, int64_t wo) {
   switch (cg) {
-    case 1: return {ConvRow<1>, KernelGradRows<1>};
-    case 2: return {ConvRow<2>, KernelGradRows<2>};
-    case 4: return {ConvRow<4>, KernelGradRows<4>};
-    case 8: return {ConvRow<8>, KernelGradRows<8>};
-    case 16: return {ConvRow<16>, KernelGradRows<16>};
-    case 32: return {ConvRow<32>, KernelGradRows<32>};
-    case 48: return {ConvRow<48>, KernelGradRows<48>};
-    case 64: return {ConvRow<64>, KernelGradRows<64>};
-    default: return {nullptr, nullptr};
+    case 1: return {ConvRow<1>, 0, KernelGradRows<1>};
+    case 2: return {ConvRow<2>, 0, KernelGradRows<2>};
+    case 4: return {ConvRow<4>, 0, KernelGradRows<4>};
+    case 8: return {ConvRow<8>, 0, KernelGradRows<8>};
+    default: return cg % 16 ? Kernels{nullptr, 0, nullptr} : WideKernelsFor(cg, wo);
   }
 }
 
@@ -258,14 +350,38 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_forward: rank-4 NHWC input, HWIO kernel and output");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2], dh, dw};
-  const RowFn row_fn = KernelsFor(s.cg).row;
+  const Kernels kernels = KernelsFor(s.cg, s.wo);
+  const RowFn row_fn = kernels.row;
   if (s.c % 16 || kd[3] != s.c || yd[3] != s.c || s.c % s.cg || row_fn == nullptr)
     return ffi::Error::InvalidArgument("grouped_conv_forward: unsupported channels/groups");
   if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || (dw > 1 && sw > 1))
     return ffi::Error::InvalidArgument("grouped_conv_forward: strides and dilations >= 1, not both along W");
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
-  RunInParallel(pool, s.n * s.ho, [=](int64_t row) { row_fn(xp, kp, yp, s, row); });
+  // Items: whole output rows, so that the input rows stay in cache across the output channels; but where
+  // the kernel would not stay in L2 (over 1 MiB), one channel block of a row, channel block-major, so
+  // that consecutive items share its slice of the kernel (see WideKernelsFor).
+  const bool slice_major = kernels.row_channels && s.kh * s.kw * s.cg * s.c * sizeof(float) > (1 << 20);
+  const int64_t rows = s.n * s.ho, per_item = slice_major ? kernels.row_channels : s.c;
+  std::vector<float> packed;
+  if (kernels.row_channels) {
+    // Wide groups read the kernel as (channel block, tap, input channel, block's outputs): sequential
+    // reads that the prefetcher follows, instead of 16 * OB-float pieces C floats apart.
+    const int64_t taps = s.kh * s.kw, block = kernels.row_channels, blocks = s.c / block;
+    packed.resize(taps * s.cg * s.c);
+    float* pp = packed.data();
+    RunInParallel(pool, blocks, [=](int64_t b) {
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t c = 0; c < s.cg; ++c)
+          std::memcpy(pp + ((b * taps + t) * s.cg + c) * block, kp + (t * s.cg + c) * s.c + b * block,
+                      block * sizeof(float));
+    });
+    kp = pp;
+  }
+  RunInParallel(pool, rows * (s.c / per_item), [=](int64_t item) {
+    const int64_t c0 = item / rows * per_item;
+    row_fn(xp, kp, yp, s, item % rows, c0, c0 + per_item);
+  });
   return ffi::Error::Success();
 }
 
@@ -275,7 +391,7 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: rank-4 NHWC input, output and HWIO kernel");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2]};
-  const GradFn grad_fn = KernelsFor(s.cg).grad;
+  const GradFn grad_fn = KernelsFor(s.cg, s.wo).grad;
   if (s.c % 16 || kd[3] != s.c || yd[3] != s.c || yd[0] != s.n || s.c % s.cg || grad_fn == nullptr)
     return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: unsupported channels/groups");
   if (sh < 1 || sw < 1) return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: strides >= 1");
