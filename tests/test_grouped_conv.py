@@ -203,6 +203,11 @@ NATIVE_CASES = [
     ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
     ("cg8-1x1-overpadded", (1, 5, 4, 32), (1, 1), 4, (1, 1), ((1, 2), (2, 0))),
     ("cg32-stride3-7x7", (2, 11, 10, 64), (7, 7), 2, (3, 3), ((3, 3), (3, 2))),
+    ("dense-64-stride2", (2, 9, 10, 64), (3, 3), 1, (2, 2), ((1, 1), (1, 1))),
+    ("dense-48-rows-of-15", (1, 5, 15, 48), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
+    ("cg80-stride12", (1, 6, 9, 160), (3, 3), 2, (1, 2), ((1, 1), (1, 1))),
+    # A kernel over 1 MiB: the forward's work goes by channel block, not by row.
+    ("dense-192-big-kernel", (2, 4, 5, 192), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
 ]
 
 
@@ -241,9 +246,16 @@ def test_auto_picks_native_where_it_runs():
     assert not native.supports((8, 28, 28, 96), (3, 3, 24, 96), jnp.float32, 4)  # 24-channel groups
     expected = "native" if native.available() else ("split" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("auto", 32, (3, 3), channels=128, native_shape=True) == expected
-    # An explicit 'native' on a conv the kernel does not support is 'split'.
+    # Dense 3x3 convs too (ResNet's), but not 1x1 ones: those are single matmuls ('gemm').
+    assert native.supports((8, 56, 56, 64), (3, 3, 64, 64), jnp.float32, 1)
+    assert resolve_impl("auto", 1, (3, 3), channels=64, native_shape=True) == (
+        "native" if native.available() else "xla")
+    assert resolve_impl("auto", 1, (1, 1), channels=64, native_shape=True) == (
+        "gemm" if jax.default_backend() == "cpu" else "xla")
+    # An explicit 'native' on a conv the kernel does not support is 'split' ('xla' when dense).
     if native.available():
         assert resolve_impl("native", 4, (3, 3), channels=96, native_shape=False) == "split"
+        assert resolve_impl("native", 1, (3, 3), channels=96, native_shape=False) == "xla"
 
 
 def test_native_unavailable_raises_with_the_reason(monkeypatch):

@@ -20,10 +20,10 @@ hence the choice. Implementations:
   1x1 kernel) and one matmul per group. Autodiff turns it into matmuls too, which XLA:CPU runs
   at GEMM speed, while its own convolution backward does not come close: a 1x1 conv's
   forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
-- `native`: the forward pass by a C++ AVX-512 kernel through `jax.ffi` (`resnext_jax.ops.native`, built
-  on first use with the system's C++ compiler), no FLOPs spent on zeros; its input and kernel gradients
-  are native kernels too. CPU only, float32, as many output as input channels per group, channels a multiple of 16 and
-  `native.GROUP_WIDTHS` channels per group; other convs run as `split`.
+- `native`: C++ AVX-512 kernels through `jax.ffi` (`resnext_jax.ops.native`, built on first use with the
+  system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
+  on zeros. CPU only, float32, as many output as input channels per group, channels a multiple of 16 and
+  1, 2, 4, 8 or a multiple of 16 channels per group (dense convs included); other convs run as `split`.
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64
@@ -155,9 +155,10 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     """Maps 'auto' to a concrete implementation for the current default backend and the conv's shape.
 
     CPU (docs/benchmarks.md has the measurements):
-    - grouped, where the native kernel supports the conv (`native_shape`: see `native.supports`) and
-      could be built here (`native.available()`): 'native', about half the time of the best pure-XLA
-      forward on ResNeXt-50's grouped convs (its backward is 'split''s);
+    - grouped, or dense and not 1x1, where the native kernels support the conv (`native_shape`: see
+      `native.supports`) and could be built here (`native.available()`): 'native'. ResNeXt-50's 16
+      grouped convs, forward + both gradients at batch 8: 68 ms against 253 for the best pure-XLA
+      backward; ResNet-50's 16 dense 3x3 convs: 350 against 508 ms (docs/benchmarks.md);
     - grouped: 'split', the fastest forward+backward on every ResNeXt-50 grouped shape; but when only
       the forward runs through this op (`forward_only`: a custom VJP such as
       `models.layers.conv2d_canonical_grad` computes the backward, or there is none) and groups are
@@ -167,7 +168,8 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
       autodiff backward (dense chunk kernel gradients) would be slower than 'split'; 16-channel
       groups stay on 'split' (2.9 vs 7.7 ms at 14x14x512);
     - dense 1x1: 'gemm', a single matmul, 4-8x faster than XLA:CPU's convolution forward+backward;
-    - other dense kernels: 'xla' (im2col's 9x copy costs what the matmul saves).
+    - other dense kernels the native kernels do not take: 'xla' (im2col's 9x copy costs what the
+      matmul saves).
     GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op. On an H100 (bf16, batch 128,
     docs/benchmarks.md) it is the fastest or tied on every ResNeXt-50 grouped forward and on 5 of 7
     forward+backward shapes; 'split' and 'gemm' are 3-7x slower. On the two 4- and 8-channel-group
@@ -175,8 +177,9 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     jax#13800); a GPU rule for narrow groups waits on a whole-model measurement.
 
     An explicit grouped implementation on a dense conv (`groups == 1`) is plain 'xla': they
-    all compute the same single convolution. 'gemm' is honoured for any conv. An explicit 'native' on
-    a conv the kernel does not support runs as 'split'; where the kernel cannot be built it raises.
+    all compute the same single convolution. 'gemm' and 'native' are honoured for any conv. An explicit
+    'native' on a conv the kernels do not support runs as 'split' ('xla' when dense); where they cannot
+    be built it raises.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
