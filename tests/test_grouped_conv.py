@@ -176,7 +176,7 @@ def test_auto_forward_only_narrow_groups_use_chunks():
 # ---------------------------------------------------------------------------------------- the native kernel
 def _native_prerequisites() -> bool:
     import platform
-    return platform.machine().lower() in ("x86_64", "amd64") and "avx512f" in native.cpu_flags() and bool(
+    return platform.machine().lower() in ("x86_64", "amd64") and {"avx512f", "avx512vl"} <= native.cpu_flags() and bool(
         native.compiler()) and jax.default_backend() == "cpu"
 
 
@@ -206,6 +206,10 @@ NATIVE_CASES = [
     ("dense-64-stride2", (2, 9, 10, 64), (3, 3), 1, (2, 2), ((1, 1), (1, 1))),
     ("dense-48-rows-of-15", (1, 5, 15, 48), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
     ("cg80-stride12", (1, 6, 9, 160), (3, 3), 2, (1, 2), ((1, 1), (1, 1))),
+    # Groups of an odd multiple of 8 channels (8-lane vectors): RegNet's 24, 8 with channels not a multiple of 16.
+    ("cg24-regnet-stride2", (2, 9, 8, 72), (3, 3), 3, (2, 2), ((1, 1), (1, 1))),
+    ("cg8-120-channels", (1, 6, 7, 120), (3, 3), 15, (1, 1), ((1, 1), (1, 1))),
+    ("cg40-stride21", (1, 7, 6, 80), (3, 3), 2, (2, 1), ((1, 1), (1, 1))),
     # A kernel over 1 MiB: the forward's work goes by channel block, not by row.
     ("dense-192-big-kernel", (2, 4, 5, 192), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
 ]
@@ -243,7 +247,8 @@ def test_native_matches_float64_reference(case):
 def test_auto_picks_native_where_it_runs():
     supported = native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.float32, 32)
     assert supported and not native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.bfloat16, 32)
-    assert not native.supports((8, 28, 28, 96), (3, 3, 24, 96), jnp.float32, 4)  # 24-channel groups
+    assert native.supports((8, 28, 28, 120), (3, 3, 24, 120), jnp.float32, 5)  # RegNet's 24-channel groups
+    assert not native.supports((8, 28, 28, 60), (3, 3, 12, 60), jnp.float32, 5)  # 12-channel groups
     expected = "native" if native.available() else ("split" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("auto", 32, (3, 3), channels=128, native_shape=True) == expected
     # Dense 3x3 convs too (ResNet's), but not 1x1 ones: those are single matmuls ('gemm').
@@ -254,8 +259,8 @@ def test_auto_picks_native_where_it_runs():
         "gemm" if jax.default_backend() == "cpu" else "xla")
     # An explicit 'native' on a conv the kernel does not support is 'split' ('xla' when dense).
     if native.available():
-        assert resolve_impl("native", 4, (3, 3), channels=96, native_shape=False) == "split"
-        assert resolve_impl("native", 1, (3, 3), channels=96, native_shape=False) == "xla"
+        assert resolve_impl("native", 5, (3, 3), channels=60, native_shape=False) == "split"
+        assert resolve_impl("native", 1, (3, 3), channels=60, native_shape=False) == "xla"
 
 
 def test_native_unavailable_raises_with_the_reason(monkeypatch):

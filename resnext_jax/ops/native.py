@@ -35,7 +35,7 @@ GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-mavx512f", "-mavx512vl", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def cpu_flags() -> set[str]:
@@ -97,8 +97,8 @@ def _load() -> tuple[bool, str]:
         return False, f"{OPT_OUT}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"it needs an x86-64 CPU (this is {platform.machine()})"
-    if "avx512f" not in cpu_flags():
-        return False, "it needs a CPU with AVX-512F (not in /proc/cpuinfo's flags)"
+    if missing := {"avx512f", "avx512vl"} - cpu_flags():
+        return False, f"it needs a CPU with AVX-512F and AVX-512VL ({', '.join(sorted(missing))} not in /proc/cpuinfo's flags)"
     cxx = compiler()
     if cxx is None:
         return False, "no C++ compiler found: install g++ (or set CXX) to build it"
@@ -134,19 +134,19 @@ def unavailable_reason() -> str | None:
     return None if ok else reason
 
 
-# Groups narrower than 16 channels the kernels are compiled for (`KernelsFor` in native/grouped_conv.cc);
-# wider groups need a multiple of 16 channels.
-NARROW_GROUP_WIDTHS = (1, 2, 4, 8)
+# Groups narrower than 8 channels the kernels are compiled for (`KernelsFor` in native/grouped_conv.cc), with
+# channels a multiple of 16; wider groups need a multiple of 8 channels.
+NARROW_GROUP_WIDTHS = (1, 2, 4)
 
 
 def supports(x_shape, kernel_shape, dtype, groups: int) -> bool:
     """Whether the kernels handle this conv: float32, NHWC/HWIO, as many output as input channels per
-    group, channels a multiple of 16, and `NARROW_GROUP_WIDTHS` or a multiple of 16 channels per group
-    (dense convs included: one group of all the channels)."""
+    group, and a multiple of 8 channels per group (dense convs included: one group of all the channels) or
+    `NARROW_GROUP_WIDTHS` channels per group and channels a multiple of 16."""
     channels, (_, _, cin_g, out) = x_shape[-1], kernel_shape
     return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and out == channels
-            and cin_g * groups == channels and channels % 16 == 0
-            and (cin_g in NARROW_GROUP_WIDTHS or cin_g % 16 == 0))
+            and cin_g * groups == channels
+            and (cin_g % 8 == 0 or (cin_g in NARROW_GROUP_WIDTHS and channels % 16 == 0)))
 
 
 def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1)) -> jax.Array:

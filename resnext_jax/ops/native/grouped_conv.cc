@@ -52,6 +52,32 @@ inline int64_t FloorDiv(int64_t a, int64_t b) {
 }
 inline int64_t FloorMod(int64_t a, int64_t b) { return b == 1 ? 0 : a - FloorDiv(a, b) * b; }
 
+// Vectors of output channels: 16 lanes (AVX-512) for groups of a multiple of 16 channels (and the permute
+// kernels of narrower groups); 8 lanes (AVX-512VL on 256 bits, half the FMA throughput) for groups of an
+// odd multiple of 8 channels (RegNet's 24, 56, 120, ...), whose 16-lane vectors would straddle two groups.
+struct V16 {
+  using T = __m512;
+  static constexpr int kLanes = 16;
+  static T Zero() { return _mm512_setzero_ps(); }
+  static T Load(const float* p) { return _mm512_loadu_ps(p); }
+  static T LoadOrZero(bool ok, const float* p) { return _mm512_maskz_loadu_ps(ok ? 0xFFFF : 0, p); }
+  static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T Bcast(float x) { return _mm512_set1_ps(x); }
+  static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T FmaIf(T a, T b, T c, __mmask16 keep) { return _mm512_mask3_fmadd_ps(a, b, c, keep); }
+};
+struct V8 {
+  using T = __m256;
+  static constexpr int kLanes = 8;
+  static T Zero() { return _mm256_setzero_ps(); }
+  static T Load(const float* p) { return _mm256_loadu_ps(p); }
+  static T LoadOrZero(bool ok, const float* p) { return _mm256_maskz_loadu_ps(ok ? 0xFF : 0, p); }
+  static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T Bcast(float x) { return _mm256_set1_ps(x); }
+  static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T FmaIf(T a, T b, T c, __mmask16 keep) { return _mm256_mask3_fmadd_ps(a, b, c, static_cast<__mmask8>(keep)); }
+};
+
 // Per input channel `c` of a group of CG (< 16) channels: lane l takes channel c of lane l's group.
 template <int CG>
 void GroupIndices(__m512i* index) {
@@ -93,30 +119,31 @@ inline __attribute__((always_inline)) void ForEachTap(const float* x, const Shap
   }
 }
 
-// Output channels [c0, c1) of one output row of the forward, in blocks of `OB` * 16 channels and `P` pixels:
+// Output channels [c0, c1) of one output row of the forward, in blocks of `OB` vectors and `P` pixels:
 // `block` is called per (channel block b, P pixels) with the pixels' accumulators, zeroed, and fills them.
-template <int OB, int P, typename Block>
+template <typename Vec, int OB, int P, typename Block>
 inline __attribute__((always_inline)) void ForEachBlock(float* y, const Shape& s, int64_t row, int64_t c0,
                                                          int64_t c1, Block&& block) {
   const int64_t n = row / s.ho, ho = row % s.ho, o = s.c;
   float* y_row = y + (n * s.ho + ho) * s.wo * o;
   // Output-channel blocks outermost: a block's kernel slice stays in cache across the row.
-  for (int64_t b = c0 / (16 * OB); b < c1 / (16 * OB); ++b) {
+  constexpr int kBlock = OB * Vec::kLanes;
+  for (int64_t b = c0 / kBlock; b < c1 / kBlock; ++b) {
     for (int64_t phase = 0; phase < std::min(s.dw, s.wo); ++phase) {
       const int64_t count = (s.wo - phase + s.dw - 1) / s.dw;  // output columns phase, phase + dw, ...
       for (int64_t t0 = 0; t0 < count; t0 += P) {
-        __m512 acc[P][OB];
+        typename Vec::T acc[P][OB];
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
-          for (int v = 0; v < OB; ++v) acc[p][v] = _mm512_setzero_ps();
+          for (int v = 0; v < OB; ++v) acc[p][v] = Vec::Zero();
         block(n, ho, b, phase, t0, count, acc);
         // Constant trip counts here too: a loop to a runtime bound would keep `acc` in memory throughout.
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
           for (int v = 0; v < OB; ++v)
-            if (t0 + p < count) _mm512_storeu_ps(y_row + (phase + (t0 + p) * s.dw) * o + (b * OB + v) * 16, acc[p][v]);
+            if (t0 + p < count) Vec::Store(y_row + (phase + (t0 + p) * s.dw) * o + (b * OB + v) * Vec::kLanes, acc[p][v]);
       }
     }
   }
@@ -130,7 +157,7 @@ template <int CG>
 void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
   __m512i index[CG];
   GroupIndices<CG>(index);
-  ForEachBlock<1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
+  ForEachBlock<V16, 1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
                                           int64_t count, __m512 (&acc)[kPixels][1]) {
     ForEachTap<kPixels>(x, s, n, ho, phase, t0, count,
                         [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
@@ -149,73 +176,75 @@ void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t r
   });
 }
 
-// Forward row, groups of 16 or more channels (any multiple of 16, dense convs included): a block of OB
-// vectors (OB * 16 output channels, all in one group) x P pixels; per input channel and tap, OB kernel
-// vectors are loaded and each pixel's input is broadcast from memory into OB FMAs.
-template <int OB, int P>
+// Forward row, groups of a multiple of 8 or 16 channels (`Vec`'s lanes; dense convs included): a block of
+// OB vectors (all in one group) x P pixels; per input channel and tap, OB kernel vectors are loaded and each
+// pixel's input is broadcast from memory into OB FMAs.
+template <typename Vec, int OB, int P>
 void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0,
                  int64_t c1) {
-  ForEachBlock<OB, P>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
-                                     int64_t count, __m512 (&acc)[P][OB]) {
-    const int64_t group_start = (b * OB * 16) / s.cg * s.cg;  // first input channel of the block's group
+  constexpr int kBlock = OB * Vec::kLanes;
+  ForEachBlock<Vec, OB, P>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
+                                          int64_t count, typename Vec::T (&acc)[P][OB]) {
+    const int64_t group_start = (b * kBlock) / s.cg * s.cg;  // first input channel of the block's group
     ForEachTap<P>(x, s, n, ho, phase, t0, count,
                   [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
-      // The kernel comes packed (PackKernel): (block b, tap, input channel, OB * 16 outputs), read in order.
-      const float* k_tap = k + ((b * s.kh * s.kw + tap) * s.cg) * (OB * 16);
+      // The kernel comes packed (see GroupedConvForward): (block b, tap, input channel, the block's outputs).
+      const float* k_tap = k + ((b * s.kh * s.kw + tap) * s.cg) * kBlock;
       const float* x_in[P];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) x_in[p] = x_at[p] + group_start;
       for (int64_t c = 0; c < s.cg; ++c) {
-        __m512 kv[OB];
+        typename Vec::T kv[OB];
 #pragma GCC unroll 4
-        for (int v = 0; v < OB; ++v) kv[v] = _mm512_loadu_ps(k_tap + c * (OB * 16) + v * 16);
+        for (int v = 0; v < OB; ++v) kv[v] = Vec::Load(k_tap + c * kBlock + v * Vec::kLanes);
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          const __m512 xb = _mm512_set1_ps(x_in[p][c]);
+          const typename Vec::T xb = Vec::Bcast(x_in[p][c]);
 #pragma GCC unroll 4
-          for (int v = 0; v < OB; ++v) acc[p][v] = _mm512_mask3_fmadd_ps(xb, kv[v], acc[p][v], inside[p]);
+          for (int v = 0; v < OB; ++v) acc[p][v] = Vec::FmaIf(xb, kv[v], acc[p][v], inside[p]);
         }
       }
     });
   });
 }
 
-// The kernel gradient of 16 output channels (block `b`) over output rows [r0, r1) (row = n * ho + output
-// row), added to `acc_buf` ((kh * kw) x cg x 16 floats: tap, input channel, lane). Accumulators for
+// The kernel gradient of one vector of output channels (block `b`) over output rows [r0, r1) (row =
+// n * ho + output row), added to `acc_buf` ((kh * kw) x cg x lanes floats: tap, input channel, lane). Accumulators for
 // kTaps taps of one kernel row x kInputs input channels stay in registers while the rows stream past; the
 // input is walked column by column (one stride phase at a time), so that each input vector is permuted
-// (CG < 16, a compile-time constant) or broadcast (CG == 0: groups of any multiple of 16 channels, `s.cg`)
-// once per input channel and used for every tap of the kernel row that reaches it.
-template <int CG>
+// (CG < 16, a compile-time constant; 16 lanes) or broadcast (CG == 0: groups of any multiple of `Vec`'s
+// lanes, `s.cg`) once per input channel and used for every tap of the kernel row that reaches it.
+template <int CG, typename Vec = V16>
 void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape& s, int64_t b, int64_t r0,
                     int64_t r1) {
-  static_assert(CG < 16);
-  constexpr int kTaps = 3, kInputs = CG ? CG : 8;
+  static_assert(CG < 16 && (CG == 0 || Vec::kLanes == 16));
+  constexpr int kTaps = 3, kInputs = CG ? CG : 8, L = Vec::kLanes;
+  using T = typename Vec::T;
   const int64_t o = s.c, cg = CG ? CG : s.cg;
   __m512i index[CG ? CG : 1];
   if constexpr (CG != 0) GroupIndices<CG>(index);
-  const int64_t x_offset = CG ? b * 16 : (b * 16) / cg * cg;  // x vector (CG < 16) or group start
+  const int64_t x_offset = CG ? b * L : (b * L) / cg * cg;  // x vector (CG < 16) or group start
   for (int64_t i = 0; i < s.kh; ++i) {
     for (int64_t j0 = 0; j0 < s.kw; j0 += kTaps) {
       const int taps = static_cast<int>(std::min<int64_t>(kTaps, s.kw - j0));
       for (int64_t c0 = 0; c0 < cg; c0 += kInputs) {
-        __m512 acc[kTaps][kInputs];
-        float* acc_at = acc_buf + ((i * s.kw + j0) * cg + c0) * 16;
+        T acc[kTaps][kInputs];
+        float* acc_at = acc_buf + ((i * s.kw + j0) * cg + c0) * L;
 #pragma GCC unroll 3
         for (int t = 0; t < kTaps; ++t)
 #pragma GCC unroll 16
           for (int c = 0; c < kInputs; ++c)
-            acc[t][c] = t < taps ? _mm512_loadu_ps(acc_at + (t * cg + c) * 16) : _mm512_setzero_ps();
+            acc[t][c] = t < taps ? Vec::Load(acc_at + (t * cg + c) * L) : Vec::Zero();
         for (int64_t row = r0; row < r1; ++row) {
           const int64_t n = row / s.ho, ho = row % s.ho, hi = ho * s.sh + i - s.ph;
           if (hi < 0 || hi >= s.h) continue;
           const float* x_row = x + (n * s.h + hi) * s.w * s.c + x_offset + (CG ? 0 : c0);
-          const float* dy_row = dy + (n * s.ho + ho) * s.wo * o + b * 16;
+          const float* dy_row = dy + (n * s.ho + ho) * s.wo * o + b * L;
           if (CG == 0 && s.sw > 1) {
             // Wide groups, strided: walk the output columns instead (a broadcast is not worth sharing
             // between taps, and by input columns most taps would meet no output column).
             for (int64_t wo = 0; wo < s.wo; ++wo) {
-              const __m512 dyv = _mm512_loadu_ps(dy_row + wo * o);
+              const T dyv = Vec::Load(dy_row + wo * o);
               const float* x_at[kTaps];
               __mmask16 inside[kTaps];
 #pragma GCC unroll 3
@@ -229,7 +258,7 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
               for (int c = 0; c < kInputs; ++c)
 #pragma GCC unroll 3
                 for (int t = 0; t < kTaps; ++t)
-                  acc[t][c] = _mm512_mask3_fmadd_ps(_mm512_set1_ps(x_at[t][c]), dyv, acc[t][c], inside[t]);
+                  acc[t][c] = Vec::FmaIf(Vec::Bcast(x_at[t][c]), dyv, acc[t][c], inside[t]);
             }
             continue;
           }
@@ -244,12 +273,12 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
               offset[t] = FloorDiv(d, s.sw);
             }
             for (int64_t q = 0, wi = phase; wi < s.w; ++q, wi += s.sw) {
-              __m512 dyv[kTaps];
+              T dyv[kTaps];
 #pragma GCC unroll 3
               for (int t = 0; t < kTaps; ++t) {
                 const int64_t wo = q + offset[t];
                 const bool ok = reaches[t] && wo >= 0 && wo < s.wo;
-                dyv[t] = _mm512_maskz_loadu_ps(ok ? 0xFFFF : 0, dy_row + (ok ? wo : 0) * o);
+                dyv[t] = Vec::LoadOrZero(ok, dy_row + (ok ? wo : 0) * o);
               }
               const float* x_at = x_row + wi * s.c;
               if constexpr (CG != 0) {
@@ -258,14 +287,14 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
                 for (int c = 0; c < kInputs; ++c) {
                   const __m512 xc = _mm512_permutexvar_ps(index[c], xv);
 #pragma GCC unroll 3
-                  for (int t = 0; t < kTaps; ++t) acc[t][c] = _mm512_fmadd_ps(xc, dyv[t], acc[t][c]);
+                  for (int t = 0; t < kTaps; ++t) acc[t][c] = Vec::Fma(xc, dyv[t], acc[t][c]);
                 }
               } else {
 #pragma GCC unroll 8
                 for (int c = 0; c < kInputs; ++c) {
-                  const __m512 xc = _mm512_set1_ps(x_at[c]);
+                  const T xc = Vec::Bcast(x_at[c]);
 #pragma GCC unroll 3
-                  for (int t = 0; t < kTaps; ++t) acc[t][c] = _mm512_fmadd_ps(xc, dyv[t], acc[t][c]);
+                  for (int t = 0; t < kTaps; ++t) acc[t][c] = Vec::Fma(xc, dyv[t], acc[t][c]);
                 }
               }
             }
@@ -276,7 +305,7 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
         for (int t = 0; t < kTaps; ++t)
 #pragma GCC unroll 16
           for (int c = 0; c < kInputs; ++c)
-            if (t < taps) _mm512_storeu_ps(acc_at + (t * cg + c) * 16, acc[t][c]);
+            if (t < taps) Vec::Store(acc_at + (t * cg + c) * L, acc[t][c]);
       }
     }
   }
@@ -289,32 +318,37 @@ struct Kernels {
   RowFn row;
   int64_t row_channels;  // output channels per forward work item (0: all): a multiple of its vector block
   GradFn grad;
+  int64_t lanes;  // output channels per kernel-gradient block
 };
 
-// The forward's register block for groups of `cg` (a multiple of 16) channels and rows of `wo` pixels: the
-// widest vector block that stays within a group, and pixel blocks of 7 or 14, which divide the rows of
-// 224-pixel ResNets (112, 56, 28, 14, 7).
-// The forward's register block for groups of `cg` (a multiple of 16) channels and rows of `wo` pixels: the
-// widest vector block that stays within a group (OB vectors), and pixel blocks of 7 or 14, which divide the
-// rows of 224-pixel ResNets (112, 56, 28, 14, 7). Each work item computes one such channel block of one
-// output row, and consecutive items the same channels of the next rows, so that the kernel slice they use
-// stays in cache (a dense 3x3 kernel of 512 channels is 9 MB; 64 of its outputs 1.2 MB).
+// The forward's register block for groups of `cg` (a multiple of `Vec`'s lanes) channels and rows of `wo`
+// pixels: the widest block of up to 4 vectors that stays within a group, and pixel blocks of 7 or 14, which
+// divide the rows of 224-pixel ResNets (112, 56, 28, 14, 7). A work item computes one such channel block of
+// one output row where the kernel is large (see GroupedConvForward).
+template <typename Vec>
 Kernels WideKernelsFor(int64_t cg, int64_t wo) {
+  constexpr int L = Vec::kLanes;
   const bool short_rows = wo % 14 != 0;
-  if (cg % 64 == 0) return {ConvRowWide<4, 7>, 64, KernelGradRows<0>};
-  if (cg % 48 == 0) return {ConvRowWide<3, 7>, 48, KernelGradRows<0>};
-  if (cg % 32 == 0) return {short_rows ? ConvRowWide<2, 7> : ConvRowWide<2, 14>, 32, KernelGradRows<0>};
-  return {short_rows ? ConvRowWide<1, 7> : ConvRowWide<1, 14>, 16, KernelGradRows<0>};
+  const GradFn grad = KernelGradRows<0, Vec>;
+  if (cg % (4 * L) == 0) return {ConvRowWide<Vec, 4, 7>, 4 * L, grad, L};
+  if (cg % (3 * L) == 0) return {ConvRowWide<Vec, 3, 7>, 3 * L, grad, L};
+  if (cg % (2 * L) == 0) return {short_rows ? ConvRowWide<Vec, 2, 7> : ConvRowWide<Vec, 2, 14>, 2 * L, grad, L};
+  return {short_rows ? ConvRowWide<Vec, 1, 7> : ConvRowWide<Vec, 1, 14>, L, grad, L};
 }
 
-Kernels KernelsFor(int64_t cg, int64_t wo) {
-  switch (cg) {
-    case 1: return {ConvRow<1>, 0, KernelGradRows<1>};
-    case 2: return {ConvRow<2>, 0, KernelGradRows<2>};
-    case 4: return {ConvRow<4>, 0, KernelGradRows<4>};
-    case 8: return {ConvRow<8>, 0, KernelGradRows<8>};
-    default: return cg % 16 ? Kernels{nullptr, 0, nullptr} : WideKernelsFor(cg, wo);
+// The kernels for `cg` channels per group and `c` channels; {} where unsupported.
+Kernels KernelsFor(int64_t cg, int64_t c, int64_t wo) {
+  if (c % 16 == 0) {
+    switch (cg) {
+      case 1: return {ConvRow<1>, 0, KernelGradRows<1>, 16};
+      case 2: return {ConvRow<2>, 0, KernelGradRows<2>, 16};
+      case 4: return {ConvRow<4>, 0, KernelGradRows<4>, 16};
+      case 8: return {ConvRow<8>, 0, KernelGradRows<8>, 16};
+    }
   }
+  if (cg % 16 == 0) return WideKernelsFor<V16>(cg, wo);
+  if (cg % 8 == 0) return WideKernelsFor<V8>(cg, wo);
+  return {nullptr, 0, nullptr, 0};
 }
 
 // Items handed out one at a time; tasks that start after the work is gone return at once, and the caller
@@ -350,9 +384,10 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_forward: rank-4 NHWC input, HWIO kernel and output");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2], dh, dw};
-  const Kernels kernels = KernelsFor(s.cg, s.wo);
+  if (s.cg < 1 || s.c % s.cg) return ffi::Error::InvalidArgument("grouped_conv_forward: channels % groups");
+  const Kernels kernels = KernelsFor(s.cg, s.c, s.wo);
   const RowFn row_fn = kernels.row;
-  if (s.c % 16 || kd[3] != s.c || yd[3] != s.c || s.c % s.cg || row_fn == nullptr)
+  if (kd[3] != s.c || yd[3] != s.c || row_fn == nullptr)
     return ffi::Error::InvalidArgument("grouped_conv_forward: unsupported channels/groups");
   if (sh < 1 || sw < 1 || dh < 1 || dw < 1 || (dw > 1 && sw > 1))
     return ffi::Error::InvalidArgument("grouped_conv_forward: strides and dilations >= 1, not both along W");
@@ -366,7 +401,7 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   std::vector<float> packed;
   if (kernels.row_channels) {
     // Wide groups read the kernel as (channel block, tap, input channel, block's outputs): sequential
-    // reads that the prefetcher follows, instead of 16 * OB-float pieces C floats apart.
+    // reads that the prefetcher follows, instead of pieces of a block C floats apart.
     const int64_t taps = s.kh * s.kw, block = kernels.row_channels, blocks = s.c / block;
     packed.resize(taps * s.cg * s.c);
     float* pp = packed.data();
@@ -391,11 +426,14 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: rank-4 NHWC input, output and HWIO kernel");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2]};
-  const GradFn grad_fn = KernelsFor(s.cg, s.wo).grad;
-  if (s.c % 16 || kd[3] != s.c || yd[3] != s.c || yd[0] != s.n || s.c % s.cg || grad_fn == nullptr)
+  if (s.cg < 1 || s.c % s.cg) return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: channels % groups");
+  const Kernels kernels = KernelsFor(s.cg, s.c, s.wo);
+  const GradFn grad_fn = kernels.grad;
+  if (kd[3] != s.c || yd[3] != s.c || yd[0] != s.n || grad_fn == nullptr)
     return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: unsupported channels/groups");
   if (sh < 1 || sw < 1) return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: strides >= 1");
-  const int64_t blocks = s.c / 16, rows = s.n * s.ho, taps = s.kh * s.kw, block_size = taps * s.cg * 16;
+  const int64_t lanes = kernels.lanes, blocks = s.c / lanes, rows = s.n * s.ho, taps = s.kh * s.kw,
+                block_size = taps * s.cg * lanes;
   // Rows per pass over the accumulators: about 16 KiB of dy (and its input rows) stays in L1.
   const int64_t pass_rows = std::max<int64_t>(1, 16384 / (s.wo * 64));
   // Enough items for the pool (4 per thread); more than one slice of rows per block means partial sums.
@@ -404,7 +442,7 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   const float *xp = x.typed_data(), *dyp = dy.typed_data();
   float* dkp = dk->typed_data();
   const Shape shape = s;
-  RunInParallel(pool, blocks * slices, [&, xp, dyp, dkp, grad_fn](int64_t item) {
+  RunInParallel(pool, blocks * slices, [&, xp, dyp, dkp, grad_fn, lanes](int64_t item) {
     const int64_t b = item % blocks, slice = item / blocks;
     std::vector<float> acc(block_size, 0.0f);
     const int64_t first = rows * slice / slices, last = rows * (slice + 1) / slices;
@@ -413,17 +451,17 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
     if (slices > 1) {
       std::memcpy(&partials[(slice * blocks + b) * block_size], acc.data(), block_size * sizeof(float));
     } else {
-      for (int64_t t = 0; t < taps * shape.cg; ++t)  // (tap, input channel) rows of 16 lanes
-        std::memcpy(dkp + t * shape.c + b * 16, &acc[t * 16], 16 * sizeof(float));
+      for (int64_t t = 0; t < taps * shape.cg; ++t)  // (tap, input channel) rows of `lanes`
+        std::memcpy(dkp + t * shape.c + b * lanes, &acc[t * lanes], lanes * sizeof(float));
     }
   });
   if (slices > 1) {
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t t = 0; t < taps * s.cg; ++t)
-        for (int l = 0; l < 16; ++l) {
+        for (int64_t l = 0; l < lanes; ++l) {
           float sum = 0.0f;
-          for (int64_t slice = 0; slice < slices; ++slice) sum += partials[(slice * blocks + b) * block_size + t * 16 + l];
-          dkp[t * s.c + b * 16 + l] = sum;
+          for (int64_t slice = 0; slice < slices; ++slice) sum += partials[(slice * blocks + b) * block_size + t * lanes + l];
+          dkp[t * s.c + b * lanes + l] = sum;
         }
   }
   return ffi::Error::Success();
