@@ -149,12 +149,14 @@ def supports(x_shape, kernel_shape, dtype, groups: int) -> bool:
             and (cin_g % 8 == 0 or (cin_g in NARROW_GROUP_WIDTHS and channels % 16 == 0)))
 
 
-def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1)) -> jax.Array:
+def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1),
+                         transpose_kernel: bool = False) -> jax.Array:
     """The grouped conv `(N, H, W, C) * (kh, kw, C/G, C) -> (N, H', W', C)` by the native kernel (no VJP).
 
     `input_dilation` `(dh, dw)` puts `d - 1` zeros between input rows and columns without computing on
     them (`lax.conv_general_dilated`'s `lhs_dilation`; `dw > 1` needs a column stride of 1): a strided
-    conv's input gradient. Padding may be negative.
+    conv's input gradient. Padding may be negative. `transpose_kernel` uses the kernel flipped and
+    transposed within groups (input and output channels swapped): an input gradient's kernel.
     """
     n, h, w, _ = x.shape
     kh, kw, _, out = kernel.shape
@@ -163,7 +165,7 @@ def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, inpu
     call = jax.ffi.ffi_call(_target(TARGET), jax.ShapeDtypeStruct((n, ho, wo, out), jnp.float32),
                             vmap_method="sequential")
     return call(x, kernel, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl), dh=np.int64(dh),
-                dw=np.int64(dw))
+                dw=np.int64(dw), transpose=np.int64(transpose_kernel))
 
 
 def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, padding) -> jax.Array:
@@ -173,12 +175,10 @@ def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, pad
     transposed (input and output channels swapped), padded by `k - 1 - pad` below and what makes the
     result `x_hw` above.
     """
-    kh, kw, cin_g, out = kernel.shape
-    groups = out // cin_g
+    kh, kw = kernel.shape[:2]
     pads = [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
             in zip(x_hw, (kh, kw), strides, padding, dy.shape[1:3])]
-    flipped = kernel[::-1, ::-1].reshape(kh, kw, cin_g, groups, cin_g).transpose(0, 1, 4, 3, 2)
-    return grouped_conv_forward(dy, flipped.reshape(kh, kw, cin_g, out), (1, 1), pads, input_dilation=strides)
+    return grouped_conv_forward(dy, kernel, (1, 1), pads, input_dilation=strides, transpose_kernel=True)
 
 
 def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, padding) -> jax.Array:

@@ -379,7 +379,7 @@ void RunInParallel(ffi::ThreadPool& pool, int64_t items, std::function<void(int6
 
 ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                              int64_t dh, int64_t dw) {
+                              int64_t dh, int64_t dw, int64_t transpose) {
   const auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_forward: rank-4 NHWC input, HWIO kernel and output");
@@ -393,26 +393,45 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     return ffi::Error::InvalidArgument("grouped_conv_forward: strides and dilations >= 1, not both along W");
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
+  // The kernel's element (tap t, input channel c of the group, output channel o); with `transpose`, the
+  // input gradient's kernel: the given one flipped (tap taps - 1 - t) and transposed within each group.
+  const int64_t taps = s.kh * s.kw, cg = s.cg, c_all = s.c;
+  const float* given = kp;
+  auto element = [=](int64_t t, int64_t c, int64_t o) {
+    return transpose ? given[((taps - 1 - t) * cg + o % cg) * c_all + o / cg * cg + c] : given[(t * cg + c) * c_all + o];
+  };
+  std::vector<float> packed;
+  if (kernels.row_channels) {
+    // Wide groups read the kernel as (channel block, tap, input channel, block's outputs): sequential
+    // reads that the prefetcher follows, instead of pieces of a block C floats apart.
+    const int64_t block = kernels.row_channels, blocks = s.c / block;
+    packed.resize(taps * s.cg * s.c);
+    float* pp = packed.data();
+    RunInParallel(pool, blocks, [=](int64_t b) {
+      for (int64_t t = 0; t < taps; ++t) {
+        float* to = pp + (b * taps + t) * cg * block;
+        if (transpose) {  // source rows (one per output) are contiguous in the input channel
+          for (int64_t l = 0; l < block; ++l)
+            for (int64_t c = 0; c < cg; ++c) to[c * block + l] = element(t, c, b * block + l);
+        } else {
+          for (int64_t c = 0; c < cg; ++c)
+            std::memcpy(to + c * block, given + (t * cg + c) * c_all + b * block, block * sizeof(float));
+        }
+      }
+    });
+    kp = pp;
+  } else if (transpose) {
+    packed.resize(taps * s.cg * s.c);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t c = 0; c < cg; ++c)
+        for (int64_t o = 0; o < c_all; ++o) packed[(t * cg + c) * c_all + o] = element(t, c, o);
+    kp = packed.data();
+  }
   // Items: whole output rows, so that the input rows stay in cache across the output channels; but where
   // the kernel would not stay in L2 (over 1 MiB), one channel block of a row, channel block-major, so
   // that consecutive items share its slice of the kernel (see WideKernelsFor).
   const bool slice_major = kernels.row_channels && s.kh * s.kw * s.cg * s.c * sizeof(float) > (1 << 20);
   const int64_t rows = s.n * s.ho, per_item = slice_major ? kernels.row_channels : s.c;
-  std::vector<float> packed;
-  if (kernels.row_channels) {
-    // Wide groups read the kernel as (channel block, tap, input channel, block's outputs): sequential
-    // reads that the prefetcher follows, instead of pieces of a block C floats apart.
-    const int64_t taps = s.kh * s.kw, block = kernels.row_channels, blocks = s.c / block;
-    packed.resize(taps * s.cg * s.c);
-    float* pp = packed.data();
-    RunInParallel(pool, blocks, [=](int64_t b) {
-      for (int64_t t = 0; t < taps; ++t)
-        for (int64_t c = 0; c < s.cg; ++c)
-          std::memcpy(pp + ((b * taps + t) * s.cg + c) * block, kp + (t * s.cg + c) * s.c + b * block,
-                      block * sizeof(float));
-    });
-    kp = pp;
-  }
   RunInParallel(pool, rows * (s.c / per_item), [=](int64_t item) {
     const int64_t c0 = item / rows * per_item;
     row_fn(xp, kp, yp, s, item % rows, c0, c0 + per_item);
@@ -480,7 +499,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextJaxGroupedConvForward, GroupedConvForward,
                                   .Attr<int64_t>("ph")
                                   .Attr<int64_t>("pw")
                                   .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextJaxGroupedConvKernelGrad, GroupedConvKernelGrad,
                               ffi::Ffi::Bind()
