@@ -42,6 +42,9 @@ namespace {
 struct Shape {
   int64_t n, h, w, c, kh, kw, cg, sh, sw, ph, pw, ho, wo;
   int64_t dh = 1, dw = 1;  // forward only: input dilation (1 + the zeros between input rows/columns)
+  // At least max(cg, 16) zeros: the input of pixels on the padding, so that the broadcast kernels need no
+  // masks (AVX-512 has 7 usable mask registers, and reloading them costs shuffle-port uops).
+  const float* zeros = nullptr;
 };
 
 constexpr int kPixels = 8;  // forward: output pixels per register block
@@ -60,22 +63,18 @@ struct V16 {
   static constexpr int kLanes = 16;
   static T Zero() { return _mm512_setzero_ps(); }
   static T Load(const float* p) { return _mm512_loadu_ps(p); }
-  static T LoadOrZero(bool ok, const float* p) { return _mm512_maskz_loadu_ps(ok ? 0xFFFF : 0, p); }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Bcast(float x) { return _mm512_set1_ps(x); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static T FmaIf(T a, T b, T c, __mmask16 keep) { return _mm512_mask3_fmadd_ps(a, b, c, keep); }
 };
 struct V8 {
   using T = __m256;
   static constexpr int kLanes = 8;
   static T Zero() { return _mm256_setzero_ps(); }
   static T Load(const float* p) { return _mm256_loadu_ps(p); }
-  static T LoadOrZero(bool ok, const float* p) { return _mm256_maskz_loadu_ps(ok ? 0xFF : 0, p); }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Bcast(float x) { return _mm256_set1_ps(x); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static T FmaIf(T a, T b, T c, __mmask16 keep) { return _mm256_mask3_fmadd_ps(a, b, c, static_cast<__mmask8>(keep)); }
 };
 
 // Per input channel `c` of a group of CG (< 16) channels: lane l takes channel c of lane l's group.
@@ -192,7 +191,7 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
       const float* k_tap = k + ((b * s.kh * s.kw + tap) * s.cg) * kBlock;
       const float* x_in[P];
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) x_in[p] = x_at[p] + group_start;
+      for (int p = 0; p < P; ++p) x_in[p] = inside[p] ? x_at[p] + group_start : s.zeros;
       for (int64_t c = 0; c < s.cg; ++c) {
         typename Vec::T kv[OB];
 #pragma GCC unroll 4
@@ -201,7 +200,7 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
         for (int p = 0; p < P; ++p) {
           const typename Vec::T xb = Vec::Bcast(x_in[p][c]);
 #pragma GCC unroll 4
-          for (int v = 0; v < OB; ++v) acc[p][v] = Vec::FmaIf(xb, kv[v], acc[p][v], inside[p]);
+          for (int v = 0; v < OB; ++v) acc[p][v] = Vec::Fma(xb, kv[v], acc[p][v]);
         }
       }
     });
@@ -246,19 +245,16 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
             for (int64_t wo = 0; wo < s.wo; ++wo) {
               const T dyv = Vec::Load(dy_row + wo * o);
               const float* x_at[kTaps];
-              __mmask16 inside[kTaps];
 #pragma GCC unroll 3
               for (int t = 0; t < kTaps; ++t) {
                 const int64_t wi = wo * s.sw + j0 + t - s.pw;
-                const bool ok = t < taps && wi >= 0 && wi < s.w;
-                inside[t] = ok ? 0xFFFF : 0;
-                x_at[t] = x_row + (ok ? wi : 0) * s.c;
+                x_at[t] = t < taps && wi >= 0 && wi < s.w ? x_row + wi * s.c : s.zeros;
               }
 #pragma GCC unroll 8
               for (int c = 0; c < kInputs; ++c)
 #pragma GCC unroll 3
                 for (int t = 0; t < kTaps; ++t)
-                  acc[t][c] = Vec::FmaIf(Vec::Bcast(x_at[t][c]), dyv, acc[t][c], inside[t]);
+                  acc[t][c] = Vec::Fma(Vec::Bcast(x_at[t][c]), dyv, acc[t][c]);
             }
             continue;
           }
@@ -277,8 +273,7 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
 #pragma GCC unroll 3
               for (int t = 0; t < kTaps; ++t) {
                 const int64_t wo = q + offset[t];
-                const bool ok = reaches[t] && wo >= 0 && wo < s.wo;
-                dyv[t] = Vec::LoadOrZero(ok, dy_row + (ok ? wo : 0) * o);
+                dyv[t] = Vec::Load(reaches[t] && wo >= 0 && wo < s.wo ? dy_row + wo * o : s.zeros);
               }
               const float* x_at = x_row + wi * s.c;
               if constexpr (CG != 0) {
@@ -384,6 +379,8 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_forward: rank-4 NHWC input, HWIO kernel and output");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2], dh, dw};
+  const std::vector<float> zeros(std::max<int64_t>(s.cg, 16), 0.0f);
+  s.zeros = zeros.data();
   if (s.cg < 1 || s.c % s.cg) return ffi::Error::InvalidArgument("grouped_conv_forward: channels % groups");
   const Kernels kernels = KernelsFor(s.cg, s.c, s.wo);
   const RowFn row_fn = kernels.row;
@@ -445,6 +442,8 @@ ffi::Error GroupedConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: rank-4 NHWC input, output and HWIO kernel");
   Shape s{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], kd[2], sh, sw, ph, pw, yd[1], yd[2]};
+  const std::vector<float> zeros(std::max<int64_t>(s.cg, 16), 0.0f);
+  s.zeros = zeros.data();
   if (s.cg < 1 || s.c % s.cg) return ffi::Error::InvalidArgument("grouped_conv_kernel_grad: channels % groups");
   const Kernels kernels = KernelsFor(s.cg, s.c, s.wo);
   const GradFn grad_fn = kernels.grad;
