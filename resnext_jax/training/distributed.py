@@ -55,6 +55,22 @@ def maybe_initialize_distributed() -> None:
                  jax.process_count())
 
 
+def barrier(name: str, timeout_s: float = 1800) -> None:
+    """Waits until every process reaches `barrier(name)`; a no-op for a single process.
+
+    Uses the coordination service (`jax.distributed`), whose wait can be long. Cross-process collectives on CPU
+    (gloo) give the other processes only 30 s to set up their side, and processes drift apart by more than that
+    before their first collective: one builds the dataset or compiles while another waits
+    (tests/test_train_multihost.py failed so in CI, "Gloo context initialization failed: GetKeyValue() timed out").
+    """
+    from jax._src import distributed as jax_distributed  # the client JAX's own array serialization uses
+
+    client = jax_distributed.global_state.client
+    if client is None or jax.process_count() == 1:
+        return
+    client.wait_at_barrier(f"resnext_jax:{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
 def create_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all (global) devices, axis name `data`."""
     devices = jax.devices() if devices is None else devices

@@ -176,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     variables = _initial_variables(config, num_classes, init_rng) or init_variables(model, init_rng, config.image_size)
     tx = create_optimizer(config, schedule, variables["params"])
     state = create_train_state(tx, variables, state_rng, config.ema_decay > 0)
+    distributed.barrier("state-ready")  # before the first cross-process collective (see `barrier`)
     state = jax.device_put(state, distributed.replicated(mesh))
 
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)

@@ -1,25 +1,26 @@
-// Grouped 2-D convolution for XLA:CPU, forward and kernel gradient, called from JAX through the XLA FFI
-// (resnext_jax/ops/native.py builds and registers them).
+// Grouped (and dense) 2-D convolution for XLA:CPU, forward and kernel gradient, called from JAX through the
+// XLA FFI (resnext_jax/ops/native.py builds and registers them).
 //
 // Layouts are JAX's: input NHWC (N, H, W, C), kernel HWIO in Flax's `feature_group_count` layout
 // (KH, KW, C / G, O), output NHWC (N, Ho, Wo, O), float32. Supported: as many output as input channels
-// per group (`cg`), C a multiple of 16, and `cg` 1, 2, 4, 8 or a multiple of 16 (dense convs included:
+// per group (`cg`), and `cg` 1, 2 or 4 with C a multiple of 16, or a multiple of 8 (dense convs included:
 // cg == C); resnext_jax/ops/native.py's `supports` says the same.
 //
-// Forward (also the input gradient: the grouped conv of dy, dilated by the stride, with the kernel flipped
-// and transposed within groups). Output channels are computed in vectors of 16 (AVX-512) for a block of
-// neighbouring pixels at once. Groups narrower than 16: the input value each lane needs for input channel
-// `c` of its group is gathered with one permute of the 16 input channels at the same position; groups of
-// 16 or more: up to 4 vectors of output channels share the group, and each pixel's input is broadcast from
-// memory. Either is multiplied by the kernel row (a contiguous vector of the HWIO kernel). No FLOP is spent
-// on zeros, unlike a block-diagonal dense conv, nor on the zeros of a dilated input: with input dilation
-// the pixels of a block are output columns of one phase, which all meet real input columns under the same
-// kernel taps.
+// Forward (also the input gradient: the conv of dy, dilated by the stride, with the kernel flipped and
+// transposed within groups, which the forward does while packing the kernel). Output channels are computed
+// in vectors for a block of neighbouring pixels at once. Groups narrower than 8 (and 8 where C is a
+// multiple of 16): the input value each of 16 lanes needs for input channel `c` of its group is gathered
+// with one permute of the 16 input channels at the same position. Groups of a multiple of 8 or 16 channels:
+// up to 4 vectors of 8 or 16 output channels (all in one group) x 7 or 14 pixels, each pixel's input
+// broadcast from memory, the kernel packed so that it is read in order. Either is multiplied by a kernel
+// row (a contiguous vector of output channels). No FLOP is spent on zeros, unlike a block-diagonal dense
+// conv, nor on the zeros of a dilated input: with input dilation the pixels of a block are output columns
+// of one phase, which all meet real input columns under the same kernel taps.
 //
 // Kernel gradient: dW[i, j, c, o] = sum over pixels of dy[o] * x[the input under tap (i, j), channel c of
-// o's group]. Per 16 output channels, accumulators for 3 taps x up to 8 input channels stay in registers
-// while a few rows of x and dy (in L1) stream past; each input vector is permuted (or broadcast) once per
-// input channel and used for all 3 taps of a kernel row.
+// o's group]. Per vector of output channels, accumulators for 3 taps x up to 8 input channels stay in
+// registers while a few rows of x and dy (in L1) stream past; each input vector is permuted (or broadcast)
+// once per input channel and used for all 3 taps of a kernel row (strided wide convs: once per tap).
 //
 // Work is shared out between the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
@@ -208,8 +209,9 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
 }
 
 // The kernel gradient of one vector of output channels (block `b`) over output rows [r0, r1) (row =
-// n * ho + output row), added to `acc_buf` ((kh * kw) x cg x lanes floats: tap, input channel, lane). Accumulators for
-// kTaps taps of one kernel row x kInputs input channels stay in registers while the rows stream past; the
+// n * ho + output row), added to `acc_buf` ((kh * kw) x cg x lanes floats: tap, input channel, lane).
+// Accumulators for kTaps taps of one kernel row x kInputs input channels stay in registers while the rows
+// stream past; the
 // input is walked column by column (one stride phase at a time), so that each input vector is permuted
 // (CG < 16, a compile-time constant; 16 lanes) or broadcast (CG == 0: groups of any multiple of `Vec`'s
 // lanes, `s.cg`) once per input channel and used for every tap of the kernel row that reaches it.
@@ -234,8 +236,11 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
 #pragma GCC unroll 16
           for (int c = 0; c < kInputs; ++c)
             acc[t][c] = t < taps ? Vec::Load(acc_at + (t * cg + c) * L) : Vec::Zero();
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t n = row / s.ho, ho = row % s.ho, hi = ho * s.sh + i - s.ph;
+        // (image, output row) stepped along rather than divided out per row: at 7x7 outputs a row is only
+        // 7 columns of work, and two integer divisions were a measurable part of it.
+        for (int64_t row = r0, n = r0 / s.ho, ho = r0 % s.ho; row < r1; ++row, ho = ho + 1 == s.ho ? 0 : ho + 1,
+                     n += ho == 0) {
+          const int64_t hi = ho * s.sh + i - s.ph;
           if (hi < 0 || hi >= s.h) continue;
           const float* x_row = x + (n * s.h + hi) * s.w * s.c + x_offset + (CG ? 0 : c0);
           const float* dy_row = dy + (n * s.ho + ho) * s.wo * o + b * L;
