@@ -22,8 +22,9 @@ hence the choice. Implementations:
   forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
 - `native`: C++ AVX-512 kernels through `jax.ffi` (`resnext_jax.ops.native`, built on first use with the
   system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
-  on zeros. CPU only, float32, as many output as input channels per group, channels a multiple of 16 and
-  1, 2, 4, 8 or a multiple of 16 channels per group (dense convs included); other convs run as `split`.
+  on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
+  group with channels a multiple of 16, or any multiple of 8 channels per group (dense convs included);
+  other convs run as `split`.
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64
@@ -156,9 +157,10 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
 
     CPU (docs/benchmarks.md has the measurements):
     - grouped, or dense and not 1x1, where the native kernels support the conv (`native_shape`: see
-      `native.supports`) and could be built here (`native.available()`): 'native'. ResNeXt-50's 16
-      grouped convs, forward + both gradients at batch 8: 68 ms against 253 for the best pure-XLA
-      backward; ResNet-50's 16 dense 3x3 convs: 350 against 508 ms (docs/benchmarks.md);
+      `native.supports`) and could be built here (`native.available()`): 'native'. At batch 8 the input
+      and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms against 253 for the best pure-XLA
+      backward, and ResNet-50's 16 dense 3x3 convs, forward and both gradients, 321 against 508 ms
+      (docs/benchmarks.md);
     - grouped: 'split', the fastest forward+backward on every ResNeXt-50 grouped shape; but when only
       the forward runs through this op (`forward_only`: a custom VJP such as
       `models.layers.conv2d_canonical_grad` computes the backward, or there is none) and groups are

@@ -4,9 +4,9 @@ XLA:CPU has no fast grouped convolution: every formulation from its primitives e
 zeros (block-diagonal chunks) or runs many tiny dense convs, and its convolution backward runs far below
 its matmul speed (docs/benchmarks.md). The C++ kernels in `native/grouped_conv.cc` compute a grouped conv's
 forward pass, input gradient and kernel gradient with AVX-512 FMAs, no FLOPs on zeros, on XLA's own
-intra-op threads: at batch 8, ResNeXt-50's 16 grouped convs (forward and both gradients) take 68 ms against
-253 ms for the best pure-XLA implementation, and ResNet-50's dense 3x3 convs 350 against 508 ms
-(docs/benchmarks.md).
+intra-op threads: at batch 8, the input and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms
+against 253 ms for the best pure-XLA implementation, and ResNet-50's dense 3x3 convs, forward and both
+gradients, 321 against 508 ms (docs/benchmarks.md).
 
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
