@@ -10,9 +10,9 @@ gradients, 321 against 508 ms (docs/benchmarks.md).
 
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
-loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX-512F; `RESNEXT_JAX_NATIVE=0`
-turns them off. When they are unavailable, `conv2d(impl='auto')` uses the pure-XLA implementations and
-`unavailable_reason()` says why.
+loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX-512F and AVX-512VL;
+`RESNEXT_JAX_NATIVE=0` turns them off. When they are unavailable, `conv2d(impl='auto')` uses the pure-XLA
+implementations and `unavailable_reason()` says why.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def _target(name: str) -> str:
 
 
 def available() -> bool:
-    """Whether the native kernel can run here (builds it on the first call)."""
+    """Whether the native kernels can run here (builds them on the first call)."""
     return _load()[0]
 
 

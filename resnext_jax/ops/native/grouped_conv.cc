@@ -402,12 +402,11 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   auto element = [=](int64_t t, int64_t c, int64_t o) {
     return transpose ? given[((taps - 1 - t) * cg + o % cg) * c_all + o / cg * cg + c] : given[(t * cg + c) * c_all + o];
   };
-  std::vector<float> packed;
+  std::vector<float> packed(kernels.row_channels || transpose ? taps * cg * c_all : 0);
   if (kernels.row_channels) {
     // Wide groups read the kernel as (channel block, tap, input channel, block's outputs): sequential
     // reads that the prefetcher follows, instead of pieces of a block C floats apart.
     const int64_t block = kernels.row_channels, blocks = s.c / block;
-    packed.resize(taps * s.cg * s.c);
     float* pp = packed.data();
     RunInParallel(pool, blocks, [=](int64_t b) {
       for (int64_t t = 0; t < taps; ++t) {
@@ -423,7 +422,6 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     });
     kp = pp;
   } else if (transpose) {
-    packed.resize(taps * s.cg * s.c);
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t c = 0; c < cg; ++c)
         for (int64_t o = 0; o < c_all; ++o) packed[(t * cg + c) * c_all + o] = element(t, c, o);
@@ -432,7 +430,7 @@ ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   // Items: whole output rows, so that the input rows stay in cache across the output channels; but where
   // the kernel would not stay in L2 (over 1 MiB), one channel block of a row, channel block-major, so
   // that consecutive items share its slice of the kernel (see WideKernelsFor).
-  const bool slice_major = kernels.row_channels && s.kh * s.kw * s.cg * s.c * sizeof(float) > (1 << 20);
+  const bool slice_major = kernels.row_channels && taps * cg * c_all * sizeof(float) > (1 << 20);
   const int64_t rows = s.n * s.ho, per_item = slice_major ? kernels.row_channels : s.c;
   RunInParallel(pool, rows * (s.c / per_item), [=](int64_t item) {
     const int64_t c0 = item / rows * per_item;
