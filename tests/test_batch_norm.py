@@ -3,6 +3,7 @@
 flax's BatchNorm is the second implementation: same variables, same update rule, so outputs, running
 statistics and gradients with respect to the input, the residual, scale and bias must all agree.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from resnext_jax.models.layers import BatchNorm
+from resnext_jax.ops import native
 
 
 class FlaxReference(nn.Module):
@@ -144,3 +146,57 @@ def check_synced_statistics(num_devices: int):
     ref = per_device(SyncedFlax())(variables["params"], x, residual, weights)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+# ------------------------------------------------------------------ native inference epilogue (CPU)
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable: "
+                                  "tests/test_grouped_conv.py::test_native_builds_wherever_it_can says why")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(2, 5, 7, 256), (3, 4, 4, 40), (5, 24)], ids=["c256", "c40-tail", "rank2"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("residual_affine", [True, False])
+def test_native_affine_add_relu_matches_float64(shape, relu, residual_affine):
+    rng = np.random.default_rng(1)
+    y, r = rng.standard_normal(shape) + 3, rng.standard_normal(shape) - 2
+    m, s, b, rm, rs, rb = (rng.standard_normal(shape[-1]) for _ in range(6))
+    f32 = lambda *a: [jnp.asarray(v, jnp.float32) for v in a]
+    out = jax.jit(native.affine_add_relu, static_argnames="relu")(
+        *f32(y, m, s, b, r), tuple(f32(rm, rs, rb)) if residual_affine else None, relu=relu)
+    ref = (y - m) * s + b + ((r - rm) * rs + rb if residual_affine else r)
+    np.testing.assert_allclose(out, np.maximum(ref, 0) if relu else ref, rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    """A block's end as the models have it: the shortcut's batch norm deferred, the last one adding it."""
+    native_epilogue: bool
+
+    @nn.compact
+    def __call__(self, x, shortcut, act):
+        bn = functools.partial(BatchNorm, use_running_average=True, native_epilogue=self.native_epilogue)
+        return bn(name="bn")(x, residual=bn(name="shortcut_bn")(shortcut, defer=True), act=act)
+
+
+@needs_native
+@pytest.mark.parametrize("act", [None, nn.relu, nn.silu], ids=["none", "relu", "silu"])
+def test_eval_mode_native_epilogue_matches_flax(act):
+    """The native epilogue (and the deferred shortcut norm) against flax's two batch norms, add, activation;
+    SiLU is not fused and must still give the same result."""
+    x, shortcut, _, variables = _inputs(shape=(4, 5, 6, 40))
+    rng = np.random.default_rng(2)
+    variables = {kind: {"bn": tree["bn"], "shortcut_bn": jax.tree.map(lambda v: v * rng.uniform(0.5, 1.5), tree["bn"])}
+                 for kind, tree in variables.items()}
+    def reference(x, shortcut):
+        flax_bn = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
+        apply = lambda name, v: flax_bn().apply({k: tree[name] for k, tree in variables.items()}, v)
+        y = apply("bn", x) + apply("shortcut_bn", shortcut)
+        return act(y) if act is not None else y
+    expected = reference(x.astype(jnp.float64) if jax.config.x64_enabled else x, shortcut)
+    step = jax.jit(lambda v, x, s: Block(native_epilogue=True).apply(v, x, s, act))
+    np.testing.assert_allclose(step(variables, x, shortcut), expected, rtol=1e-5, atol=1e-5)
+    fused = native.EPILOGUE_TARGET in step.lower(variables, x, shortcut).as_text()
+    assert fused == (act is not nn.silu)
+    plain = jax.jit(lambda v, x, s: Block(native_epilogue=False).apply(v, x, s, act))
+    assert native.EPILOGUE_TARGET not in plain.lower(variables, x, shortcut).as_text()
+    np.testing.assert_allclose(plain(variables, x, shortcut), expected, rtol=1e-5, atol=1e-5)

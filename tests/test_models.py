@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import resnext_jax
-from resnext_jax.models.layers import DropPath, drop_path_rates
+from resnext_jax.models.layers import DropPath, drop_path_rates, stem_max_pool
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), num_filters=16, cardinality=4, bottleneck_width=8, num_classes=7)
 
@@ -186,3 +186,17 @@ def test_conv_impls_agree_in_a_model():
     variables = init(tiny(conv_impl="xla"))
     np.testing.assert_allclose(tiny(conv_impl="xla").apply(variables, images()),
                                tiny(conv_impl="split").apply(variables, images()), atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("hw", [(8, 8), (7, 10)], ids=["even", "odd"])
+def test_stem_max_pool_matches_torch_definition(train, hw):
+    """3x3, stride 2, padding 1 with -inf (torch's MaxPool2d(3, 2, 1)), against a NumPy loop; negative inputs,
+    so a zero padding would show."""
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, *hw, 5))) - 1.0
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    ho, wo = (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
+    expected = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(wo)], 1)
+                         for i in range(ho)], 1)
+    out = jax.jit(stem_max_pool, static_argnums=1)(jnp.asarray(x), train)
+    np.testing.assert_array_equal(out, expected)

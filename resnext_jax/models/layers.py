@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -260,16 +260,19 @@ class Conv2d(nn.Module):
         return y
 
 
-def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, groups: int = 32) -> ModuleDef:
+def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, groups: int = 32,
+              conv_impl: str = "xla") -> ModuleDef:
     """Returns a norm-layer constructor: batch norm (torch's eps and momentum) or group norm.
 
     Both are called as `norm(name=...)(x, residual=None, act=None)` and return `act(norm(x) + residual)`.
     Batch statistics are reduced in float32 even when `dtype` is bfloat16, and the
-    running statistics are stored in float32.
+    running statistics are stored in float32. With a `conv_impl` that may use the native kernels
+    ('auto', 'native'), batch norm's inference epilogue with a residual may too (`native_epilogue`).
     """
     if kind == "batch":
         return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                 dtype=dtype, axis_name=axis_name)
+                                 dtype=dtype, axis_name=axis_name,
+                                 native_epilogue=not train and conv_impl in ("auto", "native"))
     if kind == "group":
         return functools.partial(_GroupNorm, num_groups=groups, dtype=dtype)
     raise ValueError(f"norm={kind!r} is not supported; use one of {NORMS}")
@@ -337,6 +340,26 @@ def _batch_norm_bwd(epsilon, relu, axis_name, saved, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+class Deferred(NamedTuple):
+    """An inference batch norm not yet applied: `(x - mean) * multiplier + bias` per channel
+    (`BatchNorm(defer=True)`).
+
+    A shortcut's batch norm is deferred so that the block's native epilogue applies it while it adds the
+    shortcut, instead of XLA writing the normalized shortcut out first. `materialize` applies it.
+    """
+    x: jax.Array
+    mean: jax.Array
+    multiplier: jax.Array
+    bias: jax.Array
+
+
+def materialize(value: jax.Array | Deferred) -> jax.Array:
+    """`value` itself, or a `Deferred` batch norm applied (in float32, returned in its input's dtype)."""
+    if not isinstance(value, Deferred):
+        return value
+    return ((value.x.astype(jnp.float32) - value.mean) * value.multiplier + value.bias).astype(value.x.dtype)
+
+
 class BatchNorm(nn.Module):
     """Batch norm over the last axis with `flax.linen.BatchNorm`'s variables and update rule.
 
@@ -345,6 +368,13 @@ class BatchNorm(nn.Module):
     checkpoints and converted weights are the same. Called as `bn(x, residual=None, act=None)`, it returns
     `act(bn(x) + residual)`; in training mode with `act=nn.relu` (or none) the add and the ReLU are fused
     into `batch_norm_train`'s hand-written backward pass, other activations are applied after it.
+
+    `native_epilogue`: with running statistics, a residual, ReLU (or no activation), float32 on a CPU
+    where the native kernels are available, the epilogue runs as one native pass
+    (`ops.native.affine_add_relu`). XLA:CPU would otherwise fuse it into both of the next block's
+    consumers and recompute every earlier block of the stage there (docs/benchmarks.md, eighth session).
+    Then `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a shortcut, which
+    the epilogue normalizes as it adds it; the residual may be a `Deferred` in every mode.
     """
     use_running_average: bool = False
     momentum: float = 0.9
@@ -353,9 +383,11 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
+    native_epilogue: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array | None = None, act: Callable | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, residual: jax.Array | Deferred | None = None, act: Callable | None = None,
+                 defer: bool = False) -> jax.Array | Deferred:
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", self.bias_init, (features,), jnp.float32)
@@ -363,8 +395,17 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         dtype = self.dtype or x.dtype
         if self.use_running_average:
-            y = (x.astype(jnp.float32) - ra_mean.value) * (scale * lax.rsqrt(ra_var.value + self.epsilon)) + bias
-            return _add_act(y.astype(dtype), residual, act)
+            multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
+            if (self.native_epilogue and defer and residual is None and act is None
+                    and native_epilogue_applies(x, x, None, dtype)):
+                return Deferred(x, ra_mean.value, multiplier, bias)
+            if residual is not None and self.native_epilogue and native_epilogue_applies(x, residual, act, dtype):
+                shortcut = tuple(residual)[1:] if isinstance(residual, Deferred) else None
+                return native.affine_add_relu(x, ra_mean.value, multiplier, bias,
+                                              residual.x if shortcut else residual, shortcut, relu=act is not None)
+            y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
+            return _add_act(y.astype(dtype), materialize(residual), act)
+        residual = materialize(residual)
         fuse = act is None or act is nn.relu
         y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, residual if fuse else None, self.epsilon,
                                         fuse and act is not None, self.axis_name)
@@ -374,6 +415,14 @@ class BatchNorm(nn.Module):
         return y if fuse else _add_act(y, residual, act)
 
 
+def native_epilogue_applies(x: jax.Array, residual: jax.Array | Deferred, act: Callable | None, dtype) -> bool:
+    """Whether `native.affine_add_relu` can compute `act(bn(x) + residual)` here: float32 throughout, ReLU
+    or no activation, the same shapes, a CPU backend and the native kernels built."""
+    residual = residual.x if isinstance(residual, Deferred) else residual
+    return (x.dtype == residual.dtype == jnp.dtype(dtype) == jnp.float32 and x.shape == residual.shape
+            and (act is None or act is nn.relu) and jax.default_backend() == "cpu" and native.available())
+
+
 class _GroupNorm(nn.Module):
     """GroupNorm that falls back to fewer groups when the channels do not divide by `num_groups`."""
     num_groups: int = 32
@@ -381,12 +430,13 @@ class _GroupNorm(nn.Module):
     scale_init: Callable = nn.initializers.ones
 
     @nn.compact
-    def __call__(self, x, residual=None, act=None):
+    def __call__(self, x, residual=None, act=None, defer=False):
+        """`defer` is accepted for `BatchNorm`'s interface; group norm always applies itself."""
         channels = x.shape[-1]
         groups = next(g for g in range(min(self.num_groups, channels), 0, -1) if channels % g == 0)
         y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init,
                          name="gn")(x)
-        return _add_act(y, residual, act)
+        return _add_act(y, materialize(residual), act)
 
 
 class DropPath(nn.Module):
@@ -457,8 +507,29 @@ def stem_and_block_factories(network: nn.Module, train: bool):
     conv = functools.partial(Conv2d, dtype=network.dtype, impl=network.conv_impl,
                              canonical_grad=needs_canonical_grad())
     norm = make_norm(network.norm, train=train, dtype=network.dtype, axis_name=network.bn_axis_name,
-                     groups=network.norm_groups)
+                     groups=network.norm_groups, conv_impl=network.conv_impl)
     return conv, norm, get_activation(network.activation)
+
+
+def stem_max_pool(x: jax.Array, train: bool) -> jax.Array:
+    """3x3 max pool, stride 2, padding 1 with -inf (torch's `MaxPool2d(3, 2, 1)`).
+
+    Inference takes the max of 9 strided slices, which XLA:CPU fuses with the stem's batch norm and ReLU
+    into one loop: 2.4 ms against 6.0 ms for `reduce_window` after the separate batch-norm pass (8 x 112 x
+    112 x 64, docs/benchmarks.md). Training keeps `nn.max_pool`, whose gradient goes to the first maximum
+    of each window as torch's does.
+    """
+    if train:
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    n, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    out = None
+    for i in range(3):
+        for j in range(3):
+            window = lax.slice(padded, (0, i, j, 0), (n, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+            out = window if out is None else jnp.maximum(out, window)
+    return out
 
 
 def run_stage(block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], train: bool, prefix: str,

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, run_stage,
-                                       stem_and_block_factories)
+from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, materialize,
+                                       run_stage, stem_and_block_factories)
 
 ModuleDef = Any
 
@@ -82,14 +82,14 @@ class RegNetBlock(nn.Module):
         residual = x
         if width_in != self.width_out or self.strides != 1:
             residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
-            residual = self.norm(name="proj_bn")(residual)
+            residual = self.norm(name="proj_bn")(residual, defer=True)
         norm = self.norm(name="c_bn", scale_init=scale_init)
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         if not train or isinstance(rate, (int, float)) and rate == 0.0:
             # No stochastic depth: the add and the activation go into the norm (fused with it in training).
             return norm(y, residual=residual, act=self.act)
         y = DropPath(rate, name="drop_path")(norm(y), deterministic=not train)
-        return self.act(residual + y)
+        return self.act(materialize(residual) + y)
 
 
 class RegNet(nn.Module):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, run_stage,
-                                       stem_and_block_factories)
+                                       materialize, stem_and_block_factories, stem_max_pool)
 
 ModuleDef = Any
 
@@ -91,7 +91,7 @@ def _merge(block, x, y, norm_name, train, drop_path_rate=None):
     residual = x
     if block.strides != 1 or x.shape[-1] != out_features:
         residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x)
-        residual = block.norm(name="downsample_bn")(residual)
+        residual = block.norm(name="downsample_bn")(residual, defer=True)
     norm = block.norm(name=norm_name, scale_init=_last_scale_init(block.zero_init_last))
     rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
     if not block.se_ratio and (not train or isinstance(rate, (int, float)) and rate == 0.0):
@@ -101,7 +101,7 @@ def _merge(block, x, y, norm_name, train, drop_path_rate=None):
         y = SqueezeExcite(max(1, round(out_features * block.se_ratio)), conv=block.conv, act=block.act,
                           name="se")(y)
     y = DropPath(rate, name="drop_path")(y, deterministic=not train)
-    return block.act(residual + y)
+    return block.act(materialize(residual) + y)
 
 
 class ResNet(nn.Module):
@@ -162,8 +162,7 @@ class ResNet(nn.Module):
         else:
             x = conv(self.num_filters, (7, 7), (2, 2), name="conv1")(x)
             x = norm(name="bn1")(x, act=act)
-            # Flax pads max_pool with -inf, like torch.
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            x = stem_max_pool(x, train)
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):

@@ -29,11 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "grouped_conv.cc")
+NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+# Compiled together into one library; the header is part of the build key.
+SOURCES = tuple(os.path.join(NATIVE_DIR, name) for name in ("grouped_conv.cc", "epilogue.cc"))
+HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
+EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
 # FFI target -> symbol in the built library.
-SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad"}
+SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
+           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-mavx512f", "-mavx512vl", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -66,8 +71,10 @@ def _build(cxx: str) -> str:
     """Compiles the kernel unless a build of this source, compiler and jaxlib exists; returns the .so path."""
     import jaxlib
 
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            source += f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(source + repr((version, FLAGS, jaxlib.__version__)).encode()).hexdigest()[:16]
     target = os.path.join(cache_dir(), f"grouped_conv-{key}.so")
@@ -77,7 +84,7 @@ def _build(cxx: str) -> str:
     # Build beside the target and rename: concurrent processes never load a half-written library.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial]
+    command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", partial]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         os.unlink(partial)
@@ -188,3 +195,22 @@ def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides,
                             vmap_method="sequential")
     (sh, sw), ((pt, _), (pl, _)) = strides, padding
     return call(x, dy, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl))
+
+
+def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array,
+                    residual_affine: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                    relu: bool = True) -> jax.Array:
+    """`relu((y - mean) * scale + shift + residual')` by the native kernel (no VJP), where `residual'` is
+    `residual`, or `(residual - m) * s + b` for `residual_affine=(m, s, b)`.
+
+    float32, channels last; the vectors have one entry per channel. A residual block's inference epilogue:
+    its last batch norm with running statistics (`scale = gamma / sqrt(var + eps)`), the shortcut (or its
+    batch norm), the add and the ReLU, in one pass whose result XLA reads but does not recompute
+    (docs/benchmarks.md, eighth session).
+    """
+    if residual_affine is None:
+        zeros = jnp.zeros(y.shape[-1:], jnp.float32)
+        residual_affine = (zeros, jnp.ones_like(zeros), zeros)
+    call = jax.ffi.ffi_call(_target(EPILOGUE_TARGET), jax.ShapeDtypeStruct(y.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(y, mean, scale, shift, residual, *residual_affine, relu=np.int64(relu))

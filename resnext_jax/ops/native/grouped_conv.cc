@@ -34,11 +34,14 @@
 #include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using resnext_jax::RunInParallel;
 
 struct Shape {
   int64_t n, h, w, c, kh, kw, cg, sh, sw, ph, pw, ho, wo;
@@ -349,32 +352,6 @@ Kernels KernelsFor(int64_t cg, int64_t c, int64_t wo) {
   if (cg % 16 == 0) return WideKernelsFor<V16>(cg, wo);
   if (cg % 8 == 0) return WideKernelsFor<V8>(cg, wo);
   return {nullptr, 0, nullptr, 0};
-}
-
-// Items handed out one at a time; tasks that start after the work is gone return at once, and the caller
-// only waits for items in progress, so a busy pool cannot stall it.
-struct Work {
-  int64_t items;
-  std::function<void(int64_t)> run_item;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  void Run() {
-    for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      run_item(item);
-      done.fetch_add(1);
-    }
-  }
-};
-
-void RunInParallel(ffi::ThreadPool& pool, int64_t items, std::function<void(int64_t)> run_item) {
-  auto work = std::make_shared<Work>();
-  work->items = items;
-  work->run_item = std::move(run_item);
-  // The calling thread works too: one helper fewer than the pool has threads (it may be one of them).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load() < items) std::this_thread::yield();
 }
 
 ffi::Error GroupedConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
