@@ -89,14 +89,18 @@ def make_jax_step(model, mode: str, batch: int, resolution: int, num_classes: in
     import jax.numpy as jnp
     import optax
 
+    from resnext_jax import ops
     from resnext_jax.ops import step_compiler_options
+
+    # benchmarks/ab.py runs this with older revisions of the package too, from before the inference options.
+    inference_compiler_options = getattr(ops, "inference_compiler_options", step_compiler_options)
 
     rng = jax.random.key(0)
     images = jax.random.normal(rng, (batch, resolution, resolution, 3), jnp.float32)
     labels = jax.random.randint(rng, (batch,), 0, num_classes)
     variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, resolution, resolution, 3)), train=False))(rng)
     if mode == "infer":
-        step = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=step_compiler_options())
+        step = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=inference_compiler_options())
         return step, variables, (images,)
     tx = optax.adamw(1e-3, weight_decay=0.05)
     state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))

@@ -90,3 +90,28 @@ def test_profile_attributes_time_to_the_expensive_op(tmp_path):
     matmul_ms = sum(ms for op, ms in prof["by_op_ms"].items() if "dot_general" in op)
     assert matmul_ms > 0.5 * prof["total_ms"], prof
     assert prof["total_ms"] < 3 * wall_ms + 5, (prof, wall_ms)
+
+
+def test_inference_options_take_matmuls_out_of_ynn_with_the_same_logits():
+    """On CPU the inference options move the 1x1 convs' matmuls from YNN library fusions to XLA's runtime
+    matmuls (faster there, docs/benchmarks.md); the logits must not change beyond float32 rounding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from resnext_jax.ops import inference_compiler_options, step_compiler_options
+
+    if jax.default_backend() != "cpu":
+        assert inference_compiler_options() == step_compiler_options()
+        return
+    model = resnext_jax.create_model("resnet50", num_classes=10)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    outputs, texts = [], []
+    for options in (step_compiler_options(), inference_compiler_options()):
+        compiled = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options).lower(
+            variables, images).compile()
+        outputs.append(np.asarray(compiled(variables, images)))
+        texts.append(compiled.as_text())
+    assert "__ynn_fusion" in texts[0] and "__ynn_fusion" not in texts[1]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4 * np.abs(outputs[0]).max())

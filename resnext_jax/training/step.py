@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from resnext_jax.models.layers import BatchNorm
-from resnext_jax.ops import step_compiler_options
+from resnext_jax.ops import inference_compiler_options, step_compiler_options
 
 AXIS = "data"
 
@@ -172,7 +172,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]
         return jax.lax.psum(sums, AXIS)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
-    return jax.jit(sharded, compiler_options=step_compiler_options(_platform(mesh)))
+    return jax.jit(sharded, compiler_options=inference_compiler_options(_platform(mesh)))
 
 
 def _platform(mesh: Mesh) -> str:
