@@ -200,3 +200,29 @@ def test_eval_mode_native_epilogue_matches_flax(act):
     plain = jax.jit(lambda v, x, s: Block(native_epilogue=False).apply(v, x, s, act))
     assert native.EPILOGUE_TARGET not in plain.lower(variables, x, shortcut).as_text()
     np.testing.assert_allclose(plain(variables, x, shortcut), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_gradients_through_an_inference_model_with_the_native_epilogue():
+    """Saliency-style gradients of an inference-mode ResNet (native epilogue on CPU) equal those of the
+    pure-XLA model (`conv_impl='xla'`), with respect to the input and to the parameters."""
+    import resnext_jax
+
+    kwargs = dict(stage_sizes=(1, 1, 1, 1), num_filters=16, num_classes=5)
+    fast, plain = (resnext_jax.create_model("resnet50", conv_impl=impl, **kwargs) for impl in ("auto", "xla"))
+    variables = jax.jit(lambda: plain.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))()
+    variables = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape) if v.ndim == 1 else v,
+                             variables)
+    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+
+    def grads(model):
+        def loss(params, x):
+            return jnp.sum(model.apply({**variables, "params": params}, x, train=False)[:, 1])
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return step, step(variables["params"], images)
+
+    step, ours = grads(fast)
+    assert native.EPILOGUE_TARGET in step.lower(variables["params"], images).as_text()
+    _, expected = grads(plain)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))

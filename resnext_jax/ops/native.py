@@ -200,17 +200,39 @@ def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides,
 def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array,
                     residual_affine: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                     relu: bool = True) -> jax.Array:
-    """`relu((y - mean) * scale + shift + residual')` by the native kernel (no VJP), where `residual'` is
-    `residual`, or `(residual - m) * s + b` for `residual_affine=(m, s, b)`.
+    """`relu((y - mean) * scale + shift + residual')` by the native kernel, where `residual'` is `residual`,
+    or `(residual - m) * s + b` for `residual_affine=(m, s, b)`.
 
     float32, channels last; the vectors have one entry per channel. A residual block's inference epilogue:
     its last batch norm with running statistics (`scale = gamma / sqrt(var + eps)`), the shortcut (or its
     batch norm), the add and the ReLU, in one pass whose result XLA reads but does not recompute
-    (docs/benchmarks.md, eighth session).
+    (docs/benchmarks.md, eighth session). Differentiable: the backward pass is the autodiff of the same
+    formula in JAX (for gradients through an inference-mode model, e.g. saliency maps).
     """
     if residual_affine is None:
         zeros = jnp.zeros(y.shape[-1:], jnp.float32)
         residual_affine = (zeros, jnp.ones_like(zeros), zeros)
-    call = jax.ffi.ffi_call(_target(EPILOGUE_TARGET), jax.ShapeDtypeStruct(y.shape, jnp.float32),
+    return _affine_add_relu(bool(relu), y, mean, scale, shift, residual, *residual_affine)
+
+
+def _affine_add_relu_reference(relu, y, mean, scale, shift, residual, rmean, rscale, rshift):
+    out = (y - mean) * scale + shift + ((residual - rmean) * rscale + rshift)
+    return jnp.maximum(out, 0.0) if relu else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _affine_add_relu(relu, *args):
+    call = jax.ffi.ffi_call(_target(EPILOGUE_TARGET), jax.ShapeDtypeStruct(args[0].shape, jnp.float32),
                             vmap_method="sequential")
-    return call(y, mean, scale, shift, residual, *residual_affine, relu=np.int64(relu))
+    return call(*args, relu=np.int64(relu))
+
+
+def _affine_add_relu_fwd(relu, *args):
+    return _affine_add_relu(relu, *args), args
+
+
+def _affine_add_relu_bwd(relu, args, g):
+    return jax.vjp(functools.partial(_affine_add_relu_reference, relu), *args)[1](g)
+
+
+_affine_add_relu.defvjp(_affine_add_relu_fwd, _affine_add_relu_bwd)
