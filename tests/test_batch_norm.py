@@ -35,11 +35,12 @@ class FlaxReference(nn.Module):
 class Ours(nn.Module):
     train: bool
     dtype: object = jnp.float32
+    native_epilogue: bool = False
 
     @nn.compact
     def __call__(self, x, residual=None, act=None):
         return BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                         name="bn")(x, residual=residual, act=act)
+                         native_epilogue=self.native_epilogue, name="bn")(x, residual=residual, act=act)
 
 
 def _inputs(dtype=jnp.float32, shape=(4, 5, 6, 16)):
@@ -66,10 +67,14 @@ def _run(module, variables, x, residual, weights, act):
 
 @pytest.mark.parametrize("act", [None, nn.relu, nn.silu], ids=["none", "relu", "silu"])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_train_mode_matches_flax(act, with_residual):
+@pytest.mark.parametrize("native_epilogue", [False, True], ids=["xla", "native"])
+def test_train_mode_matches_flax(act, with_residual, native_epilogue):
+    """`native_epilogue` (on CPU with the native kernels): the forward's add and ReLU in the native pass."""
+    if native_epilogue and not native.available():
+        pytest.skip("native kernels unavailable: test_grouped_conv.py::test_native_builds_wherever_it_can says why")
     x, residual, weights, variables = _inputs()
     residual = residual if with_residual else None
-    y, stats, grads = _run(Ours(train=True), variables, x, residual, weights, act)
+    y, stats, grads = _run(Ours(train=True, native_epilogue=native_epilogue), variables, x, residual, weights, act)
     y_ref, stats_ref, grads_ref = _run(FlaxReference(train=True), variables, x, residual, weights, act)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for ours, ref in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref)):

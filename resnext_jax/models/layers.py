@@ -267,12 +267,12 @@ def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, gr
     Both are called as `norm(name=...)(x, residual=None, act=None)` and return `act(norm(x) + residual)`.
     Batch statistics are reduced in float32 even when `dtype` is bfloat16, and the
     running statistics are stored in float32. With a `conv_impl` that may use the native kernels
-    ('auto', 'native'), batch norm's inference epilogue with a residual may too (`native_epilogue`).
+    ('auto', 'native'), batch norm's epilogue with a residual may too (`native_epilogue`).
     """
     if kind == "batch":
         return functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                  dtype=dtype, axis_name=axis_name,
-                                 native_epilogue=not train and conv_impl in ("auto", "native"))
+                                 native_epilogue=conv_impl in ("auto", "native"))
     if kind == "group":
         return functools.partial(_GroupNorm, num_groups=groups, dtype=dtype)
     raise ValueError(f"norm={kind!r} is not supported; use one of {NORMS}")
@@ -297,9 +297,9 @@ def _batch_moments(x: jax.Array, axis_name: str | None):
     return mean, jnp.maximum(squares / count - mean * mean, 0.0), count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: jax.Array | None, epsilon: float,
-                     relu: bool, axis_name: str | None):
+                     relu: bool, axis_name: str | None, use_native: bool = False):
     """Training-mode batch norm, `relu(bn(x) + residual)`, with a hand-written backward pass.
 
     Returns `(y, mean, var)`: the output in `x.dtype` and the batch's float32 mean and biased variance
@@ -308,20 +308,27 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: 
     one elementwise pass from the saved input and output, where autodiff of the unfused ops leaves XLA:CPU
     more passes over the activations (docs/benchmarks.md). The cotangents of `mean` and `var` are ignored:
     they only feed the running statistics.
+
+    `use_native`: with a residual, float32, on a CPU with the native kernels, the forward's normalize, add and
+    ReLU run as `native.affine_add_relu` (once the statistics are reduced), which keeps XLA:CPU from
+    recomputing the earlier blocks of a stage in every later block's forward (docs/benchmarks.md).
     """
-    return _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name)[0]
+    return _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_native)[0]
 
 
-def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name):
+def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_native=False):
     mean, var, count = _batch_moments(x, axis_name)
     inv = lax.rsqrt(var + epsilon)
-    y = (x.astype(jnp.float32) - mean) * (scale * inv) + bias
-    y = _add_act(y, None if residual is None else residual.astype(jnp.float32), nn.relu if relu else None)
-    y = y.astype(x.dtype)
+    if use_native and residual is not None and native_epilogue_applies(x, residual, nn.relu if relu else None, x.dtype):
+        y = native.affine_add_relu(x, mean, scale * inv, bias, residual, relu=relu)
+    else:
+        y = (x.astype(jnp.float32) - mean) * (scale * inv) + bias
+        y = _add_act(y, None if residual is None else residual.astype(jnp.float32), nn.relu if relu else None)
+        y = y.astype(x.dtype)
     return (y, mean, var), (x, scale, mean, inv, count, y if relu else None, residual is not None)
 
 
-def _batch_norm_bwd(epsilon, relu, axis_name, saved, cotangents):
+def _batch_norm_bwd(epsilon, relu, axis_name, use_native, saved, cotangents):
     x, scale, mean, inv, count, y, has_residual = saved
     dz = cotangents[0].astype(jnp.float32)
     if relu:
@@ -369,11 +376,11 @@ class BatchNorm(nn.Module):
     `act(bn(x) + residual)`; in training mode with `act=nn.relu` (or none) the add and the ReLU are fused
     into `batch_norm_train`'s hand-written backward pass, other activations are applied after it.
 
-    `native_epilogue`: with running statistics, a residual, ReLU (or no activation), float32 on a CPU
-    where the native kernels are available, the epilogue runs as one native pass
+    `native_epilogue`: with a residual, ReLU (or no activation), float32 on a CPU where the native kernels
+    are available, the epilogue runs as one native pass (in training, after the batch statistics)
     (`ops.native.affine_add_relu`). XLA:CPU would otherwise fuse it into both of the next block's
     consumers and recompute every earlier block of the stage there (docs/benchmarks.md, eighth session).
-    Then `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a shortcut, which
+    With running statistics, `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a shortcut, which
     the epilogue normalizes as it adds it; the residual may be a `Deferred` in every mode.
     """
     use_running_average: bool = False
@@ -408,7 +415,7 @@ class BatchNorm(nn.Module):
         residual = materialize(residual)
         fuse = act is None or act is nn.relu
         y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, residual if fuse else None, self.epsilon,
-                                        fuse and act is not None, self.axis_name)
+                                        fuse and act is not None, self.axis_name, self.native_epilogue)
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
