@@ -319,7 +319,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: 
 def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_native=False):
     mean, var, count = _batch_moments(x, axis_name)
     inv = lax.rsqrt(var + epsilon)
-    if use_native and residual is not None and native_epilogue_applies(x, residual, nn.relu if relu else None, x.dtype):
+    if use_native and residual is not None and native_epilogue_applies(x, x.dtype, residual):
         y = native.affine_add_relu(x, mean, scale * inv, bias, residual, relu=relu)
     else:
         y = (x.astype(jnp.float32) - mean) * (scale * inv) + bias
@@ -380,8 +380,8 @@ class BatchNorm(nn.Module):
     are available, the epilogue runs as one native pass (in training, after the batch statistics)
     (`ops.native.affine_add_relu`). XLA:CPU would otherwise fuse it into both of the next block's
     consumers and recompute every earlier block of the stage there (docs/benchmarks.md, eighth session).
-    With running statistics, `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a shortcut, which
-    the epilogue normalizes as it adds it; the residual may be a `Deferred` in every mode.
+    With running statistics, `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a
+    shortcut, which the epilogue normalizes as it adds it; the residual may be a `Deferred` in every mode.
     """
     use_running_average: bool = False
     momentum: float = 0.9
@@ -403,10 +403,9 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or x.dtype
         if self.use_running_average:
             multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
-            if (self.native_epilogue and defer and residual is None and act is None
-                    and native_epilogue_applies(x, x, None, dtype)):
+            if self.native_epilogue and defer and residual is None and act is None and native_epilogue_applies(x, dtype):
                 return Deferred(x, ra_mean.value, multiplier, bias)
-            if residual is not None and self.native_epilogue and native_epilogue_applies(x, residual, act, dtype):
+            if residual is not None and self.native_epilogue and native_epilogue_applies(x, dtype, residual, act):
                 shortcut = tuple(residual)[1:] if isinstance(residual, Deferred) else None
                 return native.affine_add_relu(x, ra_mean.value, multiplier, bias,
                                               residual.x if shortcut else residual, shortcut, relu=act is not None)
@@ -422,10 +421,11 @@ class BatchNorm(nn.Module):
         return y if fuse else _add_act(y, residual, act)
 
 
-def native_epilogue_applies(x: jax.Array, residual: jax.Array | Deferred, act: Callable | None, dtype) -> bool:
+def native_epilogue_applies(x: jax.Array, dtype, residual: jax.Array | Deferred | None = None,
+                            act: Callable | None = None) -> bool:
     """Whether `native.affine_add_relu` can compute `act(bn(x) + residual)` here: float32 throughout, ReLU
-    or no activation, the same shapes, a CPU backend and the native kernels built."""
-    residual = residual.x if isinstance(residual, Deferred) else residual
+    or no activation, a residual (if given) of `x`'s shape, a CPU backend and the native kernels built."""
+    residual = x if residual is None else residual.x if isinstance(residual, Deferred) else residual
     return (x.dtype == residual.dtype == jnp.dtype(dtype) == jnp.float32 and x.shape == residual.shape
             and (act is None or act is nn.relu) and jax.default_backend() == "cpu" and native.available())
 
