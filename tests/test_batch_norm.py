@@ -159,7 +159,8 @@ needs_native = pytest.mark.skipif(not native.available(), reason="native kernels
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(2, 5, 7, 256), (3, 4, 4, 40), (5, 24)], ids=["c256", "c40-tail", "rank2"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 256), (3, 4, 4, 40), (2, 3, 3, 37), (5, 24)],
+                         ids=["c256", "c40-tail16", "c37-tail8", "rank2"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("residual_affine", [True, False])
 def test_native_affine_add_relu_matches_float64(shape, relu, residual_affine):

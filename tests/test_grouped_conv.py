@@ -3,6 +3,11 @@
 The reference is a direct convolution written with numpy loops over kernel taps, so it
 shares no code with XLA; gradients are checked for L = sum(conv(x, w) * ct).
 """
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -176,17 +181,52 @@ def test_auto_forward_only_narrow_groups_use_chunks():
 # ---------------------------------------------------------------------------------------- the native kernel
 def _native_prerequisites() -> bool:
     import platform
-    return platform.machine().lower() in ("x86_64", "amd64") and {"avx512f", "avx512vl"} <= native.cpu_flags() and bool(
-        native.compiler()) and jax.default_backend() == "cpu"
+    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= native.cpu_flags() and bool(
+        native.compiler()) and jax.default_backend() == "cpu" and os.environ.get(native.ISA_ENV, "") in ("", "avx2", "avx512")
 
 
 def test_native_builds_wherever_it_can():
-    """With an x86-64 AVX-512 CPU and a C++ compiler the kernel must build and load; otherwise the reason
-    names what is missing."""
+    """With an x86-64 AVX2 (or AVX-512) CPU and a C++ compiler the kernel must build and load, for the best
+    instruction set the CPU has; otherwise the reason names what is missing."""
     if _native_prerequisites():
         assert native.available(), native.unavailable_reason()
+        flags = native.cpu_flags()
+        best = "avx512" if {"avx512f", "avx512vl"} <= flags else "avx2"
+        assert native.isa() == os.environ.get(native.ISA_ENV, best)
     else:
         assert not native.available() and native.unavailable_reason()
+
+
+def test_native_instruction_set_choice():
+    """The build follows the CPU's flags, and `RESNEXT_JAX_NATIVE_ISA` can only pick one the CPU runs."""
+    avx512 = {"avx2", "fma", "avx512f", "avx512vl"}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert native.select_isa({}, avx512)[0] is None
+        return
+    assert native.select_isa({}, avx512) == ("avx512", "the best this CPU has")
+    assert native.select_isa({}, {"avx2", "fma", "avx512f"})[0] == "avx2"  # AVX-512F without VL
+    assert native.select_isa({native.ISA_ENV: "avx2"}, avx512)[0] == "avx2"
+    isa, why = native.select_isa({}, {"avx", "sse4_2"})
+    assert isa is None and "avx2, fma not in /proc/cpuinfo" in why
+    isa, why = native.select_isa({native.ISA_ENV: "avx512"}, {"avx2", "fma"})
+    assert isa is None and "lacks avx512f, avx512vl" in why and "unset it" in why
+    isa, why = native.select_isa({native.ISA_ENV: "sse"}, avx512)
+    assert isa is None and "'sse' is not one of ['avx2', 'avx512']" in why
+
+
+@pytest.mark.slow
+def test_native_avx2_build_on_an_avx512_cpu():
+    """The default run tests the best build the CPU has; on an AVX-512 CPU, this runs the native kernel and
+    epilogue tests again with the AVX2 build (AMD Zen and older Intel CPUs run that one)."""
+    if native.isa() != "avx512" or os.environ.get(native.ISA_ENV):
+        pytest.skip(f"the default run already tests the only build this CPU runs ({native.isa()})")
+    env = {**os.environ, native.ISA_ENV: "avx2"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "tests/test_grouped_conv.py", "tests/test_batch_norm.py", "-k", "native"],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
 
 
 # (name, x shape NHWC, kernel (kh, kw), groups, strides, padding): every compiled group width, strides,
@@ -195,6 +235,7 @@ NATIVE_CASES = [
     ("cg4-resnext", (2, 9, 11, 64), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
     ("cg4-stride2-odd", (2, 9, 7, 32), (3, 3), 8, (2, 2), ((1, 1), (1, 1))),
     ("cg8-stride21-asym", (1, 10, 13, 64), (3, 3), 8, (2, 1), ((1, 0), (0, 2))),
+    ("cg8-rows-of-28", (1, 4, 28, 32), (3, 3), 4, (1, 1), ((1, 1), (1, 1))),  # 14-pixel blocks (AVX2)
     ("cg16-nonsquare", (2, 6, 19, 64), (3, 2), 4, (1, 2), ((1, 1), (0, 1))),
     ("cg32-nopad", (1, 7, 7, 64), (3, 3), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg1-depthwise", (1, 5, 6, 16), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),

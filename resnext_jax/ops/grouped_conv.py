@@ -20,8 +20,8 @@ hence the choice. Implementations:
   1x1 kernel) and one matmul per group. Autodiff turns it into matmuls too, which XLA:CPU runs
   at GEMM speed, while its own convolution backward does not come close: a 1x1 conv's
   forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
-- `native`: C++ AVX-512 kernels through `jax.ffi` (`resnext_jax.ops.native`, built on first use with the
-  system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
+- `native`: C++ AVX-512 or AVX2 kernels through `jax.ffi` (`resnext_jax.ops.native`, built on first use with
+  the system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
   on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
   group with channels a multiple of 16, or any multiple of 8 channels per group (dense convs included);
   other convs run as `split`.

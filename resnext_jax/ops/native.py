@@ -3,16 +3,18 @@
 XLA:CPU has no fast grouped convolution: every formulation from its primitives either wastes FLOPs on
 zeros (block-diagonal chunks) or runs many tiny dense convs, and its convolution backward runs far below
 its matmul speed (docs/benchmarks.md). The C++ kernels in `native/grouped_conv.cc` compute a grouped conv's
-forward pass, input gradient and kernel gradient with AVX-512 FMAs, no FLOPs on zeros, on XLA's own
+forward pass, input gradient and kernel gradient with AVX-512 or AVX2 FMAs, no FLOPs on zeros, on XLA's own
 intra-op threads: at batch 8, the input and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms
 against 253 ms for the best pure-XLA implementation, and ResNet-50's dense 3x3 convs, forward and both
 gradients, 321 against 508 ms (docs/benchmarks.md).
 
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
-loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX-512F and AVX-512VL;
-`RESNEXT_JAX_NATIVE=0` turns them off. When they are unavailable, `conv2d(impl='auto')` uses the pure-XLA
-implementations and `unavailable_reason()` says why.
+loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX2 and FMA; with AVX-512F and
+AVX-512VL they are built for AVX-512 (16-lane vectors, 32 registers). `RESNEXT_JAX_NATIVE_ISA=avx2` builds
+the AVX2 variant on an AVX-512 CPU (to test it there), and `RESNEXT_JAX_NATIVE=0` turns them off. When
+they are unavailable, `conv2d(impl='auto')` uses the pure-XLA implementations and `unavailable_reason()`
+says why; `isa()` says which build runs.
 """
 from __future__ import annotations
 
@@ -40,7 +42,12 @@ EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
            EPILOGUE_TARGET: "ResnextJaxAffineAddRelu"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
-FLAGS = ("-O3", "-mavx512f", "-mavx512vl", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
+# (`__AVX512F__` selects); the best the CPU has is built, or the one `RESNEXT_JAX_NATIVE_ISA` names.
+ISAS = {"avx512": ({"avx512f", "avx512vl", "fma"}, ("-mavx512f", "-mavx512vl", "-mfma")),
+        "avx2": ({"avx2", "fma"}, ("-mavx2", "-mfma"))}
+ISA_ENV = "RESNEXT_JAX_NATIVE_ISA"
 
 
 def cpu_flags() -> set[str]:
@@ -55,6 +62,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def runnable_isas(flags: set[str] | None = None) -> list[str]:
+    """The instruction sets of `ISAS` this CPU runs, best first (x86-64 only)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = cpu_flags() if flags is None else flags
+    return [isa for isa, (needs, _) in ISAS.items() if needs <= flags]
+
+
+def select_isa(environ=os.environ, flags: set[str] | None = None) -> tuple[str | None, str]:
+    """(instruction set to build, or None; why): the best this CPU runs, or `$RESNEXT_JAX_NATIVE_ISA`."""
+    runnable = runnable_isas(flags)
+    wanted = environ.get(ISA_ENV, "")
+    if wanted:
+        if wanted not in ISAS:
+            return None, f"{ISA_ENV}={wanted!r} is not one of {sorted(ISAS)}"
+        if wanted not in runnable:
+            missing = ", ".join(sorted(ISAS[wanted][0] - (cpu_flags() if flags is None else flags)))
+            return None, f"{ISA_ENV}={wanted}, but this CPU lacks {missing}; unset it to build the best it has"
+        return wanted, f"{ISA_ENV}={wanted}"
+    if not runnable:
+        missing = ", ".join(sorted(ISAS["avx2"][0] - (cpu_flags() if flags is None else flags)))
+        return None, f"it needs a CPU with AVX2 and FMA ({missing} not in /proc/cpuinfo's flags)"
+    return runnable[0], "the best this CPU has"
+
+
 def compiler() -> str | None:
     """The C++ compiler to build with: `$CXX`, else the first of g++, c++, clang++ on PATH."""
     if os.environ.get("CXX"):
@@ -67,8 +99,9 @@ def cache_dir() -> str:
     return os.environ.get("RESNEXT_JAX_CACHE", default)
 
 
-def _build(cxx: str) -> str:
-    """Compiles the kernel unless a build of this source, compiler and jaxlib exists; returns the .so path."""
+def _build(cxx: str, isa: str) -> str:
+    """Compiles the kernels for `isa` unless a build of this source, compiler, instruction set and jaxlib
+    exists; returns the .so path."""
     import jaxlib
 
     source = b""
@@ -76,15 +109,16 @@ def _build(cxx: str) -> str:
         with open(path, "rb") as f:
             source += f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(source + repr((version, FLAGS, jaxlib.__version__)).encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), f"grouped_conv-{key}.so")
+    flags = FLAGS + ISAS[isa][1]
+    key = hashlib.sha256(source + repr((version, flags, jaxlib.__version__)).encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir(), f"grouped_conv-{isa}-{key}.so")
     if os.path.exists(target):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written library.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", partial]
+    command = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", partial]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         os.unlink(partial)
@@ -104,13 +138,14 @@ def _load() -> tuple[bool, str]:
         return False, f"{OPT_OUT}=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"it needs an x86-64 CPU (this is {platform.machine()})"
-    if missing := {"avx512f", "avx512vl"} - cpu_flags():
-        return False, f"it needs a CPU with AVX-512F and AVX-512VL ({', '.join(sorted(missing))} not in /proc/cpuinfo's flags)"
+    chosen, why = select_isa()
+    if chosen is None:
+        return False, why
     cxx = compiler()
     if cxx is None:
         return False, "no C++ compiler found: install g++ (or set CXX) to build it"
     try:
-        path = _build(cxx)
+        path = _build(cxx, chosen)
         library = ctypes.cdll.LoadLibrary(path)
         # Registered under names unique to the build, so that two versions of this package can run in one
         # process (benchmarks/ab.py) without one calling the other's kernels.
@@ -121,7 +156,16 @@ def _load() -> tuple[bool, str]:
                                         platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         return False, f"building or loading it failed: {e}"
+    _ISA[0] = chosen
     return True, "built"
+
+
+_ISA: list[str | None] = [None]
+
+
+def isa() -> str | None:
+    """The instruction set the loaded kernels were built for ('avx512' or 'avx2'), None where unavailable."""
+    return _ISA[0] if available() else None
 
 
 def _target(name: str) -> str:

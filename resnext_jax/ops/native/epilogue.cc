@@ -3,7 +3,7 @@
 // statistics (scale = gamma / sqrt(var + eps)), and the shortcut's own batch norm or the identity. The
 // mean is subtracted first, as XLA's batch norm does, not folded into the shift: with a large mean that
 // would cancel digits. Called from JAX through the XLA FFI
-// (resnext_jax/ops/native.py builds and registers it).
+// (resnext_jax/ops/native.py builds and registers it). AVX-512 or AVX2, as the build's flags say.
 //
 // Why a kernel for one memory pass: XLA:CPU fuses a block's output computation into every consumer,
 // including the next block's residual add, so each block's output fusion recomputed all the earlier
@@ -39,6 +39,7 @@ ffi::Error AffineAddRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buf
   float* op = out->typed_data();
   // Items of about 64 KiB of output: enough of them to balance the pool, few enough to cost nothing.
   const int64_t rows_per_item = std::max<int64_t>(1, 16384 / c), items = (rows + rows_per_item - 1) / rows_per_item;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   const __m512 zero = _mm512_setzero_ps();
   resnext_jax::RunInParallel(pool, items, [=](int64_t item) {
     const int64_t first = item * rows_per_item, last = std::min(rows, first + rows_per_item);
@@ -55,6 +56,29 @@ ffi::Error AffineAddRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buf
       }
     }
   });
+#else
+  // AVX2: 8 channels at a time; the last few of a row (C not a multiple of 8) with masked loads and stores.
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) int32_t tail_lanes[8];
+  for (int l = 0; l < 8; ++l) tail_lanes[l] = l < c % 8 ? -1 : 0;
+  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_lanes));
+  resnext_jax::RunInParallel(pool, items, [=](int64_t item) {
+    const int64_t first = item * rows_per_item, last = std::min(rows, first + rows_per_item);
+    for (int64_t r = first; r < last; ++r) {
+      for (int64_t ch = 0; ch < c; ch += 8) {
+        const bool full = c - ch >= 8;
+        const int64_t at = r * c + ch;
+        auto load = [full, tail](const float* p) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail); };
+        const __m256 t = _mm256_fmadd_ps(_mm256_sub_ps(load(yp + at), load(mp + ch)), load(sp + ch), load(bp + ch));
+        const __m256 rt = _mm256_fmadd_ps(_mm256_sub_ps(load(rp + at), load(rmp + ch)), load(rsp + ch), load(rbp + ch));
+        __m256 v = _mm256_add_ps(t, rt);
+        if (relu) v = _mm256_max_ps(v, zero);
+        if (full) _mm256_storeu_ps(op + at, v);
+        else _mm256_maskstore_ps(op + at, tail, v);
+      }
+    }
+  });
+#endif
   return ffi::Error::Success();
 }
 

@@ -22,12 +22,20 @@
 // registers while a few rows of x and dy (in L1) stream past; each input vector is permuted (or broadcast)
 // once per input channel and used for all 3 taps of a kernel row (strided wide convs: once per tap).
 //
+// Instruction sets: built with AVX-512F/VL (`__AVX512F__`), the vectors are 16 lanes (8 for groups of an odd
+// multiple of 8 channels); built with AVX2 and FMA only (AMD Zen, older Intel), 8 lanes everywhere, with
+// register blocks sized for 16 vector registers instead of 32, and the narrow groups' gather done by
+// in-lane shuffles (groups of 1, 2 and 4 channels never cross a 128-bit half of an 8-channel vector).
+// native.py picks the build for the CPU it runs on.
+//
 // Work is shared out between the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -39,11 +47,19 @@ namespace {
 
 using resnext_jax::RunInParallel;
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+constexpr bool kAvx512 = true;
+using Mask = __mmask16;  // which lanes of a load are real input (all or none)
+#else
+constexpr bool kAvx512 = false;
+using Mask = uint16_t;
+#endif
+
 struct Shape {
   int64_t n, h, w, c, kh, kw, cg, sh, sw, ph, pw, ho, wo;
   int64_t dh = 1, dw = 1;  // forward only: input dilation (1 + the zeros between input rows/columns)
   // At least max(cg, 16) zeros: the input of pixels on the padding, so that the broadcast kernels need no
-  // masks (AVX-512 has 7 usable mask registers, and reloading them costs shuffle-port uops).
+  // masks (AVX-512 has 7 usable mask registers, and reloading them costs shuffle-port uops; AVX2 has none).
   const float* zeros = nullptr;
 };
 
@@ -58,6 +74,7 @@ inline int64_t FloorMod(int64_t a, int64_t b) { return b == 1 ? 0 : a - FloorDiv
 // Vectors of output channels: 16 lanes (AVX-512) for groups of a multiple of 16 channels (and the permute
 // kernels of narrower groups); 8 lanes (AVX-512VL on 256 bits, half the FMA throughput) for groups of an
 // odd multiple of 8 channels (RegNet's 24, 56, 120, ...), whose 16-lane vectors would straddle two groups.
+#if defined(__AVX512F__) && defined(__AVX512VL__)
 struct V16 {
   using T = __m512;
   static constexpr int kLanes = 16;
@@ -67,6 +84,7 @@ struct V16 {
   static T Bcast(float x) { return _mm512_set1_ps(x); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
 };
+#endif
 struct V8 {
   using T = __m256;
   static constexpr int kLanes = 8;
@@ -77,6 +95,20 @@ struct V8 {
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
 };
 
+// Calls f(std::integral_constant<int, C>()) for C = 0, ..., N - 1: constant channel indices for the
+// shuffles' immediates.
+template <typename F, int... Cs>
+inline __attribute__((always_inline)) void StaticForEach(F&& f, std::integer_sequence<int, Cs...>) {
+  (f(std::integral_constant<int, Cs>()), ...);
+}
+template <int N, typename F>
+inline __attribute__((always_inline)) void StaticFor(F&& f) {
+  StaticForEach(f, std::make_integer_sequence<int, N>());
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+using VWide = V16;  // the widest vector
+
 // Per input channel `c` of a group of CG (< 16) channels: lane l takes channel c of lane l's group.
 template <int CG>
 void GroupIndices(__m512i* index) {
@@ -86,6 +118,19 @@ void GroupIndices(__m512i* index) {
     index[c] = _mm512_load_si512(lanes);
   }
 }
+#else
+using VWide = V8;
+
+// AVX2: lane l of 8 takes channel C of lane l's group of CG (1, 2 or 4) channels; groups that narrow stay
+// within a 128-bit half, so one in-lane shuffle (`vpermilps` with an immediate) does it.
+template <int CG, int C>
+inline __attribute__((always_inline)) __m256 Spread(__m256 x) {
+  static_assert(CG == 1 || CG == 2 || CG == 4);
+  if constexpr (CG == 1) return x;
+  else if constexpr (CG == 2) return _mm256_permute_ps(x, C | C << 2 | (2 + C) << 4 | (2 + C) << 6);
+  else return _mm256_permute_ps(x, C * 0x55);
+}
+#endif
 
 // Calls `tap(t, inside, x_at)` for every kernel tap t = i * kw + j that reaches real input for at least one
 // of the P output pixels phase + (t0 + p) * dw (p < P, t0 + p < count) of output row `ho` of image `n`:
@@ -103,7 +148,7 @@ inline __attribute__((always_inline)) void ForEachTap(const float* x, const Shap
       const int64_t d = phase + j - s.pw;
       if (FloorMod(d, s.dw)) continue;  // this phase meets only the dilation's zeros under tap j
       const int64_t base = FloorDiv(d, s.dw);
-      __mmask16 inside[P], any = 0;
+      Mask inside[P], any = 0;
       const float* x_at[P];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
@@ -148,6 +193,7 @@ inline __attribute__((always_inline)) void ForEachBlock(float* y, const Shape& s
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
 // Forward row, groups narrower than 16 channels (`CG`, a compile-time constant so that the inner loops have
 // constant trip counts and the accumulators stay in registers): a vector of 16 output channels spans
 // 16 / CG groups, and one permute per input channel gathers each lane's input from the 16 input channels
@@ -159,7 +205,7 @@ void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t r
   ForEachBlock<V16, 1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
                                           int64_t count, __m512 (&acc)[kPixels][1]) {
     ForEachTap<kPixels>(x, s, n, ho, phase, t0, count,
-                        [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
+                        [&](int64_t tap, const Mask* inside, const float* const* x_at) {
       const float* k_tap = k + tap * CG * s.c + b * 16;
       __m512 xv[kPixels];
 #pragma GCC unroll 8
@@ -174,6 +220,29 @@ void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t r
     });
   });
 }
+#else
+// Forward row, groups of 1, 2 or 4 channels, AVX2: a vector of 8 output channels spans 8 / CG groups; the
+// CG kernel vectors of a tap stay in registers while each pixel's 8 input channels are loaded once and
+// spread by one in-lane shuffle per input channel (8 accumulators + CG kernel vectors + 2 fit 16 registers).
+template <int CG>
+void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
+  ForEachBlock<V8, 1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
+                                         int64_t count, __m256 (&acc)[kPixels][1]) {
+    ForEachTap<kPixels>(x, s, n, ho, phase, t0, count,
+                        [&](int64_t tap, const Mask* inside, const float* const* x_at) {
+      const float* k_tap = k + tap * CG * s.c + b * 8;
+      __m256 kv[CG];
+#pragma GCC unroll 4
+      for (int c = 0; c < CG; ++c) kv[c] = _mm256_loadu_ps(k_tap + c * s.c);
+#pragma GCC unroll 8
+      for (int p = 0; p < kPixels; ++p) {
+        const __m256 xv = _mm256_loadu_ps(inside[p] ? x_at[p] + b * 8 : s.zeros);
+        StaticFor<CG>([&](auto c) { acc[p][0] = _mm256_fmadd_ps(Spread<CG, c()>(xv), kv[c()], acc[p][0]); });
+      }
+    });
+  });
+}
+#endif
 
 // Forward row, groups of a multiple of 8 or 16 channels (`Vec`'s lanes; dense convs included): a block of
 // OB vectors (all in one group) x P pixels; per input channel and tap, OB kernel vectors are loaded and each
@@ -186,7 +255,7 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
                                           int64_t count, typename Vec::T (&acc)[P][OB]) {
     const int64_t group_start = (b * kBlock) / s.cg * s.cg;  // first input channel of the block's group
     ForEachTap<P>(x, s, n, ho, phase, t0, count,
-                  [&](int64_t tap, const __mmask16* inside, const float* const* x_at) {
+                  [&](int64_t tap, const Mask* inside, const float* const* x_at) {
       // The kernel comes packed (see GroupedConvForward): (block b, tap, input channel, the block's outputs).
       const float* k_tap = k + ((b * s.kh * s.kw + tap) * s.cg) * kBlock;
       const float* x_in[P];
@@ -213,16 +282,20 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
 // stream past; the
 // input is walked column by column (one stride phase at a time), so that each input vector is permuted
 // (CG < 16, a compile-time constant; 16 lanes) or broadcast (CG == 0: groups of any multiple of `Vec`'s
-// lanes, `s.cg`) once per input channel and used for every tap of the kernel row that reaches it.
-template <int CG, typename Vec = V16>
+// lanes, `s.cg`) once per input channel and used for every tap of the kernel row that reaches it. AVX2:
+// 8 lanes, in-lane shuffles, and 4 input channels at a time for wide groups (3 x 4 accumulators + 3 dy
+// vectors + a broadcast fill its 16 registers).
+template <int CG, typename Vec = VWide>
 void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape& s, int64_t b, int64_t r0,
                     int64_t r1) {
-  static_assert(CG < 16 && (CG == 0 || Vec::kLanes == 16));
-  constexpr int kTaps = 3, kInputs = CG ? CG : 8, L = Vec::kLanes;
+  static_assert(CG < 16 && (CG == 0 || Vec::kLanes == VWide::kLanes));
+  constexpr int kTaps = 3, kInputs = CG ? CG : (kAvx512 ? 8 : 4), L = Vec::kLanes;
   using T = typename Vec::T;
   const int64_t o = s.c, cg = CG ? CG : s.cg;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   __m512i index[CG ? CG : 1];
   if constexpr (CG != 0) GroupIndices<CG>(index);
+#endif
   const int64_t x_offset = CG ? b * L : (b * L) / cg * cg;  // x vector (CG < 16) or group start
   for (int64_t i = 0; i < s.kh; ++i) {
     for (int64_t j0 = 0; j0 < s.kw; j0 += kTaps) {
@@ -281,6 +354,7 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
               }
               const float* x_at = x_row + wi * s.c;
               if constexpr (CG != 0) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
                 const __m512 xv = _mm512_loadu_ps(x_at);
 #pragma GCC unroll 16
                 for (int c = 0; c < kInputs; ++c) {
@@ -288,6 +362,14 @@ void KernelGradRows(const float* x, const float* dy, float* acc_buf, const Shape
 #pragma GCC unroll 3
                   for (int t = 0; t < kTaps; ++t) acc[t][c] = Vec::Fma(xc, dyv[t], acc[t][c]);
                 }
+#else
+                const __m256 xv = _mm256_loadu_ps(x_at);
+                StaticFor<kInputs>([&](auto c) {
+                  const __m256 xc = Spread<CG, c()>(xv);
+#pragma GCC unroll 3
+                  for (int t = 0; t < kTaps; ++t) acc[t][c()] = Vec::Fma(xc, dyv[t], acc[t][c()]);
+                });
+#endif
               } else {
 #pragma GCC unroll 8
                 for (int c = 0; c < kInputs; ++c) {
@@ -329,6 +411,12 @@ Kernels WideKernelsFor(int64_t cg, int64_t wo) {
   constexpr int L = Vec::kLanes;
   const bool short_rows = wo % 14 != 0;
   const GradFn grad = KernelGradRows<0, Vec>;
+  if constexpr (!kAvx512) {
+    // 16 registers: 2 vectors x 7 pixels (14 accumulators; the compiler takes one kernel vector straight
+    // from memory), or 1 x 14.
+    if (cg % (2 * L) == 0) return {ConvRowWide<Vec, 2, 7>, 2 * L, grad, L};
+    return {short_rows ? ConvRowWide<Vec, 1, 7> : ConvRowWide<Vec, 1, 14>, L, grad, L};
+  }
   if (cg % (4 * L) == 0) return {ConvRowWide<Vec, 4, 7>, 4 * L, grad, L};
   if (cg % (3 * L) == 0) return {ConvRowWide<Vec, 3, 7>, 3 * L, grad, L};
   if (cg % (2 * L) == 0) return {short_rows ? ConvRowWide<Vec, 2, 7> : ConvRowWide<Vec, 2, 14>, 2 * L, grad, L};
@@ -337,6 +425,7 @@ Kernels WideKernelsFor(int64_t cg, int64_t wo) {
 
 // The kernels for `cg` channels per group and `c` channels; {} where unsupported.
 Kernels KernelsFor(int64_t cg, int64_t c, int64_t wo) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   if (c % 16 == 0) {
     switch (cg) {
       case 1: return {ConvRow<1>, 0, KernelGradRows<1>, 16};
@@ -346,6 +435,15 @@ Kernels KernelsFor(int64_t cg, int64_t c, int64_t wo) {
     }
   }
   if (cg % 16 == 0) return WideKernelsFor<V16>(cg, wo);
+#else
+  if (c % 8 == 0) {
+    switch (cg) {
+      case 1: return {ConvRow<1>, 0, KernelGradRows<1>, 8};
+      case 2: return {ConvRow<2>, 0, KernelGradRows<2>, 8};
+      case 4: return {ConvRow<4>, 0, KernelGradRows<4>, 8};
+    }
+  }
+#endif
   if (cg % 8 == 0) return WideKernelsFor<V8>(cg, wo);
   return {nullptr, 0, nullptr, 0};
 }
