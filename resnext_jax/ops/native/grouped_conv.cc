@@ -412,10 +412,11 @@ Kernels WideKernelsFor(int64_t cg, int64_t wo) {
   const bool short_rows = wo % 14 != 0;
   const GradFn grad = KernelGradRows<0, Vec>;
   if constexpr (!kAvx512) {
-    // 16 registers: 2 vectors x 7 pixels (14 accumulators; the compiler takes one kernel vector straight
-    // from memory), or 1 x 14.
-    if (cg % (2 * L) == 0) return {ConvRowWide<Vec, 2, 7>, 2 * L, grad, L};
-    return {short_rows ? ConvRowWide<Vec, 1, 7> : ConvRowWide<Vec, 1, 14>, L, grad, L};
+    // 16 registers: 1 vector x 7 pixels. Measured alone at batch 8 (bench_conv), against 1 x 14 where
+    // rows allow and 2 x 7 for groups of 16k channels: 8-channel groups at 28x28x256 8.4 -> 4.4 ms (14
+    // pixel pointers spill), 56->28x256 11.7 -> 9.9 ms, 16-channel groups at 14x14x512 3.0 -> 2.6 ms,
+    // 28->14x512 6.8 -> 3.1 ms, 32-channel groups at 7x7x1024 2.9 -> 2.4 ms.
+    return {ConvRowWide<Vec, 1, 7>, L, grad, L};
   }
   if (cg % (4 * L) == 0) return {ConvRowWide<Vec, 4, 7>, 4 * L, grad, L};
   if (cg % (3 * L) == 0) return {ConvRowWide<Vec, 3, 7>, 3 * L, grad, L};
