@@ -135,14 +135,16 @@ def test_torchvision_parity_with_scanned_blocks(name):
 # Groups of 2, 4 and 8 channels are merged into 16-channel chunks in the backward pass: one chunk, several
 # chunks (32 channels in 4-channel groups), 8-channel groups two per chunk; 16-channel groups stay single.
 # Convs with >= 16 input channels per group, at most 8 groups and outputs of at least 28x28 take their kernel
-# gradient as per-tap matmuls (dense 30 and 57 stride 2; 2 groups at 28 and 57 stride 2); a 3-channel 7x7
-# stem-like conv does not. Strided convs with at most 8 chunks take their input gradient one output phase at a
+# gradient as per-tap matmuls (dense 30 and 57 stride 2; 2 groups at 28 and 57 stride 2); a strided dense conv
+# with fewer channels and such an output by space-to-depth taps (the 3-channel 7x7/2 stem at even and odd sizes,
+# a 4-channel 5x5/3 whose blocks the padding does not fill, a 2-channel 4x4/2). Strided convs with at most 8 chunks take their input gradient one output phase at a
 # time, others dilated (16 chunks): odd and even sizes, a 1x1 kernel smaller than its stride (phases no tap
 # reaches), a 5x5 kernel and stride 3.
 @pytest.mark.parametrize("size,kernel,stride,groups,channels", [
     (15, 3, 2, 4, 8), (9, 7, 2, 1, 8), (6, 1, 2, 1, 8), (6, 3, 1, 2, 8), (7, 3, 1, 8, 32), (8, 3, 2, 8, 64),
     (5, 3, 1, 2, 32), (30, 3, 1, 1, 16), (57, 3, 2, 1, 16), (58, 7, 2, 1, 3), (10, 5, 2, 1, 8), (11, 3, 3, 1, 8),
-    (11, 3, 3, 2, 8), (13, 5, 3, 4, 16), (28, 3, 1, 2, 32), (57, 3, 2, 2, 32), (6, 3, 2, 16, 256)])
+    (11, 3, 3, 2, 8), (13, 5, 3, 4, 16), (28, 3, 1, 2, 32), (57, 3, 2, 2, 32), (6, 3, 2, 16, 256),
+    (57, 7, 2, 1, 3), (85, 5, 3, 1, 4), (60, 4, 2, 1, 2)])
 def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups, channels):
     from resnext_jax.models.layers import conv2d_canonical_grad
     from resnext_jax.ops import conv2d
