@@ -246,6 +246,9 @@ NATIVE_CASES = [
     ("cg32-stride3-7x7", (2, 11, 10, 64), (7, 7), 2, (3, 3), ((3, 3), (3, 2))),
     ("dense-64-stride2", (2, 9, 10, 64), (3, 3), 1, (2, 2), ((1, 1), (1, 1))),
     ("dense-48-rows-of-15", (1, 5, 15, 48), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
+    # Over 14x14 outputs, stride 1: the AVX2 build's dense kernel gradient stays native (smaller or strided
+    # ones go by matmuls, `native_kernel_grad_by_taps`).
+    ("dense-16-15x15", (1, 15, 15, 16), (3, 3), 1, (1, 1), ((1, 1), (1, 1))),
     ("cg80-stride12", (1, 6, 9, 160), (3, 3), 2, (1, 2), ((1, 1), (1, 1))),
     # Groups of an odd multiple of 8 channels (8-lane vectors): RegNet's 24, 8 with channels not a multiple of 16.
     ("cg24-regnet-stride2", (2, 9, 8, 72), (3, 3), 3, (2, 2), ((1, 1), (1, 1))),
@@ -279,7 +282,11 @@ def test_native_matches_float64_reference(case):
     canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, groups, "native")
     grads = jax.jit(lambda x, w, ct: jax.vjp(canonical, x, w)[1](ct))
     text = grads.lower(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct)).as_text()
-    assert native.TARGET in text and native.GRAD_TARGET in text
+    assert native.TARGET in text
+    from resnext_jax.ops.grouped_conv import native_kernel_grad_by_taps
+    by_taps = native_kernel_grad_by_taps(w.shape, strides, ct.shape[1:3])
+    assert (native.GRAD_TARGET in text) != by_taps
+    assert by_taps == (native.isa() == "avx2" and groups == 1 and (max(strides) > 1 or ct.shape[1] * ct.shape[2] <= 196))
     dx, dw = grads(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
     _assert_close(dx, dx_ref, 1e-5, "canonical native d/dx")
     _assert_close(dw, dw_ref, 1e-5, "canonical native d/dw")

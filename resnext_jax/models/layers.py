@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax.ops import conv2d, native
-from resnext_jax.ops.grouped_conv import block_diagonal_kernel, native_vjp, resolve_impl
+from resnext_jax.ops.grouped_conv import block_diagonal_kernel, kernel_grad_by_taps, native_vjp, resolve_impl
 
 Dtype = Any
 ModuleDef = Any
@@ -60,7 +60,7 @@ def conv2d_canonical_grad(x: jax.Array, kernel: jax.Array, strides: tuple, paddi
     already in the layout XLA:CPU's fast convolution expects. Groups of at most 8 channels are merged
     into 16-channel block-diagonal chunks; a kernel with at least 16 input channels per group, at most 8
     groups and a 28x28 output takes its kernel gradient as one matmul per tap and group
-    (`_kernel_grad_by_taps`); a strided conv with at most 8 chunks takes its input gradient by output
+    (`kernel_grad_by_taps`); a strided conv with at most 8 chunks takes its input gradient by output
     phases (`_input_grad`); all measured faster on CPU (docs/benchmarks.md). The
     forward is `conv2d(forward_only=True)`, so 'auto' may pick a forward whose own autodiff backward
     would be slow (narrow groups: 'chunked').
@@ -84,23 +84,6 @@ _TAP_MATMUL_MAX_GROUPS = 8
 # A strided conv's input gradient goes by output phases (`_input_grad`) when it has at most this many chunks
 # (stride**2 convs per chunk: ResNeXt-50's 16- and 32-chunk strided convs compiled 2 s slower for no gain).
 _PHASE_MAX_CHUNKS = 8
-
-
-def _kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
-    """Kernel gradient of a dense conv as one `(C, N*H'*W') @ (N*H'*W', O)` matmul per kernel tap.
-
-    XLA:CPU runs the equivalent convolution (batch and features swapped) far below matmul speed when the
-    batch is small: for ResNet-50's 3x3 convs at batch 8, 51 vs 35-45 ms at 56x56x64 and 30 vs 13 ms at
-    28x28x128; at 14x14 and below the convolution is as fast or faster.
-    """
-    (kh, kw), (sh, sw) = kernel_hw, strides
-    _, ho, wo, out = dy.shape
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    dy2 = dy.reshape(-1, out)
-    taps = [jnp.dot(xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw].reshape(-1, x.shape[-1]).T, dy2,
-                    preferred_element_type=jnp.float32)
-            for i in range(kh) for j in range(kw)]
-    return jnp.stack(taps).reshape(kh, kw, x.shape[-1], out)
 
 
 def _kernel_grad_space_to_depth(x, dy, kernel_hw, strides, padding):
@@ -219,7 +202,7 @@ def _canonical_bwd(strides, padding, groups, impl, residuals, dy):
         if by_blocks:  # (kh, kw, ci, co), one chunk
             dw = _kernel_grad_space_to_depth(x, dy, (kh, kw), strides, padding)
         elif by_taps:  # (kh, kw, ci, co)
-            dw = _kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
+            dw = kernel_grad_by_taps(x[..., ins], dy[..., outs], (kh, kw), strides, padding)
         else:  # (ci, kh, kw, co)
             dw = _dense_conv(xt[ins], dyt[..., outs], (1, 1), pads_w, rhs_dilation=strides).transpose(1, 2, 0, 3)
         if per_chunk > 1:  # (kh, kw, ci, co) -> the diagonal blocks, (kh, kw, cin_g, co)

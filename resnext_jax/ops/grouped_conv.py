@@ -128,11 +128,44 @@ def _native_fwd(x, kernel, strides, padding, groups, precision):
     return _native(x, kernel, strides, padding, groups, precision), (x, kernel)
 
 
+def kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
+    """Kernel gradient of a dense conv as one `(C, N*H'*W') @ (N*H'*W', O)` matmul per kernel tap.
+
+    XLA:CPU runs the equivalent convolution (batch and features swapped) far below matmul speed when the
+    batch is small: for ResNet-50's 3x3 convs at batch 8, 51 vs 35-45 ms at 56x56x64 and 30 vs 13 ms at
+    28x28x128; at 14x14 and below the convolution is as fast or faster.
+    """
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    _, ho, wo, out = dy.shape
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    dy2 = dy.reshape(-1, out)
+    taps = [jnp.dot(xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw].reshape(-1, x.shape[-1]).T, dy2,
+                    preferred_element_type=jnp.float32)
+            for i in range(kh) for j in range(kw)]
+    return jnp.stack(taps).reshape(kh, kw, x.shape[-1], out)
+
+
+
+def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
+    """Whether the native conv's kernel gradient is better taken as matmuls (`kernel_grad_by_taps`): with the
+    AVX2 build, for dense convs that are strided or have at most 14x14 outputs. ResNet-50's 3x3 convs at
+    batch 8 on the 2-core AMD EPYC, native vs taps: 56->28x128 35.1 vs 26.5 ms, 28->14x256 33.3 vs 19.6,
+    14->7x512 38.7 vs 16.5, 14x14x256 18.0 vs 15.0, 7x7x512 23.9 vs 14.9; but 56x56x64 22.8 vs 53.3 and
+    28x28x128 19.8 vs 25.3 (docs/benchmarks.md). The AVX-512 build is faster than taps on all of them.
+    """
+    kh, kw, cin_g, out = kernel_shape
+    return (native.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)
+            and (max(strides) > 1 or dy_hw[0] * dy_hw[1] <= 14 * 14))
+
+
 def native_vjp(strides, padding, residuals, dy):
-    """(dx, dkernel) of the native grouped conv, both by the native kernels."""
+    """(dx, dkernel) of the native grouped conv: by the native kernels, or the kernel gradient by matmuls
+    where `native_kernel_grad_by_taps` says so."""
     x, kernel = residuals
-    return (native.grouped_conv_input_grad(dy, kernel, x.shape[1:3], strides, padding),
-            native.grouped_conv_kernel_grad(x, dy, kernel.shape, strides, padding))
+    dx = native.grouped_conv_input_grad(dy, kernel, x.shape[1:3], strides, padding)
+    if native_kernel_grad_by_taps(kernel.shape, strides, dy.shape[1:3]):
+        return dx, kernel_grad_by_taps(x, dy, kernel.shape[:2], strides, padding).astype(kernel.dtype)
+    return dx, native.grouped_conv_kernel_grad(x, dy, kernel.shape, strides, padding)
 
 
 def _native_bwd(strides, padding, groups, precision, residuals, dy):
