@@ -75,9 +75,11 @@ def _canonical_fwd(x, kernel, strides, padding, groups, impl):
 # The backward pass merges narrow groups into chunks of this many input channels (block-diagonal kernels).
 _BWD_CHUNK_CHANNELS = 16
 # A conv's kernel gradient is one matmul per kernel tap (and group) when its output has at least this many
-# pixels, its groups this many input channels and it has at most this many groups (the 3-channel 7x7 stem: 55 ms
-# as taps, 49 ms as a conv; RegNetY-1.6GF's 24-channel groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms
-# for the backward of its six such convs; 32 groups would be 288 matmuls to compile).
+# pixels, its groups this many input channels and it has at most this many groups (RegNetY-1.6GF's 24-channel
+# groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms for the backward of its six such convs; 32 groups would
+# be 288 matmuls to compile). A strided dense conv with fewer channels and such an output (the 3-channel 7x7/2
+# stem) goes by space-to-depth taps instead: on the AVX-512 CPU 55 ms as 49 taps against 49 ms as a conv, on
+# the AVX2 one 58 ms as taps, 46 ms as 16 space-to-depth taps, 120-142 ms as a conv.
 _TAP_MATMUL_MIN_PIXELS = 28 * 28
 _TAP_MATMUL_MIN_CHANNELS = 16
 _TAP_MATMUL_MAX_GROUPS = 8

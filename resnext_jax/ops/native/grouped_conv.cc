@@ -83,6 +83,7 @@ struct V16 {
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Bcast(float x) { return _mm512_set1_ps(x); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T Add(T a, T b) { return _mm512_add_ps(a, b); }
 };
 #endif
 struct V8 {
@@ -93,6 +94,7 @@ struct V8 {
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Bcast(float x) { return _mm256_set1_ps(x); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T Add(T a, T b) { return _mm256_add_ps(a, b); }
 };
 
 // Calls f(std::integral_constant<int, C>()) for C = 0, ..., N - 1: constant channel indices for the
@@ -247,7 +249,7 @@ void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t r
 // Forward row, groups of a multiple of 8 or 16 channels (`Vec`'s lanes; dense convs included): a block of
 // OB vectors (all in one group) x P pixels; per input channel and tap, OB kernel vectors are loaded and each
 // pixel's input is broadcast from memory into OB FMAs.
-template <typename Vec, int OB, int P>
+template <typename Vec, int OB, int P, bool kPerTap = false>
 void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0,
                  int64_t c1) {
   constexpr int kBlock = OB * Vec::kLanes;
@@ -261,6 +263,15 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
       const float* x_in[P];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) x_in[p] = inside[p] ? x_at[p] + group_start : s.zeros;
+      // kPerTap (AVX2, groups over 32 channels; 1 x 7 blocks leave room for 7 more registers): each tap sums
+      // into its own accumulators, added to the total after the tap, so that a wide group's long reduction
+      // (9 x 264 terms in regnet_y_128gf) is 9 sums of 264 instead of one of 2376. One sum measured 1.12e-4
+      // off torchvision's logits there (the parity bound is 1e-4).
+      typename Vec::T part[P][OB];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < OB; ++v) part[p][v] = kPerTap ? Vec::Zero() : acc[p][v];
       for (int64_t c = 0; c < s.cg; ++c) {
         typename Vec::T kv[OB];
 #pragma GCC unroll 4
@@ -269,9 +280,13 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
         for (int p = 0; p < P; ++p) {
           const typename Vec::T xb = Vec::Bcast(x_in[p][c]);
 #pragma GCC unroll 4
-          for (int v = 0; v < OB; ++v) acc[p][v] = Vec::Fma(xb, kv[v], acc[p][v]);
+          for (int v = 0; v < OB; ++v) part[p][v] = Vec::Fma(xb, kv[v], part[p][v]);
         }
       }
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+        for (int v = 0; v < OB; ++v) acc[p][v] = kPerTap ? Vec::Add(acc[p][v], part[p][v]) : part[p][v];
     });
   });
 }
@@ -416,6 +431,7 @@ Kernels WideKernelsFor(int64_t cg, int64_t wo) {
     // rows allow and 2 x 7 for groups of 16k channels: 8-channel groups at 28x28x256 8.4 -> 4.4 ms (14
     // pixel pointers spill), 56->28x256 11.7 -> 9.9 ms, 16-channel groups at 14x14x512 3.0 -> 2.6 ms,
     // 28->14x512 6.8 -> 3.1 ms, 32-channel groups at 7x7x1024 2.9 -> 2.4 ms.
+    if (cg > 32) return {ConvRowWide<Vec, 1, 7, true>, L, grad, L};
     return {ConvRowWide<Vec, 1, 7>, L, grad, L};
   }
   if (cg % (4 * L) == 0) return {ConvRowWide<Vec, 4, 7>, 4 * L, grad, L};
