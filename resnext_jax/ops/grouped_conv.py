@@ -145,13 +145,14 @@ def kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
     return jnp.stack(taps).reshape(kh, kw, x.shape[-1], out)
 
 
-
 def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
     """Whether the native conv's kernel gradient is better taken as matmuls (`kernel_grad_by_taps`): with the
     AVX2 build, for dense convs that are strided or have at most 14x14 outputs. ResNet-50's 3x3 convs at
     batch 8 on the 2-core AMD EPYC, native vs taps: 56->28x128 35.1 vs 26.5 ms, 28->14x256 33.3 vs 19.6,
     14->7x512 38.7 vs 16.5, 14x14x256 18.0 vs 15.0, 7x7x512 23.9 vs 14.9; but 56x56x64 22.8 vs 53.3 and
-    28x28x128 19.8 vs 25.3 (docs/benchmarks.md). The AVX-512 build is faster than taps on all of them.
+    28x28x128 19.8 vs 25.3 (docs/benchmarks.md). The AVX-512 build keeps its own kernel gradient everywhere
+    (seventh session: ResNet-50's dense 3x3 convs, forward and both gradients, 321 ms native against 508 ms
+    for the best pure-XLA backward, which took these taps at 28x28 and above); not re-measured shape by shape.
     """
     kh, kw, cin_g, out = kernel_shape
     return (native.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)
