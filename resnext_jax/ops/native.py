@@ -72,17 +72,18 @@ def runnable_isas(flags: set[str] | None = None) -> list[str]:
 
 def select_isa(environ=os.environ, flags: set[str] | None = None) -> tuple[str | None, str]:
     """(instruction set to build, or None; why): the best this CPU runs, or `$RESNEXT_JAX_NATIVE_ISA`."""
+    flags = cpu_flags() if flags is None else flags
     runnable = runnable_isas(flags)
     wanted = environ.get(ISA_ENV, "")
     if wanted:
         if wanted not in ISAS:
             return None, f"{ISA_ENV}={wanted!r} is not one of {sorted(ISAS)}"
         if wanted not in runnable:
-            missing = ", ".join(sorted(ISAS[wanted][0] - (cpu_flags() if flags is None else flags)))
+            missing = ", ".join(sorted(ISAS[wanted][0] - flags))
             return None, f"{ISA_ENV}={wanted}, but this CPU lacks {missing}; unset it to build the best it has"
         return wanted, f"{ISA_ENV}={wanted}"
     if not runnable:
-        missing = ", ".join(sorted(ISAS["avx2"][0] - (cpu_flags() if flags is None else flags)))
+        missing = ", ".join(sorted(ISAS["avx2"][0] - flags))
         return None, f"it needs a CPU with AVX2 and FMA ({missing} not in /proc/cpuinfo's flags)"
     return runnable[0], "the best this CPU has"
 
