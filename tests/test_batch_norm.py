@@ -174,6 +174,26 @@ def test_native_affine_add_relu_matches_float64(shape, relu, residual_affine):
     np.testing.assert_allclose(out, np.maximum(ref, 0) if relu else ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(2, 5, 7, 256), (9, 40, 40, 24), (3, 4, 4, 37), (5, 24), (2, 3, 40000)],
+                         ids=["c256", "c24-11-items", "c37-tail5", "rank2", "c40000-row-per-item"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_native_channel_sums_match_float64(shape, masked):
+    """Batch norm's per-channel sums (training statistics and backward) against float64 numpy, with a mask
+    that, like a ReLU's output, has exact zeros (masked out) and a per-channel offset to centre."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal(shape), rng.standard_normal(shape) * 2 + rng.uniform(-5, 5, shape[-1])
+    shift = rng.uniform(-5, 5, shape[-1])
+    mask = np.maximum(rng.standard_normal(shape), 0.0) if masked else None
+    f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)  # noqa: E731
+    sums = jax.jit(native.channel_sums)(f32(a), f32(b), f32(shift), f32(mask))
+    a, b, shift = (np.asarray(f32(v), np.float64) for v in (a, b, shift))
+    a = np.where(mask > 0, a, 0.0) if masked else a
+    axes = tuple(range(a.ndim - 1))
+    for got, want in zip(sums, (a.sum(axes), (a * (b - shift)).sum(axes))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 class Block(nn.Module):
     """A block's end as the models have it: the shortcut's batch norm deferred, the last one adding it."""
     native_epilogue: bool

@@ -299,12 +299,21 @@ def _add_act(y: jax.Array, residual: jax.Array | None, act: Callable | None) -> 
     return act(y) if act is not None else y
 
 
-def _batch_moments(x: jax.Array, axis_name: str | None):
+def _native_sums_apply(x: jax.Array, use_native: bool) -> bool:
+    """Whether batch norm's per-channel sums run as `native.channel_sums`: asked for, float32, on a CPU with
+    the native kernels built."""
+    return use_native and x.dtype == jnp.float32 and jax.default_backend() == "cpu" and native.available()
+
+
+def _batch_moments(x: jax.Array, axis_name: str | None, use_native: bool = False):
     """Per-channel mean and (biased) variance over all but the last axis, in float32, synced over `axis_name`."""
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     count = x.size // x.shape[-1]
-    sums, squares = jnp.sum(xf, axes), jnp.sum(xf * xf, axes)
+    if _native_sums_apply(x, use_native):
+        sums, squares = native.channel_sums(x, x, jnp.zeros(x.shape[-1:], jnp.float32))
+    else:
+        sums, squares = jnp.sum(xf, axes), jnp.sum(xf * xf, axes)
     if axis_name is not None:
         sums, squares, count = lax.psum((sums, squares, count), axis_name)
     mean = sums / count
@@ -332,7 +341,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: 
 
 
 def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_native=False):
-    mean, var, count = _batch_moments(x, axis_name)
+    mean, var, count = _batch_moments(x, axis_name, use_native)
     inv = lax.rsqrt(var + epsilon)
     if use_native and residual is not None and native_epilogue_applies(x, x.dtype, residual):
         y = native.affine_add_relu(x, mean, scale * inv, bias, residual, relu=relu)
@@ -345,12 +354,15 @@ def _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_nati
 
 def _batch_norm_bwd(epsilon, relu, axis_name, use_native, saved, cotangents):
     x, scale, mean, inv, count, y, has_residual = saved
-    dz = cotangents[0].astype(jnp.float32)
-    if relu:
-        dz = jnp.where(y > 0, dz, 0.0)
+    dy = cotangents[0].astype(jnp.float32)
+    dz = jnp.where(y > 0, dy, 0.0) if relu else dy
     axes = tuple(range(x.ndim - 1))
     xhat = (x.astype(jnp.float32) - mean) * inv
-    dbias, dscale = jnp.sum(dz, axes), jnp.sum(dz * xhat, axes)
+    if _native_sums_apply(x, use_native):
+        dbias, centred = native.channel_sums(dy, x, mean, y if relu else None)
+        dscale = centred * inv
+    else:
+        dbias, dscale = jnp.sum(dz, axes), jnp.sum(dz * xhat, axes)
     # The statistics are shared across the axis, so their gradient terms are summed over it; the parameter
     # gradients stay per-device (the train step averages them), as with autodiff under pmap semantics.
     total_dbias, total_dscale = (dbias, dscale) if axis_name is None else lax.psum((dbias, dscale), axis_name)

@@ -33,14 +33,15 @@ import numpy as np
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the header is part of the build key.
-SOURCES = tuple(os.path.join(NATIVE_DIR, name) for name in ("grouped_conv.cc", "epilogue.cc"))
+SOURCES = tuple(os.path.join(NATIVE_DIR, name) for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc"))
 HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
 EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
+SUMS_TARGET = "resnext_jax_channel_sums"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
-           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu"}
+           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
@@ -258,6 +259,21 @@ def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.
         zeros = jnp.zeros(y.shape[-1:], jnp.float32)
         residual_affine = (zeros, jnp.ones_like(zeros), zeros)
     return _affine_add_relu(bool(relu), y, mean, scale, shift, residual, *residual_affine)
+
+
+def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Per-channel `(sum(a'), sum(a' * (b - shift)))` over all but the last axis by the native kernel, where
+    `a'` is `a`, or `where(mask > 0, a, 0)`. float32, channels last; `b` (and `mask`) of `a`'s shape, `shift`
+    one entry per channel. No VJP: training-mode batch norm's statistics, `(x, x, 0)` for sum x and sum x^2,
+    and its backward's, `(dy, x, mean, mask=y)` for sum dz and sum dz (x - mean) (one pass where XLA:CPU's
+    reductions ran at 6-15 GB/s; docs/benchmarks.md, tenth session). The sums are in float32 over runs of
+    rows and in float64 across them, in an order fixed by the shape.
+    """
+    channels = a.shape[-1]
+    out = jax.ShapeDtypeStruct((channels,), jnp.float32)
+    call = jax.ffi.ffi_call(_target(SUMS_TARGET), (out, out), vmap_method="sequential")
+    return call(a, b, shift, a if mask is None else mask, masked=np.int64(mask is not None))
 
 
 def _affine_add_relu_reference(relu, y, mean, scale, shift, residual, rmean, rscale, rshift):
