@@ -308,7 +308,8 @@ def profile_step(call, compiled, trace_dir: str, top: int = 15) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     ops = {}
     for line in compiled.as_text().splitlines():
-        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        # The result type is one shape or a tuple of them (a custom call with two outputs).
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\(", line)
         if match:
             kind = re.search(r"kind=(\w+)", line) if match.group(2) == "fusion" else None
             op_name = re.search(r'op_name="([^"]*)"', line)

@@ -115,3 +115,24 @@ def test_inference_options_take_matmuls_out_of_ynn_with_the_same_logits():
         texts.append(compiled.as_text())
     assert "__ynn_fusion" in texts[0] and "__ynn_fusion" not in texts[1]
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4 * np.abs(outputs[0]).max())
+
+
+def test_profile_counts_ops_with_tuple_results(tmp_path):
+    """An op with two results (here a two-operand sort; the native batch-norm sums are another) has a tuple
+    type in the HLO text; its time must be counted, not dropped."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def fn(a, b):
+        keys, values = lax.sort((a, b), num_keys=1)
+        return keys + values
+
+    a = jax.random.normal(jax.random.key(0), (1 << 20,))
+    compiled = jax.jit(fn).lower(a, a).compile()
+    assert any(" = (" in line and " sort(" in line for line in compiled.as_text().splitlines())
+    call = lambda: jax.block_until_ready(compiled(a, a))  # noqa: E731
+    call()
+    prof = bench.profile_step(call, compiled, str(tmp_path / "trace"))
+    sort_ms = sum(ms for op, ms in prof["by_op_ms"].items() if op.startswith("sort"))
+    assert sort_ms > 0.5 * prof["total_ms"], prof
