@@ -182,6 +182,24 @@ def test_bad_activation_names_choices():
         init(tiny(activation="swish"))
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (7, 10), (112, 112)], ids=["even", "odd", "stem"])
+@pytest.mark.parametrize("channels", [16, 24, 5], ids=["c16", "c24", "c5-no-native"])
+def test_stem_max_pool_gradient_matches_torch(hw, channels):
+    """The training pool's input gradient (native on CPU where C is a multiple of 8, else flax's) against
+    torch's MaxPool2d(3, 2, 1) backward, on ReLU-like inputs with exact ties (zeros and rounded values),
+    where only the first maximum of each window may get the gradient."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    x = np.maximum(np.round(rng.standard_normal((2, *hw, channels)) * 2) / 2, 0).astype(np.float32)
+    ho, wo = (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
+    dy = rng.standard_normal((2, ho, wo, channels)).astype(np.float32)
+    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, 3, 2, 1).backward(torch.tensor(dy).permute(0, 3, 1, 2))
+    grad = jax.jit(lambda x, g: jax.vjp(lambda x: stem_max_pool(x, True), x)[1](g)[0])(x, dy)
+    np.testing.assert_allclose(grad, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_conv_impls_agree_in_a_model():
     variables = init(tiny(conv_impl="xla"))
     np.testing.assert_allclose(tiny(conv_impl="xla").apply(variables, images()),

@@ -548,16 +548,21 @@ def stem_and_block_factories(network: nn.Module, train: bool):
 def stem_max_pool(x: jax.Array, train: bool) -> jax.Array:
     """3x3 max pool, stride 2, padding 1 with -inf (torch's `MaxPool2d(3, 2, 1)`).
 
-    Inference pools each spatial axis in turn as the max of its even elements, its odd elements and the odd
-    ones shifted by one (`-inf` in front): strided slices that XLA:CPU fuses with the stem's batch norm and
-    ReLU, with no padded copy of the 8 x 112 x 112 x 64 input. Stem conv, batch norm, ReLU and pool at batch
-    8: 14.3 ms, against 16.2 ms for the max of 9 slices of a padded copy and 6.0 ms more for `reduce_window`
-    after a separate batch-norm pass (docs/benchmarks.md). Training keeps `nn.max_pool`, whose gradient goes
-    to the first maximum of each window, as torch's does.
+    The forward pools each spatial axis in turn as the max of its even elements, its odd elements and the
+    odd ones shifted by one (`-inf` in front): strided slices that XLA:CPU fuses with the stem's batch norm
+    and ReLU, with no padded copy of the 8 x 112 x 112 x 64 input. Stem conv, batch norm, ReLU and pool at
+    batch 8: 14.3 ms, against 16.2 ms for the max of 9 slices of a padded copy and 6.0 ms more for
+    `reduce_window` after a separate batch-norm pass (docs/benchmarks.md). The gradient goes to the first
+    maximum of each window, as torch's does: in training on a CPU with the native kernels by
+    `native.max_pool_grad` (one pass; XLA:CPU's select-and-scatter took ~35 ms of a ResNeXt-50 train step,
+    docs/benchmarks.md, tenth session), elsewhere by `nn.max_pool`'s.
     """
     if train:
-        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        return _max_pool_3x3s2(x)
+    return _max_pool_3x3s2_forward(x)
 
+
+def _max_pool_3x3s2_forward(x: jax.Array) -> jax.Array:
     def pool(x, axis):  # output i = max(x[2i - 1], x[2i], x[2i + 1]) along `axis`
         n = x.shape[axis]
         even, odd = lax.slice_in_dim(x, 0, n, 2, axis=axis), lax.slice_in_dim(x, 1, n, 2, axis=axis)
@@ -568,6 +573,29 @@ def stem_max_pool(x: jax.Array, train: bool) -> jax.Array:
         return jnp.maximum(jnp.maximum(even, odd), before)
 
     return pool(pool(x, 1), 2)
+
+
+def _reference_max_pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
+@jax.custom_vjp
+def _max_pool_3x3s2(x: jax.Array) -> jax.Array:
+    return _max_pool_3x3s2_forward(x)
+
+
+def _max_pool_3x3s2_fwd(x):
+    return _max_pool_3x3s2_forward(x), x
+
+
+def _max_pool_3x3s2_bwd(x, dy):
+    if (x.dtype == dy.dtype == jnp.float32 and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
+            and native.available()):
+        return (native.max_pool_grad(x, dy, (3, 3), (2, 2), (1, 1)),)
+    return jax.vjp(_reference_max_pool, x)[1](dy)
+
+
+_max_pool_3x3s2.defvjp(_max_pool_3x3s2_fwd, _max_pool_3x3s2_bwd)
 
 
 def run_stage(block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], train: bool, prefix: str,

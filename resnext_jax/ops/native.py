@@ -33,15 +33,18 @@ import numpy as np
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the header is part of the build key.
-SOURCES = tuple(os.path.join(NATIVE_DIR, name) for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc"))
+SOURCES = tuple(os.path.join(NATIVE_DIR, name)
+                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc"))
 HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
 EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
 SUMS_TARGET = "resnext_jax_channel_sums"
+POOL_GRAD_TARGET = "resnext_jax_max_pool_grad"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
-           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums"}
+           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
+           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
@@ -274,6 +277,20 @@ def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array |
     out = jax.ShapeDtypeStruct((channels,), jnp.float32)
     call = jax.ffi.ffi_call(_target(SUMS_TARGET), (out, out), vmap_method="sequential")
     return call(a, b, shift, a if mask is None else mask, masked=np.int64(mask is not None))
+
+
+def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.Array:
+    """The input gradient of a max pool of `x` (`(N, H, W, C)`, float32, C a multiple of 8) with window
+    `(kh, kw)`, `strides` and symmetric `padding` `(ph, pw)` that never wins (-inf), for output gradient
+    `dy`, by the native kernel: each output's gradient goes to the first maximum of its window in row-major
+    order (torch's MaxPool2d and `flax.linen.max_pool`'s gradient do the same). One pass, where XLA:CPU
+    lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks.md, tenth session).
+    """
+    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
+    call = jax.ffi.ffi_call(_target(POOL_GRAD_TARGET), jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x, dy, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(ph),
+                pw=np.int64(pw))
 
 
 def _affine_add_relu_reference(relu, y, mean, scale, shift, residual, rmean, rscale, rshift):
