@@ -160,6 +160,35 @@ def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups, chan
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
 
 
+def _kernel_grad_float64(x, dy, kernel, stride, pad):
+    """dw[i, j, c, o] = sum over n, y, x of xpad[n, s*y + i, s*x + j, c] * dy[n, y, x, o], in float64."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = dy.shape[1:3]
+    return np.stack([np.stack([np.einsum("nyxc,nyxo->co", xp[:, i:i + stride * (ho - 1) + 1:stride,
+                                                          j:j + stride * (wo - 1) + 1:stride], dy)
+                               for j in range(kernel)]) for i in range(kernel)])
+
+
+# The stem's kernel gradient by space-to-depth with output channels a multiple of 32 (on CPU, the native
+# `few_channel_kernel_grad`): ResNet's 7x7/2 stem on 3 channels at even and odd sizes (64 outputs: two
+# 32-channel blocks), RegNet's 3x3/2 stem (32 outputs), 5 channels at stride 2 (20 after space-to-depth) and
+# 3 at stride 3 (27: an odd count, so the one-channel register block runs too).
+@pytest.mark.parametrize("size,kernel,stride,channels,out", [
+    (58, 7, 2, 3, 64), (57, 7, 2, 3, 64), (33, 3, 2, 3, 32), (30, 5, 2, 5, 32), (31, 5, 3, 3, 32)])
+def test_space_to_depth_kernel_grad_matches_float64(size, kernel, stride, channels, out):
+    from resnext_jax.models.layers import _kernel_grad_space_to_depth
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
+    pad = (kernel - 1) // 2
+    ho = (size + 2 * pad - kernel) // stride + 1
+    dy = jax.random.normal(jax.random.key(1), (2, ho, ho, out))
+    dw = jax.jit(lambda x, dy: _kernel_grad_space_to_depth(x, dy, (kernel, kernel), (stride, stride),
+                                                          ((pad, pad), (pad, pad))))(x, dy)
+    want = _kernel_grad_float64(x, dy, kernel, stride, pad)
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_mac_count_covers_every_scanned_block():
     from resnext_jax.summary import summarize
     plain = summarize("resnext50_32x4d", 64)

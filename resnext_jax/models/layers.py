@@ -107,10 +107,14 @@ def _kernel_grad_space_to_depth(x, dy, kernel_hw, strides, padding):
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (padding[0][0], hs * sh - h - padding[0][0], 0),
                                             (padding[1][0], ws * sw - w - padding[1][0], 0), (0, 0, 0)))
     xs = xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, sh * sw * c)
-    dy2 = dy.reshape(-1, out)
-    taps = [jnp.dot(xs[:, p:p + ho, q:q + wo].reshape(-1, sh * sw * c).T, dy2, preferred_element_type=jnp.float32)
-            for p in range(th) for q in range(tw)]
-    dw = jnp.stack(taps).reshape(th, tw, sh, sw, c, out).transpose(0, 2, 1, 3, 4, 5)
+    if (xs.dtype == dy.dtype == jnp.float32 and out % 32 == 0 and jax.default_backend() == "cpu"
+            and native.available()):
+        dw = native.few_channel_kernel_grad(xs, dy, (th, tw))
+    else:
+        dy2 = dy.reshape(-1, out)
+        dw = jnp.stack([jnp.dot(xs[:, p:p + ho, q:q + wo].reshape(-1, sh * sw * c).T, dy2,
+                                preferred_element_type=jnp.float32) for p in range(th) for q in range(tw)])
+    dw = dw.reshape(th, tw, sh, sw, c, out).transpose(0, 2, 1, 3, 4, 5)
     return dw.reshape(th * sh, tw * sw, c, out)[:kh, :kw]
 
 

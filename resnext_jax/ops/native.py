@@ -34,17 +34,18 @@ import numpy as np
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the header is part of the build key.
 SOURCES = tuple(os.path.join(NATIVE_DIR, name)
-                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc"))
+                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc"))
 HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
 EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
 SUMS_TARGET = "resnext_jax_channel_sums"
 POOL_GRAD_TARGET = "resnext_jax_max_pool_grad"
+FEW_CHANNEL_GRAD_TARGET = "resnext_jax_few_channel_kernel_grad"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
            EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
-           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad"}
+           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
@@ -277,6 +278,18 @@ def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array |
     out = jax.ShapeDtypeStruct((channels,), jnp.float32)
     call = jax.ffi.ffi_call(_target(SUMS_TARGET), (out, out), vmap_method="sequential")
     return call(a, b, shift, a if mask is None else mask, masked=np.int64(mask is not None))
+
+
+def few_channel_kernel_grad(xs: jax.Array, dy: jax.Array, taps) -> jax.Array:
+    """`dw[p, q, i, o] = sum_{n,y,x} xs[n, y + p, x + q, i] dy[n, y, x, o]` by the native kernel: the kernel
+    gradient `(th, tw, C, O)` of a stride-1 unpadded dense conv with `taps = (th, tw)`, for `xs`
+    `(N, H, W, C)` and `dy` `(N, H - th + 1, W - tw + 1, O)`, float32, O a multiple of 32. Meant for few input
+    channels (the stem after space-to-depth, `models.layers._kernel_grad_space_to_depth`): each tap is read
+    in place, where XLA ops slice the input once per tap (docs/benchmarks.md, tenth session).
+    """
+    th, tw = taps
+    out = jax.ShapeDtypeStruct((th, tw, xs.shape[-1], dy.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(_target(FEW_CHANNEL_GRAD_TARGET), out, vmap_method="sequential")(xs, dy)
 
 
 def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.Array:
