@@ -559,10 +559,12 @@ def stem_max_pool(x: jax.Array, train: bool) -> jax.Array:
     `reduce_window` after a separate batch-norm pass (docs/benchmarks.md). The gradient goes to the first
     maximum of each window, as torch's does: in training on a CPU with the native kernels by
     `native.max_pool_grad` (one pass; XLA:CPU's select-and-scatter took ~35 ms of a ResNeXt-50 train step,
-    docs/benchmarks.md, tenth session), elsewhere by `nn.max_pool`'s.
+    docs/benchmarks.md, tenth session); training elsewhere (other backends, bfloat16) runs `nn.max_pool`.
     """
     if train:
-        return _max_pool_3x3s2(x)
+        native_grad = (x.dtype == jnp.float32 and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
+                       and native.available())
+        return _max_pool_3x3s2(x) if native_grad else nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     return _max_pool_3x3s2_forward(x)
 
 
@@ -579,12 +581,9 @@ def _max_pool_3x3s2_forward(x: jax.Array) -> jax.Array:
     return pool(pool(x, 1), 2)
 
 
-def _reference_max_pool(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-
-
 @jax.custom_vjp
 def _max_pool_3x3s2(x: jax.Array) -> jax.Array:
+    """The stem pool with its gradient by `native.max_pool_grad` (float32, channels a multiple of 8, CPU)."""
     return _max_pool_3x3s2_forward(x)
 
 
@@ -593,10 +592,7 @@ def _max_pool_3x3s2_fwd(x):
 
 
 def _max_pool_3x3s2_bwd(x, dy):
-    if (x.dtype == dy.dtype == jnp.float32 and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
-            and native.available()):
-        return (native.max_pool_grad(x, dy, (3, 3), (2, 2), (1, 1)),)
-    return jax.vjp(_reference_max_pool, x)[1](dy)
+    return (native.max_pool_grad(x, dy, (3, 3), (2, 2), (1, 1)),)
 
 
 _max_pool_3x3s2.defvjp(_max_pool_3x3s2_fwd, _max_pool_3x3s2_bwd)
