@@ -145,8 +145,7 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides
     (h, w), (sh, sw) = x_hw, strides
     if (sh, sw) == (1, 1) or not by_phases:
         # One conv of the flipped, transposed kernel over `dy`, dilated by the stride.
-        pads = [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
-                in ((h, kh, sh, padding[0], ho), (w, kw, sw, padding[1], wo))]
+        pads = native.input_grad_padding((h, w), (kh, kw), (sh, sw), padding, (ho, wo))
         flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
         return _dense_conv(dy, flipped, (1, 1), pads, lhs_dilation=(sh, sw))
     th, tw = -(-h // sh), -(-w // sw)  # rows and columns per phase (the last phase may run past the input)

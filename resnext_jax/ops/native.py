@@ -232,10 +232,15 @@ def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, pad
     transposed (input and output channels swapped), padded by `k - 1 - pad` below and what makes the
     result `x_hw` above.
     """
-    kh, kw = kernel.shape[:2]
-    pads = [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
-            in zip(x_hw, (kh, kw), strides, padding, dy.shape[1:3])]
+    pads = input_grad_padding(x_hw, kernel.shape[:2], strides, padding, dy.shape[1:3])
     return grouped_conv_forward(dy, kernel, (1, 1), pads, input_dilation=strides, transpose_kernel=True)
+
+
+def input_grad_padding(x_hw, kernel_hw, strides, padding, dy_hw) -> list[tuple[int, int]]:
+    """Per-axis `(low, high)` padding of the stride-dilated `dy` whose conv with the flipped kernel is a conv's
+    input gradient: `k - 1 - pad` below, and above what makes the result `x_hw` (negative crops)."""
+    return [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
+            in zip(x_hw, kernel_hw, strides, padding, dy_hw)]
 
 
 def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, padding) -> jax.Array:
