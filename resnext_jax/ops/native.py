@@ -8,6 +8,10 @@ intra-op threads: at batch 8, the input and kernel gradients of ResNeXt-50's 16 
 against 253 ms for the best pure-XLA implementation, and ResNet-50's dense 3x3 convs, forward and both
 gradients, 321 against 508 ms (docs/benchmarks.md).
 
+Beside the convolutions, `native/` holds four passes that XLA:CPU runs slowly: the residual block
+epilogue (`affine_add_relu`), batch norm's training sums (`channel_sums`), the stem max pool's gradient
+(`max_pool_grad`) and the stem's kernel gradient after space-to-depth (`few_channel_kernel_grad`).
+
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
 loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX2 and FMA; with AVX-512F and

@@ -9,8 +9,8 @@
 // step on the 2-core AMD EPYC, ~117 ms of its ~1.9 s (docs/benchmarks.md, tenth session); this is one
 // streaming pass on all the pool's threads. 8-lane AVX2 code in both builds: it is memory-bound.
 //
-// Deterministic: the rows are cut into items by the shape alone, each item sums its rows in float32, and
-// the items' partial sums are added in item order in double, whatever thread ran them.
+// Deterministic: the rows are cut into items by the shape alone, each item sums its (at most 64) rows in
+// float32, and the items' partial sums are added in item order in double, whatever thread ran them.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -36,8 +36,11 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   float *sa = sum_a->typed_data(), *sab = sum_ab->typed_data();
   if (c == 0) return ffi::Error::Success();
   const int64_t rows = size / c;
-  // Items of about 128 KiB of `a`: enough to balance the pool, few enough that their partials cost nothing.
-  const int64_t rows_per_item = std::max<int64_t>(1, 32768 / c), items = (rows + rows_per_item - 1) / rows_per_item;
+  // Items of at most 64 rows (and 128 KiB of `a`): each float32 running sum has at most 64 terms. Longer ones
+  // (4096 rows of 8 channels) put an 8-device train step's parameters 1.3x the tolerance away from the
+  // 1-device step's (tests/test_train_multidevice.py): E[x^2] - E[x]^2 magnifies their rounding.
+  const int64_t rows_per_item = std::clamp<int64_t>(32768 / c, 1, 64);
+  const int64_t items = (rows + rows_per_item - 1) / rows_per_item;
   const int64_t cv = (c + 7) / 8 * 8;  // channels rounded up to whole vectors
   std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(items, 1) * 2 * cv), 0.0f);
   const float *ap = a.typed_data(), *bp = b.typed_data(), *shp = shift.typed_data(),
