@@ -165,17 +165,19 @@ def _kernel_grad_float64(x, dy, kernel, stride, pad):
     x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     ho, wo = dy.shape[1:3]
-    return np.stack([np.stack([np.einsum("nyxc,nyxo->co", xp[:, i:i + stride * (ho - 1) + 1:stride,
-                                                          j:j + stride * (wo - 1) + 1:stride], dy)
+    return np.stack([np.stack([np.tensordot(xp[:, i:i + stride * (ho - 1) + 1:stride,
+                                                j:j + stride * (wo - 1) + 1:stride], dy, axes=([0, 1, 2], [0, 1, 2]))
                                for j in range(kernel)]) for i in range(kernel)])
 
 
 # The stem's kernel gradient by space-to-depth with output channels a multiple of 32 (on CPU, the native
 # `few_channel_kernel_grad`): ResNet's 7x7/2 stem on 3 channels at even and odd sizes (64 outputs: two
 # 32-channel blocks), RegNet's 3x3/2 stem (32 outputs), 5 channels at stride 2 (20 after space-to-depth) and
-# 3 at stride 3 (27: an odd count, so the one-channel register block runs too).
+# 3 at stride 3 (27: an odd count, so the one-channel register block runs too), and 256 outputs over 200
+# output rows (13 items of 16 rows, in two waves of partial sums).
 @pytest.mark.parametrize("size,kernel,stride,channels,out", [
-    (58, 7, 2, 3, 64), (57, 7, 2, 3, 64), (33, 3, 2, 3, 32), (30, 5, 2, 5, 32), (31, 5, 3, 3, 32)])
+    (58, 7, 2, 3, 64), (57, 7, 2, 3, 64), (33, 3, 2, 3, 32), (30, 5, 2, 5, 32), (31, 5, 3, 3, 32),
+    (200, 7, 2, 5, 256)])
 def test_space_to_depth_kernel_grad_matches_float64(size, kernel, stride, channels, out):
     from resnext_jax.models.layers import _kernel_grad_space_to_depth
 

@@ -42,16 +42,15 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   const int64_t rows_per_item = std::clamp<int64_t>(32768 / c, 1, 64);
   const int64_t items = (rows + rows_per_item - 1) / rows_per_item;
   const int64_t cv = (c + 7) / 8 * 8;  // channels rounded up to whole vectors
-  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(items, 1) * 2 * cv), 0.0f);
   const float *ap = a.typed_data(), *bp = b.typed_data(), *shp = shift.typed_data(),
               *mp = masked ? mask.typed_data() : nullptr;
-  float* pp = partial.data();
   alignas(32) int32_t tail_lanes[8];
   for (int l = 0; l < 8; ++l) tail_lanes[l] = l < c % 8 ? -1 : 0;
   const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_lanes));
-  resnext_jax::RunInParallel(pool, items, [=](int64_t item) {
+  std::vector<double> total;
+  resnext_jax::SumInWaves(pool, items, 2 * cv, [=](int64_t item, float* acc_a) {
     const int64_t first = item * rows_per_item, last = std::min(rows, first + rows_per_item);
-    float *acc_a = pp + item * 2 * cv, *acc_ab = acc_a + cv;  // zeroed, 32-byte multiples apart
+    float* acc_ab = acc_a + cv;  // zeroed; the two halves whole vectors apart
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t r = first; r < last; ++r) {
       for (int64_t ch = 0; ch < c; ch += 8) {
@@ -65,10 +64,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
         _mm256_storeu_ps(acc_ab + ch, _mm256_fmadd_ps(va, vb, _mm256_loadu_ps(acc_ab + ch)));
       }
     }
-  });
-  std::vector<double> total(static_cast<size_t>(2 * cv), 0.0);
-  for (int64_t item = 0; item < items; ++item)
-    for (int64_t i = 0; i < 2 * cv; ++i) total[i] += pp[item * 2 * cv + i];
+  }, total);
   for (int64_t ch = 0; ch < c; ++ch) {
     sa[ch] = static_cast<float>(total[ch]);
     sab[ch] = static_cast<float>(total[cv + ch]);

@@ -10,8 +10,8 @@
 // Here each output row's taps are read in place: register blocks of 2 input channels x 32 output channels
 // (8 AVX2 accumulators), the row of dy reused from L1 for every tap. 8-lane AVX2 code in both builds.
 //
-// Deterministic: the output rows are cut into items by the shape alone; each item sums into its own copy
-// of dw, and the copies are added in item order.
+// Deterministic: the output rows are cut into items by the shape alone; each item sums into its own float32
+// copy of dw, and the copies are added in double in item order (`SumInWaves`).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -77,13 +77,11 @@ ffi::Error FewChannelKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, 
         "O a multiple of 32");
   const int64_t size = th * tw * c * o, rows = n * ho;
   float* out = dw->typed_data();
-  // Items of about 16 output rows: the partial copies of dw stay small next to dy.
+  // Items of 16 output rows: float32 sums of 16 * W' terms per item.
   const int64_t rows_per_item = 16, items = (rows + rows_per_item - 1) / rows_per_item;
-  std::vector<float> partial(static_cast<size_t>(std::max<int64_t>(items, 1) * size), 0.0f);
-  float* pp = partial.data();
   const float *xp = xs.typed_data(), *gp = dy.typed_data();
-  resnext_jax::RunInParallel(pool, items, [=](int64_t item) {
-    float* mine = pp + item * size;
+  std::vector<double> total;
+  resnext_jax::SumInWaves(pool, items, size, [=](int64_t item, float* mine) {
     for (int64_t row = item * rows_per_item; row < std::min(rows, (item + 1) * rows_per_item); ++row) {
       const int64_t image = row / ho, y = row % ho;
       const float* dyrow = gp + (image * ho + y) * wo * o;
@@ -99,10 +97,8 @@ ffi::Error FewChannelKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, 
         }
       }
     }
-  });
-  for (int64_t k = 0; k < size; ++k) out[k] = 0.0f;
-  for (int64_t item = 0; item < items; ++item)
-    for (int64_t k = 0; k < size; ++k) out[k] += pp[item * size + k];
+  }, total);
+  for (int64_t k = 0; k < size; ++k) out[k] = static_cast<float>(total[k]);
   return ffi::Error::Success();
 }
 

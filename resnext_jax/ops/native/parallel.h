@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -36,6 +37,25 @@ inline void RunInParallel(xla::ffi::ThreadPool& pool, int64_t items, std::functi
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
   work->Run();
   while (work->done.load() < items) std::this_thread::yield();
+}
+
+// A sum over `items` work items, each adding into its own zeroed float32 partial of `size` floats
+// (`run_item(item, partial)`), the partials added into `total` in double in item order: the result does not
+// depend on which thread ran an item. Items run in waves of about 4 MiB of partials, so the memory stays
+// bounded for any batch.
+inline void SumInWaves(xla::ffi::ThreadPool& pool, int64_t items, int64_t size,
+                       const std::function<void(int64_t, float*)>& run_item, std::vector<double>& total) {
+  total.assign(static_cast<size_t>(size), 0.0);
+  const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(items, (int64_t{1} << 20) / std::max<int64_t>(size, 1)));
+  std::vector<float> partial(static_cast<size_t>(wave * size));
+  float* pp = partial.data();
+  for (int64_t start = 0; start < items; start += wave) {
+    const int64_t count = std::min(wave, items - start);
+    std::fill(partial.begin(), partial.begin() + count * size, 0.0f);
+    RunInParallel(pool, count, [&run_item, pp, start, size](int64_t k) { run_item(start + k, pp + k * size); });
+    for (int64_t k = 0; k < count; ++k)
+      for (int64_t i = 0; i < size; ++i) total[i] += pp[k * size + i];
+  }
 }
 
 }  // namespace resnext_jax
