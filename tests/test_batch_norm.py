@@ -241,6 +241,7 @@ def test_eval_mode_native_epilogue_matches_flax(act):
 
 
 @needs_native
+@pytest.mark.slow  # 13 s on the 2-core AMD; CI runs it
 def test_gradients_through_an_inference_model_with_the_native_epilogue():
     """Saliency-style gradients of an inference-mode ResNet (native epilogue on CPU) equal those of the
     pure-XLA model (`conv_impl='xla'`), with respect to the input and to the parameters."""

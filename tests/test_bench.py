@@ -26,6 +26,7 @@ def test_model_flops_agree_with_xla_cost_analysis():
     assert memory["argument_size_in_bytes"] > 0
 
 
+@pytest.mark.slow  # 17 s: two bench subprocesses; CI runs it
 def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "resnext_jax.bench", "--model", "resnet18", "--mode", "infer", "--batch", "4",

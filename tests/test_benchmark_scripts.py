@@ -49,6 +49,7 @@ def _conv_count(model, x):
     return count(jaxpr.jaxpr)
 
 
+@pytest.mark.slow  # 11 s; CI runs it
 def test_free_grouped_replaces_the_grouped_convs_and_nothing_else():
     model = resnext_jax.create_model("resnext50_32x4d", conv_impl="xla")
     x = jnp.zeros((1, 64, 64, 3))

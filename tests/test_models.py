@@ -200,6 +200,7 @@ def test_stem_max_pool_gradient_matches_torch(hw, channels):
     np.testing.assert_allclose(grad, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # 11 s; CI runs it
 def test_conv_impls_agree_in_a_model():
     variables = init(tiny(conv_impl="xla"))
     np.testing.assert_allclose(tiny(conv_impl="xla").apply(variables, images()),

@@ -57,6 +57,7 @@ def test_layout_round_trip_is_exact_and_matches_init(key):
     assert jax.tree.structure(unstack_blocks(variables)) == jax.tree.structure(variables)  # no-op on default layout
 
 
+@pytest.mark.slow  # 12-14 s per model; CI runs it
 @pytest.mark.parametrize("key", sorted(TINY))
 def test_scanned_logits_stats_and_gradients_equal_unscanned(key):
     plain, scanned = _models(key)

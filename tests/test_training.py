@@ -76,6 +76,7 @@ def test_short_quickstart_learns_and_writes_workdir(tmp_path):
     assert Checkpointer(str(tmp_path), 3).latest_step() == 44
 
 
+@pytest.mark.slow  # 20 s; CI runs it
 def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
     config = tiny_config(num_epochs=1.5)
     full = train_and_evaluate(config, str(tmp_path / "full"))
