@@ -107,8 +107,7 @@ def _kernel_grad_space_to_depth(x, dy, kernel_hw, strides, padding):
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (padding[0][0], hs * sh - h - padding[0][0], 0),
                                             (padding[1][0], ws * sw - w - padding[1][0], 0), (0, 0, 0)))
     xs = xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, sh * sw * c)
-    if (xs.dtype == dy.dtype == jnp.float32 and out % 32 == 0 and jax.default_backend() == "cpu"
-            and native.available()):
+    if out % 32 == 0 and native.runs_on(xs, dy):
         dw = native.few_channel_kernel_grad(xs, dy, (th, tw))
     else:
         dy2 = dy.reshape(-1, out)
@@ -305,7 +304,7 @@ def _add_act(y: jax.Array, residual: jax.Array | None, act: Callable | None) -> 
 def _native_sums_apply(x: jax.Array, use_native: bool) -> bool:
     """Whether batch norm's per-channel sums run as `native.channel_sums`: asked for, float32, on a CPU with
     the native kernels built."""
-    return use_native and x.dtype == jnp.float32 and jax.default_backend() == "cpu" and native.available()
+    return use_native and native.runs_on(x)
 
 
 def _batch_moments(x: jax.Array, axis_name: str | None, use_native: bool = False):
@@ -561,9 +560,9 @@ def stem_max_pool(x: jax.Array, train: bool) -> jax.Array:
     docs/benchmarks.md, tenth session); training elsewhere (other backends, bfloat16) runs `nn.max_pool`.
     """
     if train:
-        native_grad = (x.dtype == jnp.float32 and x.shape[-1] % 8 == 0 and jax.default_backend() == "cpu"
-                       and native.available())
-        return _max_pool_3x3s2(x) if native_grad else nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        if x.shape[-1] % 8 == 0 and native.runs_on(x):
+            return _max_pool_3x3s2(x)
+        return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     return _max_pool_3x3s2_forward(x)
 
 

@@ -190,6 +190,12 @@ def available() -> bool:
     return _load()[0]
 
 
+def runs_on(*arrays: jax.Array) -> bool:
+    """Whether the kernels can take these arrays here: all float32, the default backend a CPU, the kernels
+    built (the callers' shape conditions are their own)."""
+    return (all(a.dtype == jnp.float32 for a in arrays) and jax.default_backend() == "cpu" and available())
+
+
 def unavailable_reason() -> str | None:
     ok, reason = _load()
     return None if ok else reason
