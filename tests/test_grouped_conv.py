@@ -292,6 +292,54 @@ def test_native_matches_float64_reference(case):
     _assert_close(dw, dw_ref, 1e-5, "canonical native d/dw")
 
 
+# (name, x shape NHWC, kernel (kh, kw), out channels, strides, padding) for `native.few_channel_conv`: the
+# ResNet and RegNet stems, 1 to 4 input channels, and output widths leaving each tail of a 6-pixel register
+# block (21, 17, 7, 4, 2 and 12 pixels: 3, 5, 1, 4, 2 and 0 left over).
+FEW_CHANNEL_CASES = [
+    ("resnet-stem-odd", (2, 37, 41, 3), (7, 7), 64, (2, 2), ((3, 3), (3, 3))),
+    ("regnet-stem", (1, 33, 34, 3), (3, 3), 32, (2, 2), ((1, 1), (1, 1))),
+    ("one-channel", (2, 6, 7, 1), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
+    ("four-channels-asym", (1, 5, 8, 4), (5, 3), 48, (1, 2), ((2, 1), (1, 1))),
+    ("two-channels-unpadded-width", (1, 6, 4, 2), (3, 3), 16, (1, 1), ((0, 1), (0, 0))),
+    ("stride3", (1, 9, 36, 3), (4, 4), 32, (3, 3), ((1, 2), (2, 1))),
+]
+
+
+@pytest.mark.parametrize("case", FEW_CHANNEL_CASES, ids=[c[0] for c in FEW_CHANNEL_CASES])
+def test_few_channel_conv_matches_float64_reference(case):
+    """Dense convs with at most 4 input channels (the stems): the forward `conv2d(forward_only=True)` runs,
+    by the native `few_channel_conv` where the kernels run, within 1e-5 of float64, and so do the models'
+    `conv2d_canonical_grad` output and gradients around it."""
+    _, x_shape, kernel_hw, out, strides, padding = case
+    x, w, ct = _inputs(x_shape, kernel_hw, out, 1, strides, padding, seed=3)
+    y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, 1)
+    forward = jax.jit(lambda x, w: conv2d(x, w, strides=strides, padding=padding, forward_only=True))
+    text = forward.lower(jnp.asarray(x), jnp.asarray(w)).as_text()
+    assert (native.FEW_CHANNEL_CONV_TARGET in text) == (_native_prerequisites() and native.available())
+    assert native.supports_few_channels(x.shape, w.shape, x.dtype, 1)
+    _assert_close(forward(jnp.asarray(x), jnp.asarray(w)), y_ref, 1e-5, "few-channel output")
+    from resnext_jax.models.layers import conv2d_canonical_grad
+    canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, 1, "auto")
+    step = jax.jit(lambda x, w, ct: (lambda y, vjp: (y, *vjp(ct)))(*jax.vjp(canonical, x, w)))
+    y, dx, dw = step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
+    _assert_close(y, y_ref, 1e-5, "canonical few-channel output")
+    _assert_close(dx, dx_ref, 1e-5, "canonical few-channel d/dx")
+    _assert_close(dw, dw_ref, 1e-5, "canonical few-channel d/dw")
+
+
+def test_few_channel_conv_only_where_it_applies():
+    assert not native.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 64), jnp.bfloat16, 1)
+    assert not native.supports_few_channels((8, 56, 56, 8), (3, 3, 8, 64), jnp.float32, 1)  # 8 channels
+    assert not native.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 24), jnp.float32, 1)  # 24 outputs
+    assert not native.supports_few_channels((8, 224, 224, 4), (7, 7, 2, 64), jnp.float32, 2)  # grouped
+    # Not without forward_only (it has no VJP of its own), nor for an explicit 'xla'.
+    x, w = jnp.zeros((1, 16, 16, 3)), jnp.zeros((7, 7, 3, 64))
+    for kwargs in ({}, {"impl": "xla", "forward_only": True}):
+        text = jax.jit(lambda x, w: conv2d(x, w, strides=(2, 2), padding=((3, 3), (3, 3)), **kwargs)).lower(
+            x, w).as_text()
+        assert native.FEW_CHANNEL_CONV_TARGET not in text
+
+
 def test_auto_picks_native_where_it_runs():
     supported = native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.float32, 32)
     assert supported and not native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.bfloat16, 32)

@@ -24,7 +24,8 @@ hence the choice. Implementations:
   the system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
   on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
   group with channels a multiple of 16, or any multiple of 8 channels per group (dense convs included);
-  other convs run as `split`.
+  other convs run as `split`. Forward-only dense convs with at most 4 input channels (the stems) run by
+  `native.few_channel_conv` under `auto` or `native` (see `resolve_impl`).
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64
@@ -205,7 +206,10 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
       groups stay on 'split' (2.9 vs 7.7 ms at 14x14x512);
     - dense 1x1: 'gemm', a single matmul, 4-8x faster than XLA:CPU's convolution forward+backward;
     - other dense kernels the native kernels do not take: 'xla' (im2col's 9x copy costs what the
-      matmul saves).
+      matmul saves); but `conv2d(forward_only=True)` runs a dense conv with at most
+      `native.FEW_CHANNELS` input channels and a multiple of 16 outputs (the stems) by
+      `native.few_channel_conv` where the kernels run: ResNet's 7x7/2 stem at batch 8 in 10.3 instead
+      of 21.7 ms on the AVX2 CPU (docs/benchmarks.md).
     GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op. On an H100 (bf16, batch 128,
     docs/benchmarks.md) it is the fastest or tied on every ResNeXt-50 grouped forward and on 5 of 7
     forward+backward shapes; 'split' and 'gemm' are 3-7x slower. On the two 4- and 8-channel-group
@@ -269,6 +273,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
     requested = impl
     impl = resolve_impl(impl, groups, kernel.shape[:2], channels, forward_only,
                         native.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype)
+    if (impl == "xla" and requested in ("auto", "native") and forward_only and kernel.dtype == x.dtype
+            and native.supports_few_channels(x.shape, kernel.shape, x.dtype, groups) and native.runs_on(x)):
+        # The stems' 3-channel conv by the native kernel (no VJP of its own: forward_only callers have theirs).
+        return native.few_channel_conv(x, kernel, tuple(strides), tuple(map(tuple, padding)))
     fn = _IMPL_FNS[impl]
     if impl == "chunked" and requested == "auto":
         fn = functools.partial(_chunked, chunks=max(1, groups // _GROUPS_PER_CHUNK))

@@ -10,7 +10,8 @@ gradients, 321 against 508 ms (docs/benchmarks.md).
 
 Beside the convolutions, `native/` holds four passes that XLA:CPU runs slowly: the residual block
 epilogue (`affine_add_relu`), batch norm's training sums (`channel_sums`), the stem max pool's gradient
-(`max_pool_grad`) and the stem's kernel gradient after space-to-depth (`few_channel_kernel_grad`).
+(`max_pool_grad`) and the stem's kernel gradient after space-to-depth (`few_channel_kernel_grad`), and
+one more convolution: the stems' 3-channel forward (`few_channel_conv`).
 
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
@@ -38,7 +39,8 @@ import numpy as np
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the header is part of the build key.
 SOURCES = tuple(os.path.join(NATIVE_DIR, name)
-                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc"))
+                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
+                             "few_channel_conv.cc"))
 HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
@@ -46,10 +48,12 @@ EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
 SUMS_TARGET = "resnext_jax_channel_sums"
 POOL_GRAD_TARGET = "resnext_jax_max_pool_grad"
 FEW_CHANNEL_GRAD_TARGET = "resnext_jax_few_channel_kernel_grad"
+FEW_CHANNEL_CONV_TARGET = "resnext_jax_few_channel_conv"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
            EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
-           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad"}
+           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad",
+           FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
@@ -305,6 +309,33 @@ def few_channel_kernel_grad(xs: jax.Array, dy: jax.Array, taps) -> jax.Array:
     th, tw = taps
     out = jax.ShapeDtypeStruct((th, tw, xs.shape[-1], dy.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(_target(FEW_CHANNEL_GRAD_TARGET), out, vmap_method="sequential")(xs, dy)
+
+
+# At most this many input channels for `few_channel_conv` (the stems' 3; wider convs have `grouped_conv_forward`).
+FEW_CHANNELS = 4
+
+
+def supports_few_channels(x_shape, kernel_shape, dtype, groups: int) -> bool:
+    """Whether `few_channel_conv` takes this conv: float32, dense, at most `FEW_CHANNELS` input channels, a
+    multiple of 16 output channels."""
+    return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and groups == 1
+            and x_shape[-1] == kernel_shape[2] <= FEW_CHANNELS and kernel_shape[-1] % 16 == 0)
+
+
+def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    """The dense conv `(N, H, W, C) * (kh, kw, C, O) -> (N, H', W', O)` with `padding` `((top, bottom),
+    (left, right))` (negative crops) by the native kernel (no VJP), for few input channels (the stems'
+    3, `supports_few_channels`): the input is padded here, then each output pixel's `kw * C` inputs per kernel
+    row are read in place as one matmul row. At batch 8 on the 2-core AMD EPYC the ResNet stem's 7x7/2 conv
+    runs at about twice XLA:CPU's speed (docs/benchmarks.md, eleventh session).
+    """
+    (pt, pb), (pl, pr) = padding
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    (sh, sw), (kh, kw, _, out) = strides, kernel.shape
+    n, hp, wp, _ = xp.shape
+    shape = jax.ShapeDtypeStruct((n, (hp - kh) // sh + 1, (wp - kw) // sw + 1, out), jnp.float32)
+    call = jax.ffi.ffi_call(_target(FEW_CHANNEL_CONV_TARGET), shape, vmap_method="sequential")
+    return call(xp, kernel, sh=np.int64(sh), sw=np.int64(sw))
 
 
 def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.Array:
