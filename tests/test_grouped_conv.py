@@ -240,6 +240,11 @@ NATIVE_CASES = [
     ("cg32-nopad", (1, 7, 7, 64), (3, 3), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg1-depthwise", (1, 5, 6, 16), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
     ("cg2", (1, 5, 9, 32), (3, 3), 16, (2, 2), ((1, 1), (1, 1))),
+    # Rows long enough for 8-pixel blocks clear of the padding (the AVX2 narrow forward's interior path), and
+    # (width 24) a block whose last tap would read exactly one past the row.
+    ("cg4-interior-blocks", (1, 5, 24, 32), (3, 3), 8, (1, 1), ((1, 1), (1, 1))),
+    ("cg2-interior-stride2", (1, 6, 40, 32), (3, 3), 16, (2, 2), ((1, 0), (2, 1))),
+    ("cg1-interior-5x5", (1, 6, 30, 16), (5, 5), 16, (1, 1), ((2, 2), (2, 2))),
     ("cg48-1x1", (1, 4, 5, 96), (1, 1), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
     ("cg8-1x1-overpadded", (1, 5, 4, 32), (1, 1), 4, (1, 1), ((1, 2), (2, 0))),
