@@ -289,6 +289,37 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
   ForEachBlock<Vec, OB, P>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
                                           int64_t count, typename Vec::T (&acc)[P][OB]) {
     const int64_t group_start = (b * kBlock) / s.cg * s.cg;  // first input channel of the block's group
+    if constexpr (OB == 1 && P == 7 && !kPerTap) {
+      // Blocks clear of the padding, no input dilation: named accumulators, pixels a fixed stride apart.
+      if (s.dw == 1 && s.dh == 1 && t0 + P <= count && t0 * s.sw - s.pw >= 0 &&
+          (t0 + P - 1) * s.sw + s.kw - 1 - s.pw < s.w) {
+        const int64_t step = s.sw * s.c;
+        using T = typename Vec::T;
+        T a0 = Vec::Zero(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0;
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const int64_t m = ho * s.sh + i - s.ph;
+          if (m < 0 || m >= s.h) continue;
+          const float* x_row = x + ((n * s.h + m) * s.w + t0 * s.sw - s.pw) * s.c + group_start;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const float* k_tap = k + ((b * s.kh * s.kw + i * s.kw + j) * s.cg) * kBlock;
+            const float* xa = x_row + j * s.c;
+            for (int64_t c = 0; c < s.cg; ++c) {
+              const T kv = Vec::Load(k_tap + c * kBlock);
+              a0 = Vec::Fma(Vec::Bcast(xa[c]), kv, a0);
+              a1 = Vec::Fma(Vec::Bcast(xa[step + c]), kv, a1);
+              a2 = Vec::Fma(Vec::Bcast(xa[2 * step + c]), kv, a2);
+              a3 = Vec::Fma(Vec::Bcast(xa[3 * step + c]), kv, a3);
+              a4 = Vec::Fma(Vec::Bcast(xa[4 * step + c]), kv, a4);
+              a5 = Vec::Fma(Vec::Bcast(xa[5 * step + c]), kv, a5);
+              a6 = Vec::Fma(Vec::Bcast(xa[6 * step + c]), kv, a6);
+            }
+          }
+        }
+        acc[0][0] = a0, acc[1][0] = a1, acc[2][0] = a2, acc[3][0] = a3, acc[4][0] = a4, acc[5][0] = a5;
+        acc[6][0] = a6;
+        return;
+      }
+    }
     ForEachTap<P>(x, s, n, ho, phase, t0, count,
                   [&](int64_t tap, const Mask* inside, const float* const* x_at) {
       // The kernel comes packed (see GroupedConvForward): (block b, tap, input channel, the block's outputs).
