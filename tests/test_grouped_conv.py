@@ -229,6 +229,19 @@ def test_native_avx2_build_on_an_avx512_cpu():
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", sorted(native.ISAS))
+def test_every_instruction_set_build_compiles(isa, tmp_path, monkeypatch):
+    """Both builds compile wherever there is a compiler, whatever this CPU runs: a CPU without AVX-512 runs
+    only the AVX2 build, and a change that breaks the other (an AVX2-only helper named outside its `#if`)
+    would otherwise first fail on a user's machine. Compiled, not loaded or run."""
+    if not native.compiler():
+        pytest.skip("no C++ compiler: test_native_builds_wherever_it_can checks the reason instead")
+    monkeypatch.setenv("RESNEXT_JAX_CACHE", str(tmp_path))
+    path = native._build(native.compiler(), isa)
+    assert os.path.getsize(path) > 0 and f"-{isa}-" in os.path.basename(path)
+
+
 # (name, x shape NHWC, kernel (kh, kw), groups, strides, padding): every compiled group width, strides,
 # odd and non-square sizes, asymmetric padding, rows shorter than a register block of 8 pixels.
 NATIVE_CASES = [

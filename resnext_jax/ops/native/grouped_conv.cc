@@ -355,8 +355,7 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
   });
 }
 
-#if !(defined(__AVX512F__) && defined(__AVX512VL__))
-// AVX2, groups of a multiple of 16 channels, no input dilation: P (<= 6) pixels x 2 vectors (16 output
+// AVX2 (compiled in both builds, used by the AVX2 one), groups of a multiple of 16 channels, no input dilation: P (<= 6) pixels x 2 vectors (16 output
 // channels of one group), 12 named accumulators kept across all taps (2 kernel loads and P broadcasts per
 // 2P FMAs, where 1 x 7 blocks need 8 loads per 7), padding read from `s.zeros`. The kernel comes packed per
 // 16 output channels (block, tap, input channel, 16).
@@ -440,7 +439,6 @@ void ConvRowWide2x6(const float* x, const float* k, float* y, const Shape& s, in
     }
   }
 }
-#endif
 
 // The kernel gradient of one vector of output channels (block `b`) over output rows [r0, r1) (row =
 // n * ho + output row), added to `acc_buf` ((kh * kw) x cg x lanes floats: tap, input channel, lane).
