@@ -261,6 +261,10 @@ NATIVE_CASES = [
     # The same for the AVX2 wide groups' 7-pixel blocks: interior at stride 2, and one ending at the row's end.
     ("cg8-interior-stride2", (1, 5, 34, 32), (3, 3), 4, (2, 2), ((1, 1), (1, 1))),
     ("cg16-interior-edge", (1, 4, 14, 32), (3, 3), 2, (1, 1), ((1, 1), (1, 1))),
+    # AVX2 blocks of 2 vectors x 6 pixels (16k-channel groups) and 3 x 4 (24-channel groups), with tails.
+    ("cg16-tails-of-5", (1, 4, 17, 32), (3, 3), 2, (1, 1), ((1, 1), (1, 1))),
+    ("cg24-tails-of-3", (1, 5, 11, 48), (3, 3), 2, (1, 1), ((1, 1), (1, 1))),
+    ("cg24-stride2-tail-of-1", (1, 6, 17, 72), (3, 3), 3, (2, 2), ((1, 1), (1, 1))),
     ("cg48-1x1", (1, 4, 5, 96), (1, 1), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
     ("cg8-1x1-overpadded", (1, 5, 4, 32), (1, 1), 4, (1, 1), ((1, 2), (2, 0))),

@@ -355,16 +355,19 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
   });
 }
 
-// AVX2 (compiled in both builds, used by the AVX2 one), groups of a multiple of 16 channels, no input dilation: P (<= 6) pixels x 2 vectors (16 output
-// channels of one group), 12 named accumulators kept across all taps (2 kernel loads and P broadcasts per
-// 2P FMAs, where 1 x 7 blocks need 8 loads per 7), padding read from `s.zeros`. The kernel comes packed per
-// 16 output channels (block, tap, input channel, 16).
-template <int P>
-inline void Wide2Pixels(const float* x, const float* k_block, const Shape& s, int64_t n, int64_t ho, int64_t t0,
-                        int64_t group_start, float* y) {
-  static_assert(P >= 1 && P <= 6);
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
-         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+// AVX2 (compiled in both builds, used by the AVX2 one), no input dilation: P pixels x V vectors of 8 output
+// channels of one group (V = 2, P <= 6 for groups of a multiple of 16 channels; V = 3, P <= 4 for RegNet's
+// 24), at most 12 named accumulators kept over all taps: V kernel loads and P broadcasts per V * P FMAs, where
+// 1 x 7 blocks need 8 loads per 7. Padding is read from `s.zeros`. The kernel comes packed per 8V output
+// channels (block, tap, input channel, 8V).
+template <int V, int P>
+inline void WidePixels(const float* x, const float* k_block, const Shape& s, int64_t n, int64_t ho, int64_t t0,
+                       int64_t group_start, float* y) {
+  static_assert((V == 2 && P >= 1 && P <= 6) || (V == 3 && P >= 1 && P <= 4));
+  constexpr int L = 8 * V;
+  const __m256 z = _mm256_setzero_ps();
+  __m256 a00 = z, a01 = z, a02 = z, a10 = z, a11 = z, a12 = z, a20 = z, a21 = z, a22 = z, a30 = z, a31 = z,
+         a32 = z, a40 = z, a41 = z, a50 = z, a51 = z;
   for (int64_t i = 0; i < s.kh; ++i) {
     const int64_t m = ho * s.sh + i - s.ph;
     if (m < 0 || m >= s.h) continue;
@@ -375,27 +378,20 @@ inline void Wide2Pixels(const float* x, const float* k_block, const Shape& s, in
         const int64_t wi = (t0 + p) * s.sw + j - s.pw;
         xp[p] = wi >= 0 && wi < s.w ? x_row + wi * s.c : s.zeros;
       }
-      const float* kt = k_block + (i * s.kw + j) * s.cg * 16;
+      const float* kt = k_block + (i * s.kw + j) * s.cg * L;
       for (int64_t c = 0; c < s.cg; ++c) {
-        const __m256 k0 = _mm256_loadu_ps(kt + c * 16), k1 = _mm256_loadu_ps(kt + c * 16 + 8);
-        __m256 b = _mm256_broadcast_ss(xp[0] + c);
-        a00 = _mm256_fmadd_ps(b, k0, a00);
-        a01 = _mm256_fmadd_ps(b, k1, a01);
-        if constexpr (P > 1) {
-          b = _mm256_broadcast_ss(xp[1] + c);
-          a10 = _mm256_fmadd_ps(b, k0, a10);
-          a11 = _mm256_fmadd_ps(b, k1, a11);
-        }
-        if constexpr (P > 2) {
-          b = _mm256_broadcast_ss(xp[2] + c);
-          a20 = _mm256_fmadd_ps(b, k0, a20);
-          a21 = _mm256_fmadd_ps(b, k1, a21);
-        }
-        if constexpr (P > 3) {
-          b = _mm256_broadcast_ss(xp[3] + c);
-          a30 = _mm256_fmadd_ps(b, k0, a30);
-          a31 = _mm256_fmadd_ps(b, k1, a31);
-        }
+        const __m256 k0 = _mm256_loadu_ps(kt + c * L), k1 = _mm256_loadu_ps(kt + c * L + 8);
+        const __m256 k2 = V > 2 ? _mm256_loadu_ps(kt + c * L + 16) : z;
+        __m256 b;
+#define RESNEXT_PIXEL(p)                                                \
+  if constexpr (P > p) {                                                \
+    b = _mm256_broadcast_ss(xp[p] + c);                                 \
+    a##p##0 = _mm256_fmadd_ps(b, k0, a##p##0);                          \
+    a##p##1 = _mm256_fmadd_ps(b, k1, a##p##1);                          \
+    if constexpr (V > 2 && p < 4) a##p##2 = _mm256_fmadd_ps(b, k2, a##p##2); \
+  }
+        RESNEXT_PIXEL(0) RESNEXT_PIXEL(1) RESNEXT_PIXEL(2) RESNEXT_PIXEL(3)
+#undef RESNEXT_PIXEL
         if constexpr (P > 4) {
           b = _mm256_broadcast_ss(xp[4] + c);
           a40 = _mm256_fmadd_ps(b, k0, a40);
@@ -410,31 +406,33 @@ inline void Wide2Pixels(const float* x, const float* k_block, const Shape& s, in
     }
   }
   const int64_t o = s.c;
-  _mm256_storeu_ps(y, a00), _mm256_storeu_ps(y + 8, a01);
-  if constexpr (P > 1) _mm256_storeu_ps(y + o, a10), _mm256_storeu_ps(y + o + 8, a11);
-  if constexpr (P > 2) _mm256_storeu_ps(y + 2 * o, a20), _mm256_storeu_ps(y + 2 * o + 8, a21);
-  if constexpr (P > 3) _mm256_storeu_ps(y + 3 * o, a30), _mm256_storeu_ps(y + 3 * o + 8, a31);
-  if constexpr (P > 4) _mm256_storeu_ps(y + 4 * o, a40), _mm256_storeu_ps(y + 4 * o + 8, a41);
-  if constexpr (P > 5) _mm256_storeu_ps(y + 5 * o, a50), _mm256_storeu_ps(y + 5 * o + 8, a51);
+  const __m256 out[6][3] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}, {a40, a41, z},
+                            {a50, a51, z}};
+#pragma GCC unroll 6
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(y + p * o + 8 * v, out[p][v]);
 }
 
-void ConvRowWide2x6(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
-  if (s.dw != 1 || s.dh != 1) return ConvRowWide<V8, 2, 6>(x, k, y, s, row, c0, c1);  // the same packing
+template <int V>
+void ConvRowWideV(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
+  constexpr int L = 8 * V, P = V == 2 ? 6 : 4;
+  if (s.dw != 1 || s.dh != 1) return ConvRowWide<V8, V, P>(x, k, y, s, row, c0, c1);  // the same packing
   const int64_t n = row / s.ho, ho = row % s.ho, taps = s.kh * s.kw;
   float* y_row = y + row * s.wo * s.c;
-  for (int64_t b = c0 / 16; b < c1 / 16; ++b) {
-    const int64_t group_start = (b * 16) / s.cg * s.cg;
-    const float* kb = k + b * taps * s.cg * 16;
-    float* yb = y_row + b * 16;
+  for (int64_t b = c0 / L; b < c1 / L; ++b) {
+    const int64_t group_start = (b * L) / s.cg * s.cg;
+    const float* kb = k + b * taps * s.cg * L;
+    float* yb = y_row + b * L;
     int64_t t0 = 0;
-    for (; t0 + 6 <= s.wo; t0 += 6) Wide2Pixels<6>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
+    for (; t0 + P <= s.wo; t0 += P) WidePixels<V, P>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
     float* yt = yb + t0 * s.c;
     switch (s.wo - t0) {
-      case 5: Wide2Pixels<5>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 4: Wide2Pixels<4>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 3: Wide2Pixels<3>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 2: Wide2Pixels<2>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 1: Wide2Pixels<1>(x, kb, s, n, ho, t0, group_start, yt); break;
+      case 5: if constexpr (P > 5) WidePixels<V, 5>(x, kb, s, n, ho, t0, group_start, yt); break;
+      case 4: if constexpr (P > 4) WidePixels<V, 4>(x, kb, s, n, ho, t0, group_start, yt); break;
+      case 3: WidePixels<V, 3>(x, kb, s, n, ho, t0, group_start, yt); break;
+      case 2: WidePixels<V, 2>(x, kb, s, n, ho, t0, group_start, yt); break;
+      case 1: WidePixels<V, 1>(x, kb, s, n, ho, t0, group_start, yt); break;
       default: break;
     }
   }
@@ -581,7 +579,8 @@ Kernels WideKernelsFor(int64_t cg, int64_t wo) {
     // pixel pointers spill), 56->28x256 11.7 -> 9.9 ms, 16-channel groups at 14x14x512 3.0 -> 2.6 ms,
     // 28->14x512 6.8 -> 3.1 ms, 32-channel groups at 7x7x1024 2.9 -> 2.4 ms.
     if (cg > 32) return {ConvRowWide<Vec, 1, 7, true>, L, grad, L};
-    if (cg % 16 == 0) return {ConvRowWide2x6, 16, grad, L};
+    if (cg % 16 == 0) return {ConvRowWideV<2>, 16, grad, L};
+    if (cg == 24) return {ConvRowWideV<3>, 24, grad, L};
     return {ConvRowWide<Vec, 1, 7>, L, grad, L};
   }
   if (cg % (4 * L) == 0) return {ConvRowWide<Vec, 4, 7>, 4 * L, grad, L};
