@@ -267,6 +267,8 @@ NATIVE_CASES = [
     ("cg24-stride2-tail-of-1", (1, 6, 17, 72), (3, 3), 3, (2, 2), ((1, 1), (1, 1))),
     # AVX2 8-channel groups, 3-wide kernel rows at column stride 1: blocks of 10 output pixels, a tail of 9.
     ("cg8-tail-of-9", (1, 5, 19, 16), (3, 3), 2, (1, 1), ((1, 1), (1, 1))),
+    # And for groups of 1, 2 and 4 channels (12-pixel blocks; cg4-resnext has a tail of 11).
+    ("cg2-stride1-tail-of-7", (1, 4, 19, 32), (3, 3), 16, (1, 1), ((1, 1), (1, 1))),
     ("cg48-1x1", (1, 4, 5, 96), (1, 1), 2, (1, 1), ((0, 0), (0, 0))),
     ("cg64-5x5", (1, 8, 8, 128), (5, 5), 2, (1, 1), ((2, 2), (2, 2))),
     ("cg8-1x1-overpadded", (1, 5, 4, 32), (1, 1), 4, (1, 1), ((1, 2), (2, 0))),
