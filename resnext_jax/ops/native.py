@@ -41,7 +41,7 @@ NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(NATIVE_DIR, name)
                 for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
                              "few_channel_conv.cc"))
-HEADERS = (os.path.join(NATIVE_DIR, "parallel.h"),)
+HEADERS = tuple(os.path.join(NATIVE_DIR, name) for name in ("parallel.h", "tail.h"))
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
 EPILOGUE_TARGET = "resnext_jax_affine_add_relu"

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "tail.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -44,9 +45,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   const int64_t cv = (c + 7) / 8 * 8;  // channels rounded up to whole vectors
   const float *ap = a.typed_data(), *bp = b.typed_data(), *shp = shift.typed_data(),
               *mp = masked ? mask.typed_data() : nullptr;
-  alignas(32) int32_t tail_lanes[8];
-  for (int l = 0; l < 8; ++l) tail_lanes[l] = l < c % 8 ? -1 : 0;
-  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_lanes));
+  const __m256i tail = resnext_jax::TailMask8(c);
   std::vector<double> total;
   resnext_jax::SumInWaves(pool, items, 2 * cv, [=](int64_t item, float* acc_a) {
     const int64_t first = item * rows_per_item, last = std::min(rows, first + rows_per_item);
@@ -56,7 +55,7 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
       for (int64_t ch = 0; ch < c; ch += 8) {
         const bool full = c - ch >= 8;
         const int64_t at = r * c + ch;
-        auto load = [full, tail](const float* p) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail); };
+        auto load = [full, tail](const float* p) { return resnext_jax::LoadOrTail(p, full, tail); };
         __m256 va = load(ap + at);
         if (mp != nullptr) va = _mm256_and_ps(va, _mm256_cmp_ps(load(mp + at), zero, _CMP_GT_OQ));
         const __m256 vb = _mm256_sub_ps(load(bp + at), load(shp + ch));

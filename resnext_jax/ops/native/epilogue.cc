@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "parallel.h"
+#include "tail.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -59,16 +60,14 @@ ffi::Error AffineAddRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buf
 #else
   // AVX2: 8 channels at a time; the last few of a row (C not a multiple of 8) with masked loads and stores.
   const __m256 zero = _mm256_setzero_ps();
-  alignas(32) int32_t tail_lanes[8];
-  for (int l = 0; l < 8; ++l) tail_lanes[l] = l < c % 8 ? -1 : 0;
-  const __m256i tail = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail_lanes));
+  const __m256i tail = resnext_jax::TailMask8(c);
   resnext_jax::RunInParallel(pool, items, [=](int64_t item) {
     const int64_t first = item * rows_per_item, last = std::min(rows, first + rows_per_item);
     for (int64_t r = first; r < last; ++r) {
       for (int64_t ch = 0; ch < c; ch += 8) {
         const bool full = c - ch >= 8;
         const int64_t at = r * c + ch;
-        auto load = [full, tail](const float* p) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail); };
+        auto load = [full, tail](const float* p) { return resnext_jax::LoadOrTail(p, full, tail); };
         const __m256 t = _mm256_fmadd_ps(_mm256_sub_ps(load(yp + at), load(mp + ch)), load(sp + ch), load(bp + ch));
         const __m256 rt = _mm256_fmadd_ps(_mm256_sub_ps(load(rp + at), load(rmp + ch)), load(rsp + ch), load(rbp + ch));
         __m256 v = _mm256_add_ps(t, rt);
