@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-# Compiled together into one library; the header is part of the build key.
+# Compiled together into one library; the headers are part of the build key.
 SOURCES = tuple(os.path.join(NATIVE_DIR, name)
                 for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
                              "few_channel_conv.cc"))
