@@ -108,6 +108,18 @@ inline __attribute__((always_inline)) void StaticFor(F&& f) {
   StaticForEach(f, std::make_integer_sequence<int, N>());
 }
 
+// Calls f(std::integral_constant<int, Q>(), t0) for the row's blocks of P pixels (Q = P), then once for the
+// last wo % P pixels (Q = wo % P, if any), so that every block size is a compile-time constant.
+template <int P, typename F>
+inline __attribute__((always_inline)) void ForEachPixelBlock(int64_t wo, F&& f) {
+  int64_t t0 = 0;
+  for (; t0 + P <= wo; t0 += P) f(std::integral_constant<int, P>(), t0);
+  StaticFor<P>([&](auto q) {
+    if constexpr (q() > 0)
+      if (q() == wo - t0) f(q, t0);
+  });
+}
+
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 using VWide = V16;  // the widest vector
 
@@ -289,8 +301,8 @@ void ConvRowWide(const float* x, const float* k, float* y, const Shape& s, int64
   ForEachBlock<Vec, OB, P>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,
                                           int64_t count, typename Vec::T (&acc)[P][OB]) {
     const int64_t group_start = (b * kBlock) / s.cg * s.cg;  // first input channel of the block's group
-    if constexpr (OB == 1 && P == 7 && !kPerTap) {
-      // Blocks clear of the padding, no input dilation: named accumulators, pixels a fixed stride apart.
+    if constexpr (!kAvx512 && OB == 1 && P == 7 && !kPerTap) {
+      // AVX2, blocks clear of the padding, no input dilation: named accumulators, pixels a fixed stride apart.
       if (s.dw == 1 && s.dh == 1 && t0 + P <= count && t0 * s.sw - s.pw >= 0 &&
           (t0 + P - 1) * s.sw + s.kw - 1 - s.pw < s.w) {
         const int64_t step = s.sw * s.c;
@@ -424,17 +436,9 @@ void ConvRowWideV(const float* x, const float* k, float* y, const Shape& s, int6
     const int64_t group_start = (b * L) / s.cg * s.cg;
     const float* kb = k + b * taps * s.cg * L;
     float* yb = y_row + b * L;
-    int64_t t0 = 0;
-    for (; t0 + P <= s.wo; t0 += P) WidePixels<V, P>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
-    float* yt = yb + t0 * s.c;
-    switch (s.wo - t0) {
-      case 5: if constexpr (P > 5) WidePixels<V, 5>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 4: if constexpr (P > 4) WidePixels<V, 4>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 3: WidePixels<V, 3>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 2: WidePixels<V, 2>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 1: WidePixels<V, 1>(x, kb, s, n, ho, t0, group_start, yt); break;
-      default: break;
-    }
+    ForEachPixelBlock<P>(s.wo, [&](auto q, int64_t t0) {
+      WidePixels<V, q()>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
+    });
   }
 }
 
@@ -485,21 +489,9 @@ void ConvRowStationary(const float* x, const float* k, float* y, const Shape& s,
     const int64_t group_start = (b * 8) / s.cg * s.cg;
     const float* kb = k + b * taps * s.cg * 8;
     float* yb = y_row + b * 8;
-    int64_t t0 = 0;
-    for (; t0 + P <= s.wo; t0 += P) StationaryPixels<P>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
-    float* yt = yb + t0 * s.c;
-    switch (s.wo - t0) {
-      case 9: StationaryPixels<9>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 8: StationaryPixels<8>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 7: StationaryPixels<7>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 6: StationaryPixels<6>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 5: StationaryPixels<5>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 4: StationaryPixels<4>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 3: StationaryPixels<3>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 2: StationaryPixels<2>(x, kb, s, n, ho, t0, group_start, yt); break;
-      case 1: StationaryPixels<1>(x, kb, s, n, ho, t0, group_start, yt); break;
-      default: break;
-    }
+    ForEachPixelBlock<P>(s.wo, [&](auto q, int64_t t0) {
+      StationaryPixels<q()>(x, kb, s, n, ho, t0, group_start, yb + t0 * s.c);
+    });
   }
 }
 
@@ -544,23 +536,9 @@ void ConvRowNarrowStationary(const float* x, const float* k, float* y, const Sha
   float* y_row = y + row * s.wo * s.c;
   for (int64_t b = c0 / 8; b < c1 / 8; ++b) {
     float* yb = y_row + b * 8;
-    int64_t t0 = 0;
-    for (; t0 + P <= s.wo; t0 += P) NarrowStationaryPixels<CG, P>(x, k, s, n, ho, t0, b, yb + t0 * s.c);
-    float* yt = yb + t0 * s.c;
-    switch (s.wo - t0) {
-      case 11: NarrowStationaryPixels<CG, 11>(x, k, s, n, ho, t0, b, yt); break;
-      case 10: NarrowStationaryPixels<CG, 10>(x, k, s, n, ho, t0, b, yt); break;
-      case 9: NarrowStationaryPixels<CG, 9>(x, k, s, n, ho, t0, b, yt); break;
-      case 8: NarrowStationaryPixels<CG, 8>(x, k, s, n, ho, t0, b, yt); break;
-      case 7: NarrowStationaryPixels<CG, 7>(x, k, s, n, ho, t0, b, yt); break;
-      case 6: NarrowStationaryPixels<CG, 6>(x, k, s, n, ho, t0, b, yt); break;
-      case 5: NarrowStationaryPixels<CG, 5>(x, k, s, n, ho, t0, b, yt); break;
-      case 4: NarrowStationaryPixels<CG, 4>(x, k, s, n, ho, t0, b, yt); break;
-      case 3: NarrowStationaryPixels<CG, 3>(x, k, s, n, ho, t0, b, yt); break;
-      case 2: NarrowStationaryPixels<CG, 2>(x, k, s, n, ho, t0, b, yt); break;
-      case 1: NarrowStationaryPixels<CG, 1>(x, k, s, n, ho, t0, b, yt); break;
-      default: break;
-    }
+    ForEachPixelBlock<P>(s.wo, [&](auto q, int64_t t0) {
+      NarrowStationaryPixels<CG, q()>(x, k, s, n, ho, t0, b, yb + t0 * s.c);
+    });
   }
 }
 #endif
