@@ -8,8 +8,9 @@ the same thread count in the same process, as the ratio baseline; on CUDA when J
     python -m resnext_jax.ops.bench_conv [--dtypes float32,bfloat16] [--impls split,chunked]
     python -m resnext_jax.ops.bench_conv --shape-set dense --impls xla,gemm --dtypes float32
 
-`--shape-set grouped` (default) is ResNeXt-50's 3x3, 32-group convs; `dense` is ResNet-50's dense 1x1 and 3x3
-convs, where `gemm` (one matmul) is compared with XLA's convolution.
+`--shape-set grouped` (default) is ResNeXt-50's 3x3, 32-group convs; `regnet` RegNetY-1.6GF's 24-channel-group
+ones; `dense` is ResNet-50's dense 1x1 and 3x3 convs, where `gemm` (one matmul) is compared with XLA's
+convolution.
 """
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ SHAPE_SETS = {
         ("s3 14x14x512", 14, 512, 1),
         ("s4 first 14->7x1024", 14, 1024, 2),
         ("s4 7x7x1024", 7, 1024, 1),
+    )),
+    # The 3x3 convs of RegNetY-1.6GF: groups of 24 channels.
+    "regnet": tuple((name, size, channels, channels, 3, stride, channels // 24) for name, size, channels, stride in (
+        ("s1 first 112->56x48", 112, 48, 2),
+        ("s2 28x28x120", 28, 120, 1),
+        ("s3 14x14x336", 14, 336, 1),
+        ("s4 7x7x888", 7, 888, 1),
     )),
     # Dense convs of ResNet-50's bottlenecks.
     "dense": (
