@@ -265,3 +265,90 @@ def test_gradients_through_an_inference_model_with_the_native_epilogue():
     _, expected = grads(plain)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+# ------------------------------------------------------------------ native 1x1 conv + inference norm (CPU)
+# (M, K, N): every row tail of the 6-row register blocks (M % 6 = 1, 2, 3, 4, 5, 0), work items of 24 rows
+# ending mid-block (35 = 24 + 6 + 5), K below, at and across the 256-deep passes (300, 513), 1 to 4 column
+# blocks of 16.
+MATMUL_CASES = [(1, 3, 16), (8, 64, 32), (15, 300, 48), (28, 256, 16), (35, 513, 64), (54, 40, 32)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", MATMUL_CASES, ids=["x".join(map(str, c)) for c in MATMUL_CASES])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_native_matmul_affine_matches_float64(shape, relu, with_residual):
+    m, k, n = shape
+    rng = np.random.default_rng(4)
+    a, b, r = rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k), rng.standard_normal((m, n))
+    scale, shift = rng.uniform(-2, 2, n), rng.standard_normal(n)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+    a, b, r, scale, shift = (np.asarray(f32(v), np.float64) for v in (a, b, r, scale, shift))
+    assert native.supports_matmul(a.shape, b.shape, jnp.float32)
+    out = jax.jit(native.matmul_affine, static_argnames="relu")(
+        f32(a), f32(b), f32(scale), f32(shift), f32(r) if with_residual else None, relu=relu)
+    ref = a @ b * scale + shift + (r if with_residual else 0.0)
+    np.testing.assert_allclose(out, np.maximum(ref, 0) if relu else ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_matmul_affine_gradients_match_float64():
+    """Its VJP (the autodiff of the same formula in JAX) against float64 numpy's, for every input."""
+    rng = np.random.default_rng(5)
+    m, k, n = 13, 20, 32
+    a, b, r, g = (rng.standard_normal(s) for s in ((m, k), (k, n), (m, n), (m, n)))
+    scale, shift = rng.uniform(-2, 2, n), rng.standard_normal(n)
+    args = [jnp.asarray(v, jnp.float32) for v in (a, b, scale, shift, r)]
+    a, b, scale, shift, r = (np.asarray(v, np.float64) for v in args)
+    _, vjp = jax.vjp(lambda *x: native.matmul_affine(*x, relu=True), *args)
+    got = vjp(jnp.asarray(g, jnp.float32))
+    z = a @ b * scale + shift + r
+    gz = g * (z > 0)
+    want = (gz * scale @ b.T, a.T @ (gz * scale), (gz * (a @ b)).sum(0), gz.sum(0), gz)
+    for name, x, y in zip(("a", "b", "scale", "shift", "residual"), got, want):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=name)
+
+
+def test_native_matmul_only_where_it_applies():
+    assert not native.supports_matmul((8, 64), (64, 24), jnp.float32)  # 24 columns
+    assert not native.supports_matmul((8, 64), (64, 32), jnp.bfloat16)
+    assert not native.supports_matmul((8, 64), (32, 32), jnp.float32)  # K mismatch
+
+
+@needs_native
+@pytest.mark.parametrize("model,kwargs", [
+    ("resnext50_32x4d", dict(stage_sizes=(1, 1, 1, 1), num_filters=32)),
+    # 6-18 s each on the 2-core AMD; CI runs them
+    pytest.param("resnet50", dict(stage_sizes=(1, 2, 1, 1), num_filters=16), marks=pytest.mark.slow),
+    pytest.param("regnet_y_400mf", dict(), marks=pytest.mark.slow),
+    pytest.param("resnet50", dict(stage_sizes=(1, 1, 1, 1), num_filters=16, norm="group"), marks=pytest.mark.slow),
+    pytest.param("resnet50", dict(stage_sizes=(1, 1, 1, 1), num_filters=16, activation="silu"),
+                 marks=pytest.mark.slow),
+], ids=["resnext", "resnet", "regnet-se", "group-norm", "silu"])
+def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs):
+    """At inference with the native kernels, every 1x1 conv with batch norm and ReLU (or none) and its
+    shortcut runs as `native.matmul_affine`; the logits equal the pure-XLA model's (`conv_impl='xla'`:
+    XLA's convs, flax's batch-norm formula). Group norm and SiLU blocks compute the conv as before."""
+    import resnext_jax
+
+    fast, plain = (resnext_jax.create_model(model, conv_impl=impl, num_classes=7, **kwargs) for impl in ("auto", "xla"))
+    images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
+    variables = jax.jit(lambda: plain.init(jax.random.key(0), images, train=False))()
+    rng = np.random.default_rng(6)
+    # Non-trivial running statistics, affine parameters and head, so that every term of the epilogue counts.
+    variables = jax.tree.map(lambda v: v * rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+                             + 0.1 * rng.standard_normal(v.shape).astype(np.float32), variables)
+    step = jax.jit(lambda v, x: fast.apply(v, x, train=False))
+    fused = step.lower(variables, images).as_text().count(native.MATMUL_TARGET)
+    paths = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+             if v.ndim == 4 and v.shape[:2] == (1, 1) and v.shape[-1] % native.MATMUL_COLUMNS == 0
+             and "'se'" not in jax.tree_util.keystr(path)]  # SE's convs have biases and no norm
+    shortcuts = [p for p in paths if "downsample" in p or "proj" in p]
+    if kwargs.get("norm") == "group":
+        assert fused == 0
+    else:  # with SiLU, only the shortcuts' convs (batch norm, no activation)
+        assert fused == len(shortcuts if kwargs.get("activation") == "silu" else paths) > 0, (fused, paths)
+    expected = jax.jit(lambda v, x: plain.apply(v, x, train=False))(variables, images)
+    got = step(variables, images)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))

@@ -252,7 +252,9 @@ class Conv2d(nn.Module):
     kernel_init: Callable = conv_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, defer: bool = False) -> jax.Array | DeferredConv:
+        """The conv of `x`; with `defer=True`, a dense 1x1 conv without bias in float32 on a CPU with the
+        native kernels (and `impl` 'auto' or 'native') is returned as a `DeferredConv` for the norm after it."""
         in_features = x.shape[-1]
         if in_features % self.groups:
             raise ValueError(f"{self.name}: {in_features} input channels do not divide into {self.groups} groups")
@@ -264,17 +266,36 @@ class Conv2d(nn.Module):
             padding = ((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)
         dtype = self.dtype or x.dtype
         padding = tuple(map(tuple, padding))
-        # A 'gemm' conv's autodiff backward is already matmuls, which XLA:CPU handles well, scanned or not.
-        if self.canonical_grad and resolve_impl(self.impl, self.groups, (kh, kw)) != "gemm":
-            y = conv2d_canonical_grad(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), padding,
-                                      self.groups, self.impl)
-        else:
-            y = conv2d(x.astype(dtype), kernel.astype(dtype), strides=tuple(self.strides), padding=padding,
-                       groups=self.groups, impl=self.impl)
-        if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            y = y + bias.astype(dtype)
-        return y
+
+        def compute() -> jax.Array:
+            # A 'gemm' conv's autodiff backward is already matmuls, which XLA:CPU handles well, scanned or not.
+            if self.canonical_grad and resolve_impl(self.impl, self.groups, (kh, kw)) != "gemm":
+                y = conv2d_canonical_grad(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), padding,
+                                          self.groups, self.impl)
+            else:
+                y = conv2d(x.astype(dtype), kernel.astype(dtype), strides=tuple(self.strides), padding=padding,
+                           groups=self.groups, impl=self.impl)
+            if self.use_bias:
+                bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                y = y + bias.astype(dtype)
+            return y
+
+        if (defer and (kh, kw) == (1, 1) and self.groups == 1 and not self.use_bias and padding == ((0, 0), (0, 0))
+                and self.impl in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 and x.ndim == 4
+                and native.runs_on(x, kernel) and native.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)):
+            sh, sw = self.strides
+            return DeferredConv(x[:, ::sh, ::sw, :], kernel.reshape(kernel.shape[2:]), compute)
+        return compute()
+
+
+class DeferredConv(NamedTuple):
+    """A dense 1x1 conv not yet computed (`Conv2d(...)(x, defer=True)`), for the norm that follows it: at
+    inference `BatchNorm` computes both as one `native.matmul_affine` (with a residual block's shortcut and
+    ReLU), whose epilogue applies them to each register block before it is stored. Anywhere else the conv
+    is computed as `Conv2d` would have (`materialize`)."""
+    x: jax.Array                     # the input at the conv's stride, (N, H', W', K)
+    kernel: jax.Array                # (K, features)
+    compute: Callable[[], jax.Array]  # the conv as `Conv2d` computes it
 
 
 def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, groups: int = 32,
@@ -389,8 +410,11 @@ class Deferred(NamedTuple):
     bias: jax.Array
 
 
-def materialize(value: jax.Array | Deferred) -> jax.Array:
-    """`value` itself, or a `Deferred` batch norm applied (in float32, returned in its input's dtype)."""
+def materialize(value: jax.Array | Deferred | DeferredConv) -> jax.Array:
+    """`value` itself, a `Deferred` batch norm applied (in float32, returned in its input's dtype) or a
+    `DeferredConv` computed."""
+    if isinstance(value, DeferredConv):
+        return value.compute()
     if not isinstance(value, Deferred):
         return value
     return ((value.x.astype(jnp.float32) - value.mean) * value.multiplier + value.bias).astype(value.x.dtype)
@@ -422,13 +446,24 @@ class BatchNorm(nn.Module):
     native_epilogue: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array | Deferred | None = None, act: Callable | None = None,
-                 defer: bool = False) -> jax.Array | Deferred:
-        features = x.shape[-1]
+    def __call__(self, x: jax.Array | DeferredConv, residual: jax.Array | Deferred | None = None,
+                 act: Callable | None = None, defer: bool = False) -> jax.Array | Deferred:
+        features = x.kernel.shape[-1] if isinstance(x, DeferredConv) else x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", self.bias_init, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        if isinstance(x, DeferredConv):
+            if self.use_running_average and self.native_epilogue and _matmul_epilogue_applies(x, residual, act):
+                multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
+                shift = bias - ra_mean.value * multiplier
+                rows = x.x.shape[:-1]
+                if residual is not None:
+                    residual = materialize(residual).reshape(-1, features)
+                y = native.matmul_affine(x.x.reshape(-1, x.x.shape[-1]), x.kernel, multiplier, shift, residual,
+                                         relu=act is not None)
+                return y.reshape(*rows, features)
+            x = x.compute()
         dtype = self.dtype or x.dtype
         if self.use_running_average:
             multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
@@ -450,6 +485,18 @@ class BatchNorm(nn.Module):
         return y if fuse else _add_act(y, residual, act)
 
 
+def _matmul_epilogue_applies(x: DeferredConv, residual, act) -> bool:
+    """Whether `native.matmul_affine` can compute `act(bn(conv) + residual)` for a deferred conv: ReLU or no
+    activation, a float32 residual (if any) of the conv's output shape."""
+    if act is not None and act is not nn.relu:
+        return False
+    if residual is None:
+        return True
+    value = residual.x if isinstance(residual, (Deferred, DeferredConv)) else residual
+    out_shape = (*x.x.shape[:-1], x.kernel.shape[-1])
+    return not isinstance(residual, DeferredConv) and value.dtype == jnp.float32 and value.shape == out_shape
+
+
 def native_epilogue_applies(x: jax.Array, dtype, residual: jax.Array | Deferred | None = None,
                             act: Callable | None = None) -> bool:
     """Whether `native.affine_add_relu` can compute `act(bn(x) + residual)` here: float32 throughout, ReLU
@@ -468,6 +515,7 @@ class _GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x, residual=None, act=None, defer=False):
         """`defer` is accepted for `BatchNorm`'s interface; group norm always applies itself."""
+        x = materialize(x)
         channels = x.shape[-1]
         groups = next(g for g in range(min(self.num_groups, channels), 0, -1) if channels % g == 0)
         y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init,

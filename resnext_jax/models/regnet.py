@@ -71,17 +71,17 @@ class RegNetBlock(nn.Module):
         width_in = x.shape[-1]
         width_b = int(round(self.width_out * self.bottleneck_multiplier))
         groups = width_b // self.group_width
-        y = self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x), act=self.act)
+        y = self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x, defer=True), act=self.act)
         y = self.conv(width_b, (3, 3), (self.strides, self.strides), groups=groups, name="b_conv")(y)
         y = self.norm(name="b_bn")(y, act=self.act)
         if self.se_ratio:
             # torchvision squeezes relative to the block's *input* width.
             y = SqueezeExcite(int(round(self.se_ratio * width_in)), conv=self.conv, act=self.act, name="se")(y)
-        y = self.conv(self.width_out, (1, 1), name="c_conv")(y)
+        y = self.conv(self.width_out, (1, 1), name="c_conv")(y, defer=True)
         scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
         residual = x
         if width_in != self.width_out or self.strides != 1:
-            residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x)
+            residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x, defer=True)
             residual = self.norm(name="proj_bn")(residual, defer=True)
         norm = self.norm(name="c_bn", scale_init=scale_init)
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate

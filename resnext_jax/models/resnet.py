@@ -68,11 +68,11 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         width = int(self.filters * (self.bottleneck_width / 64.0)) * self.cardinality
-        y = self.conv(width, (1, 1), name="conv1")(x)
+        y = self.conv(width, (1, 1), name="conv1")(x, defer=True)
         y = self.norm(name="bn1")(y, act=self.act)
         y = self.conv(width, (3, 3), (self.strides, self.strides), groups=self.cardinality, name="conv2")(y)
         y = self.norm(name="bn2")(y, act=self.act)
-        y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y)
+        y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y, defer=True)
         return _merge(self, x, y, "bn3", train, drop_path_rate)
 
 
@@ -90,7 +90,7 @@ def _merge(block, x, y, norm_name, train, drop_path_rate=None):
     out_features = block.filters * block.expansion
     residual = x
     if block.strides != 1 or x.shape[-1] != out_features:
-        residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x)
+        residual = block.conv(out_features, (1, 1), (block.strides, block.strides), name="downsample_conv")(x, defer=True)
         residual = block.norm(name="downsample_bn")(residual, defer=True)
     norm = block.norm(name=norm_name, scale_init=_last_scale_init(block.zero_init_last))
     rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate

@@ -11,7 +11,8 @@ gradients, 321 against 508 ms (docs/benchmarks.md).
 Beside the convolutions, `native/` holds four passes that XLA:CPU runs slowly: the residual block
 epilogue (`affine_add_relu`), batch norm's training sums (`channel_sums`), the stem max pool's gradient
 (`max_pool_grad`) and the stem's kernel gradient after space-to-depth (`few_channel_kernel_grad`), and
-one more convolution: the stems' 3-channel forward (`few_channel_conv`).
+one more convolution: the stems' 3-channel forward (`few_channel_conv`), and a matmul with its batch norm,
+shortcut and ReLU as the epilogue for inference's 1x1 convs (`matmul_affine`).
 
 The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
 (`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
@@ -40,7 +41,7 @@ NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the headers are part of the build key.
 SOURCES = tuple(os.path.join(NATIVE_DIR, name)
                 for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
-                             "few_channel_conv.cc"))
+                             "few_channel_conv.cc", "matmul.cc"))
 HEADERS = tuple(os.path.join(NATIVE_DIR, name) for name in ("parallel.h", "tail.h"))
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
@@ -49,11 +50,12 @@ SUMS_TARGET = "resnext_jax_channel_sums"
 POOL_GRAD_TARGET = "resnext_jax_max_pool_grad"
 FEW_CHANNEL_GRAD_TARGET = "resnext_jax_few_channel_kernel_grad"
 FEW_CHANNEL_CONV_TARGET = "resnext_jax_few_channel_conv"
+MATMUL_TARGET = "resnext_jax_matmul_affine"
 # FFI target -> symbol in the built library.
 SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
            EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
            POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad",
-           FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv"}
+           FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv", MATMUL_TARGET: "ResnextJaxMatmulAffine"}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
@@ -336,6 +338,55 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
     shape = jax.ShapeDtypeStruct((n, (hp - kh) // sh + 1, (wp - kw) // sw + 1, out), jnp.float32)
     call = jax.ffi.ffi_call(_target(FEW_CHANNEL_CONV_TARGET), shape, vmap_method="sequential")
     return call(xp, kernel, sh=np.int64(sh), sw=np.int64(sw))
+
+
+# `matmul_affine`'s output columns come in register blocks of this many.
+MATMUL_COLUMNS = 16
+
+
+def supports_matmul(a_shape, b_shape, dtype) -> bool:
+    """Whether `matmul_affine` takes `a @ b`: float32, 2-D, the columns a multiple of `MATMUL_COLUMNS`."""
+    return (jnp.dtype(dtype) == jnp.float32 and len(a_shape) == len(b_shape) == 2 and a_shape[1] == b_shape[0]
+            and b_shape[1] % MATMUL_COLUMNS == 0)
+
+
+def matmul_affine(a: jax.Array, b: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array | None = None,
+                  relu: bool = False) -> jax.Array:
+    """`act(a @ b * scale + shift (+ residual))` by the native kernel, `act` ReLU or none: `a` `(M, K)`, `b`
+    `(K, N)` (`supports_matmul`), `scale` and `shift` `(N,)`, `residual` `(M, N)`; float32. Inference's 1x1
+    conv with its batch norm (and a residual block's shortcut and ReLU) with the epilogue applied to each
+    register block before it is stored, where XLA:CPU writes the matmul's output and reads it back once or
+    twice (docs/benchmarks.md, twelfth session). Differentiable: the backward pass is the autodiff of the
+    same formula in JAX.
+    """
+    if residual is None:
+        return _matmul_affine(bool(relu), False, a, b, scale, shift, jnp.zeros((1,), jnp.float32))
+    return _matmul_affine(bool(relu), True, a, b, scale, shift, residual)
+
+
+def _matmul_affine_reference(relu, with_residual, a, b, scale, shift, residual):
+    out = jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST) * scale + shift
+    if with_residual:
+        out = out + residual
+    return jnp.maximum(out, 0.0) if relu else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _matmul_affine(relu, with_residual, a, b, scale, shift, residual):
+    call = jax.ffi.ffi_call(_target(MATMUL_TARGET), jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(a, b, scale, shift, residual, relu=np.int64(relu), with_residual=np.int64(with_residual))
+
+
+def _matmul_affine_fwd(relu, with_residual, *args):
+    return _matmul_affine(relu, with_residual, *args), args
+
+
+def _matmul_affine_bwd(relu, with_residual, args, g):
+    return jax.vjp(functools.partial(_matmul_affine_reference, relu, with_residual), *args)[1](g)
+
+
+_matmul_affine.defvjp(_matmul_affine_fwd, _matmul_affine_bwd)
 
 
 def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.Array:
