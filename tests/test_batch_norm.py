@@ -268,9 +268,8 @@ def test_gradients_through_an_inference_model_with_the_native_epilogue():
 
 
 # ------------------------------------------------------------------ native 1x1 conv + inference norm (CPU)
-# (M, K, N): every row tail of the 6-row register blocks (M % 6 = 1, 2, 3, 4, 5, 0), work items of 24 rows
-# ending mid-block (35 = 24 + 6 + 5), K below, at and across the 256-deep passes (300, 513), 1 to 4 column
-# blocks of 16.
+# (M, K, N): every row tail of the 6-row register blocks (M % 6 = 1, 2, 3, 4, 5, 0), K below, at and across
+# the 256-deep passes (300, 513), 1 to 4 column blocks of 16.
 MATMUL_CASES = [(1, 3, 16), (8, 64, 32), (15, 300, 48), (28, 256, 16), (35, 513, 64), (54, 40, 32)]
 
 
