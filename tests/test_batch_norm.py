@@ -277,16 +277,23 @@ MATMUL_CASES = [(1, 3, 16), (8, 64, 32), (15, 300, 48), (28, 256, 16), (35, 513,
 @pytest.mark.parametrize("shape", MATMUL_CASES, ids=["x".join(map(str, c)) for c in MATMUL_CASES])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_native_matmul_affine_matches_float64(shape, relu, with_residual):
+@pytest.mark.parametrize("prologue", [None, "affine", "affine-relu"])
+def test_native_matmul_affine_matches_float64(shape, relu, with_residual, prologue):
     m, k, n = shape
     rng = np.random.default_rng(4)
     a, b, r = rng.standard_normal((m, k)), rng.standard_normal((k, n)) / np.sqrt(k), rng.standard_normal((m, n))
     scale, shift = rng.uniform(-2, 2, n), rng.standard_normal(n)
+    a_scale, a_shift = rng.uniform(-2, 2, k), rng.standard_normal(k)
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-    a, b, r, scale, shift = (np.asarray(f32(v), np.float64) for v in (a, b, r, scale, shift))
+    a, b, r, scale, shift, a_scale, a_shift = (np.asarray(f32(v), np.float64)
+                                               for v in (a, b, r, scale, shift, a_scale, a_shift))
     assert native.supports_matmul(a.shape, b.shape, jnp.float32)
-    out = jax.jit(native.matmul_affine, static_argnames="relu")(
-        f32(a), f32(b), f32(scale), f32(shift), f32(r) if with_residual else None, relu=relu)
+    out = jax.jit(native.matmul_affine, static_argnames=("relu", "prologue_relu"))(
+        f32(a), f32(b), f32(scale), f32(shift), f32(r) if with_residual else None, relu=relu,
+        prologue=(f32(a_scale), f32(a_shift)) if prologue else None, prologue_relu=prologue == "affine-relu")
+    if prologue:
+        a = a * a_scale + a_shift
+        a = np.maximum(a, 0) if prologue == "affine-relu" else a
     ref = a @ b * scale + shift + (r if with_residual else 0.0)
     np.testing.assert_allclose(out, np.maximum(ref, 0) if relu else ref, rtol=1e-5, atol=1e-5)
 
@@ -297,15 +304,20 @@ def test_native_matmul_affine_gradients_match_float64():
     rng = np.random.default_rng(5)
     m, k, n = 13, 20, 32
     a, b, r, g = (rng.standard_normal(s) for s in ((m, k), (k, n), (m, n), (m, n)))
-    scale, shift = rng.uniform(-2, 2, n), rng.standard_normal(n)
-    args = [jnp.asarray(v, jnp.float32) for v in (a, b, scale, shift, r)]
-    a, b, scale, shift, r = (np.asarray(v, np.float64) for v in args)
-    _, vjp = jax.vjp(lambda *x: native.matmul_affine(*x, relu=True), *args)
+    scale, shift, a_scale, a_shift = rng.uniform(-2, 2, n), rng.standard_normal(n), rng.uniform(-2, 2, k), rng.standard_normal(k)
+    args = [jnp.asarray(v, jnp.float32) for v in (a, b, scale, shift, r, a_scale, a_shift)]
+    a, b, scale, shift, r, a_scale, a_shift = (np.asarray(v, np.float64) for v in args)
+    _, vjp = jax.vjp(lambda a, b, s, h, r, p, q: native.matmul_affine(a, b, s, h, r, relu=True, prologue=(p, q),
+                                                                      prologue_relu=True), *args)
     got = vjp(jnp.asarray(g, jnp.float32))
-    z = a @ b * scale + shift + r
+    u = a * a_scale + a_shift
+    a1 = np.maximum(u, 0)
+    z = a1 @ b * scale + shift + r
     gz = g * (z > 0)
-    want = (gz * scale @ b.T, a.T @ (gz * scale), (gz * (a @ b)).sum(0), gz.sum(0), gz)
-    for name, x, y in zip(("a", "b", "scale", "shift", "residual"), got, want):
+    ga1 = gz * scale @ b.T
+    gu = ga1 * (u > 0)
+    want = (gu * a_scale, a1.T @ (gz * scale), (gz * (a1 @ b)).sum(0), gz.sum(0), gz, (gu * a).sum(0), gu.sum(0))
+    for name, x, y in zip(("a", "b", "scale", "shift", "residual", "a_scale", "a_shift"), got, want):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=name)
 
 

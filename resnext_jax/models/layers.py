@@ -252,9 +252,13 @@ class Conv2d(nn.Module):
     kernel_init: Callable = conv_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array, defer: bool = False) -> jax.Array | DeferredConv:
-        """The conv of `x`; with `defer=True`, a dense 1x1 conv without bias in float32 on a CPU with the
-        native kernels (and `impl` 'auto' or 'native') is returned as a `DeferredConv` for the norm after it."""
+    def __call__(self, x: jax.Array | Deferred, defer: bool = False) -> jax.Array | DeferredConv:
+        """The conv of `x` (or of a `Deferred` norm's output); with `defer=True`, a dense 1x1 conv without bias
+        in float32 on a CPU with the native kernels (and `impl` 'auto' or 'native') is returned as a
+        `DeferredConv` for the norm after it, which then also applies a `Deferred` input's norm."""
+        deferred_input = x if isinstance(x, Deferred) else None
+        if deferred_input is not None:
+            x = deferred_input.x
         in_features = x.shape[-1]
         if in_features % self.groups:
             raise ValueError(f"{self.name}: {in_features} input channels do not divide into {self.groups} groups")
@@ -266,8 +270,10 @@ class Conv2d(nn.Module):
             padding = ((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)
         dtype = self.dtype or x.dtype
         padding = tuple(map(tuple, padding))
+        inputs = x
 
         def compute() -> jax.Array:
+            x = materialize(deferred_input) if deferred_input is not None else inputs
             # A 'gemm' conv's autodiff backward is already matmuls, which XLA:CPU handles well, scanned or not.
             if self.canonical_grad and resolve_impl(self.impl, self.groups, (kh, kw)) != "gemm":
                 y = conv2d_canonical_grad(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), padding,
@@ -284,7 +290,11 @@ class Conv2d(nn.Module):
                 and self.impl in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 and x.ndim == 4
                 and native.runs_on(x, kernel) and native.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)):
             sh, sw = self.strides
-            return DeferredConv(x[:, ::sh, ::sw, :], kernel.reshape(kernel.shape[2:]), compute)
+            prologue = None
+            if deferred_input is not None:
+                d = deferred_input
+                prologue = (d.multiplier, d.bias - d.mean * d.multiplier, d.relu)
+            return DeferredConv(x[:, ::sh, ::sw, :], kernel.reshape(kernel.shape[2:]), compute, prologue)
         return compute()
 
 
@@ -296,6 +306,7 @@ class DeferredConv(NamedTuple):
     x: jax.Array                     # the input at the conv's stride, (N, H', W', K)
     kernel: jax.Array                # (K, features)
     compute: Callable[[], jax.Array]  # the conv as `Conv2d` computes it
+    prologue: tuple | None = None     # a `Deferred` input's (scale, shift, relu) per input channel, or None
 
 
 def make_norm(kind: str, *, train: bool, dtype: Dtype, axis_name: str | None, groups: int = 32,
@@ -408,6 +419,7 @@ class Deferred(NamedTuple):
     mean: jax.Array
     multiplier: jax.Array
     bias: jax.Array
+    relu: bool = False  # a ReLU after the norm (`bn(x, act=nn.relu, defer=True)`, for a 1x1 conv's input)
 
 
 def materialize(value: jax.Array | Deferred | DeferredConv) -> jax.Array:
@@ -417,7 +429,8 @@ def materialize(value: jax.Array | Deferred | DeferredConv) -> jax.Array:
         return value.compute()
     if not isinstance(value, Deferred):
         return value
-    return ((value.x.astype(jnp.float32) - value.mean) * value.multiplier + value.bias).astype(value.x.dtype)
+    y = (value.x.astype(jnp.float32) - value.mean) * value.multiplier + value.bias
+    return (jnp.maximum(y, 0.0) if value.relu else y).astype(value.x.dtype)
 
 
 class BatchNorm(nn.Module):
@@ -433,8 +446,11 @@ class BatchNorm(nn.Module):
     are available, the epilogue runs as one native pass (in training, after the batch statistics)
     (`ops.native.affine_add_relu`). XLA:CPU would otherwise fuse it into both of the next block's
     consumers and recompute every earlier block of the stage there (docs/benchmarks.md, eighth session).
-    With running statistics, `bn(x, defer=True)` (no residual, no activation) returns a `Deferred` for a
-    shortcut, which the epilogue normalizes as it adds it; the residual may be a `Deferred` in every mode.
+    With running statistics, `bn(x, defer=True)` (no residual, ReLU or no activation) returns a `Deferred`:
+    for a shortcut, which the epilogue normalizes as it adds it (the residual may be a `Deferred` in every
+    mode), or for a 1x1 conv's input, which `native.matmul_affine` normalizes as it reads it. `x` may be a
+    `DeferredConv`: at inference the conv and this norm (with the residual and the ReLU) are then one
+    `native.matmul_affine`.
     """
     use_running_average: bool = False
     momentum: float = 0.9
@@ -460,17 +476,22 @@ class BatchNorm(nn.Module):
                 rows = x.x.shape[:-1]
                 if residual is not None:
                     residual = materialize(residual).reshape(-1, features)
+                prologue = x.prologue
                 y = native.matmul_affine(x.x.reshape(-1, x.x.shape[-1]), x.kernel, multiplier, shift, residual,
-                                         relu=act is not None)
+                                         relu=act is not None, prologue=prologue and prologue[:2],
+                                         prologue_relu=bool(prologue and prologue[2]))
                 return y.reshape(*rows, features)
             x = x.compute()
         dtype = self.dtype or x.dtype
         if self.use_running_average:
             multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
-            if self.native_epilogue and defer and residual is None and act is None and native_epilogue_applies(x, dtype):
-                return Deferred(x, ra_mean.value, multiplier, bias)
+            if (self.native_epilogue and defer and residual is None and (act is None or act is nn.relu)
+                    and native_epilogue_applies(x, dtype)):
+                return Deferred(x, ra_mean.value, multiplier, bias, relu=act is not None)
+            if isinstance(residual, Deferred) and residual.relu:
+                residual = materialize(residual)
             if residual is not None and self.native_epilogue and native_epilogue_applies(x, dtype, residual, act):
-                shortcut = tuple(residual)[1:] if isinstance(residual, Deferred) else None
+                shortcut = (residual.mean, residual.multiplier, residual.bias) if isinstance(residual, Deferred) else None
                 return native.affine_add_relu(x, ra_mean.value, multiplier, bias,
                                               residual.x if shortcut else residual, shortcut, relu=act is not None)
             y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias

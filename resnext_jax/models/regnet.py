@@ -73,7 +73,7 @@ class RegNetBlock(nn.Module):
         groups = width_b // self.group_width
         y = self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x, defer=True), act=self.act)
         y = self.conv(width_b, (3, 3), (self.strides, self.strides), groups=groups, name="b_conv")(y)
-        y = self.norm(name="b_bn")(y, act=self.act)
+        y = self.norm(name="b_bn")(y, act=self.act, defer=not self.se_ratio)
         if self.se_ratio:
             # torchvision squeezes relative to the block's *input* width.
             y = SqueezeExcite(int(round(self.se_ratio * width_in)), conv=self.conv, act=self.act, name="se")(y)

@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
         y = self.conv(width, (1, 1), name="conv1")(x, defer=True)
         y = self.norm(name="bn1")(y, act=self.act)
         y = self.conv(width, (3, 3), (self.strides, self.strides), groups=self.cardinality, name="conv2")(y)
-        y = self.norm(name="bn2")(y, act=self.act)
+        y = self.norm(name="bn2")(y, act=self.act, defer=True)
         y = self.conv(self.filters * self.expansion, (1, 1), name="conv3")(y, defer=True)
         return _merge(self, x, y, "bn3", train, drop_path_rate)
 

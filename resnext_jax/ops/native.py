@@ -351,39 +351,50 @@ def supports_matmul(a_shape, b_shape, dtype) -> bool:
 
 
 def matmul_affine(a: jax.Array, b: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array | None = None,
-                  relu: bool = False) -> jax.Array:
-    """`act(a @ b * scale + shift (+ residual))` by the native kernel, `act` ReLU or none: `a` `(M, K)`, `b`
-    `(K, N)` (`supports_matmul`), `scale` and `shift` `(N,)`, `residual` `(M, N)`; float32. Inference's 1x1
-    conv with its batch norm (and a residual block's shortcut and ReLU) with the epilogue applied to each
-    register block before it is stored, where XLA:CPU writes the matmul's output and reads it back once or
-    twice (docs/benchmarks.md, twelfth session). Differentiable: the backward pass is the autodiff of the
-    same formula in JAX.
+                  relu: bool = False, prologue: tuple[jax.Array, jax.Array] | None = None,
+                  prologue_relu: bool = False) -> jax.Array:
+    """`act(a' @ b * scale + shift (+ residual))` by the native kernel, `act` ReLU or none, where `a'` is `a`, or
+    `act'(a * s + h)` for `prologue=(s, h)` with `act'` ReLU if `prologue_relu`: `a` `(M, K)`, `b` `(K, N)`
+    (`supports_matmul`), `scale` and `shift` `(N,)`, `residual` `(M, N)`, `s` and `h` `(K,)`; float32.
+
+    Inference's 1x1 conv with the batch norm after it (and a residual block's shortcut and ReLU) applied to each
+    register block before it is stored, and the batch norm and ReLU before it applied to each 6 rows of `a` as
+    they are read, where XLA:CPU writes the matmul's output and reads it back once or twice and normalizes
+    the input in a pass of its own (docs/benchmarks.md, twelfth session). Differentiable: the backward pass is
+    the autodiff of the same formula in JAX.
     """
-    if residual is None:
-        return _matmul_affine(bool(relu), False, a, b, scale, shift, jnp.zeros((1,), jnp.float32))
-    return _matmul_affine(bool(relu), True, a, b, scale, shift, residual)
+    dummy = jnp.zeros((1,), jnp.float32)
+    a_scale, a_shift = prologue if prologue is not None else (dummy, dummy)
+    return _matmul_affine(bool(relu), residual is not None, prologue is not None, bool(prologue_relu), a, b, scale,
+                          shift, dummy if residual is None else residual, a_scale, a_shift)
 
 
-def _matmul_affine_reference(relu, with_residual, a, b, scale, shift, residual):
+def _matmul_affine_reference(relu, with_residual, prologue, prologue_relu, a, b, scale, shift, residual, a_scale,
+                             a_shift):
+    if prologue:
+        a = a * a_scale + a_shift
+        a = jnp.maximum(a, 0.0) if prologue_relu else a
     out = jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST) * scale + shift
     if with_residual:
         out = out + residual
     return jnp.maximum(out, 0.0) if relu else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _matmul_affine(relu, with_residual, a, b, scale, shift, residual):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _matmul_affine(relu, with_residual, prologue, prologue_relu, a, b, *args):
     call = jax.ffi.ffi_call(_target(MATMUL_TARGET), jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
                             vmap_method="sequential")
-    return call(a, b, scale, shift, residual, relu=np.int64(relu), with_residual=np.int64(with_residual))
+    return call(a, b, *args, relu=np.int64(relu), with_residual=np.int64(with_residual),
+                prologue=np.int64(prologue), prologue_relu=np.int64(prologue_relu))
 
 
-def _matmul_affine_fwd(relu, with_residual, *args):
-    return _matmul_affine(relu, with_residual, *args), args
+def _matmul_affine_fwd(*args):
+    return _matmul_affine(*args), args[4:]
 
 
-def _matmul_affine_bwd(relu, with_residual, args, g):
-    return jax.vjp(functools.partial(_matmul_affine_reference, relu, with_residual), *args)[1](g)
+def _matmul_affine_bwd(relu, with_residual, prologue, prologue_relu, args, g):
+    reference = functools.partial(_matmul_affine_reference, relu, with_residual, prologue, prologue_relu)
+    return jax.vjp(reference, *args)[1](g)
 
 
 _matmul_affine.defvjp(_matmul_affine_fwd, _matmul_affine_bwd)

@@ -1,8 +1,10 @@
-// A matmul with a per-column affine epilogue, float32, row-major:
-//   y[i, j] = act(sum over k of a[i, k] * b[k, j] * scale[j] + shift[j] (+ residual[i, j])),  act = ReLU or none,
-// a (M, K), b (K, N) with N a multiple of 16, scale and shift (N), residual (M, N). Called from JAX through the
-// XLA FFI (resnext_jax/ops/native.py builds and registers it): a 1x1 conv with its inference batch norm, and
-// for a residual block's last conv the shortcut's add and the ReLU (`native.matmul_affine`).
+// A matmul with a per-column affine epilogue and optionally a per-k affine prologue, float32, row-major:
+//   y[i, j] = act(sum over k of a'[i, k] * b[k, j] * scale[j] + shift[j] (+ residual[i, j])),  act = ReLU or none,
+//   a'[i, k] = a[i, k], or act'(a[i, k] * a_scale[k] + a_shift[k]) with act' ReLU or none,
+// a (M, K), b (K, N) with N a multiple of 16, scale and shift (N), residual (M, N), a_scale and a_shift (K).
+// Called from JAX through the XLA FFI (resnext_jax/ops/native.py builds and registers it): a 1x1 conv with its
+// inference batch norm, for a residual block's last conv the shortcut's add and the ReLU, and the batch norm
+// and ReLU before the conv (`native.matmul_affine`).
 //
 // Why a kernel: at inference XLA:CPU runs a 1x1 conv's matmul in its runtime (Eigen) and the batch norm after
 // it as a separate pass over the output, or two with a residual (docs/benchmarks.md, twelfth session). Here
@@ -141,18 +143,52 @@ void RowsTimesPanel(const float* a, int64_t k_total, const float* bp, float* c, 
   }
 }
 
+// The P rows at `a` (stride k) as act(a * scale + shift) into `out` (stride k): the prologue, applied once
+// per 6 rows and read from L1 by every column block.
+template <int P>
+void StageRows(const float* a, int64_t k, const float* scale, const float* shift, bool relu, float* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int p = 0; p < P; ++p) {
+    const float* src = a + p * k;
+    float* dst = out + p * k;
+    int64_t t = 0;
+    for (; t + 8 <= k; t += 8) {
+      __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(src + t), _mm256_loadu_ps(scale + t), _mm256_loadu_ps(shift + t));
+      _mm256_storeu_ps(dst + t, relu ? _mm256_max_ps(v, zero) : v);
+    }
+    for (; t < k; ++t) {
+      const float v = src[t] * scale[t] + shift[t];
+      dst[t] = relu && v < 0.0f ? 0.0f : v;
+    }
+  }
+}
+
+template <int P>
+void RowItem(const float* a, int64_t k, const float* bp, float* c, int64_t n, const float* scale, const float* shift,
+             const float* residual, bool relu, const float* a_scale, const float* a_shift, bool a_relu) {
+  if (a_scale) {
+    thread_local std::vector<float> staged;
+    if (staged.size() < static_cast<size_t>(kRows * k)) staged.resize(static_cast<size_t>(kRows * k));
+    StageRows<P>(a, k, a_scale, a_shift, a_relu, staged.data());
+    a = staged.data();
+  }
+  RowsTimesPanel<P>(a, k, bp, c, n, scale, shift, residual, relu);
+}
+
 ffi::Error MatmulAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> residual,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t relu, int64_t with_residual) {
+                        ffi::Buffer<ffi::F32> a_scale, ffi::Buffer<ffi::F32> a_shift, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t relu, int64_t with_residual, int64_t prologue, int64_t prologue_relu) {
   const auto ad = a.dimensions(), bd = b.dimensions(), yd = y->dimensions();
   if (ad.size() != 2 || bd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("matmul_affine: a, b and y of rank 2");
   const int64_t m = ad[0], k = ad[1], n = bd[1];
   if (bd[0] != k || n % kCols || yd[0] != m || yd[1] != n || scale.element_count() != n ||
-      shift.element_count() != n || (with_residual && residual.element_count() != m * n))
+      shift.element_count() != n || (with_residual && residual.element_count() != m * n) ||
+      (prologue && (a_scale.element_count() != k || a_shift.element_count() != k)))
     return ffi::Error::InvalidArgument(
         "matmul_affine: a (M, K), b (K, N) with N a multiple of 16, scale and shift (N), residual (M, N), "
-        "y (M, N)");
+        "a_scale and a_shift (K), y (M, N)");
   if (m == 0 || n == 0) return ffi::Error::Success();
   // Packed weights, (N / 16, K, 16): kept per calling thread (concurrent calls run on different threads) so
   // that a step does not map fresh pages for them on every call.
@@ -167,7 +203,9 @@ ffi::Error MatmulAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
   const float *ap = a.typed_data(), *sp = scale.typed_data(), *hp = shift.typed_data();
   const float* rp = with_residual ? residual.typed_data() : nullptr;
   float* out = y->typed_data();
-  const bool act = relu != 0;
+  const bool act = relu != 0, a_act = prologue_relu != 0;
+  const float* as = prologue ? a_scale.typed_data() : nullptr;
+  const float* ah = prologue ? a_shift.typed_data() : nullptr;
   // One work item per 6 rows: ResNeXt-50's last stage has only 392 rows (66 items), which items of 24 rows
   // split 9 : 8 between two threads (10.0-10.5 ms against 9.2-9.7 per 1.64-GFLOP matmul).
   resnext_jax::RunInParallel(pool, (m + kRows - 1) / kRows, [=](int64_t item) {
@@ -176,12 +214,12 @@ ffi::Error MatmulAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buff
     float* ci = out + i * n;
     const float* ri = rp ? rp + i * n : nullptr;
     switch (std::min<int64_t>(kRows, m - i)) {
-      case 6: RowsTimesPanel<6>(ai, k, bp, ci, n, sp, hp, ri, act); break;
-      case 5: RowsTimesPanel<5>(ai, k, bp, ci, n, sp, hp, ri, act); break;
-      case 4: RowsTimesPanel<4>(ai, k, bp, ci, n, sp, hp, ri, act); break;
-      case 3: RowsTimesPanel<3>(ai, k, bp, ci, n, sp, hp, ri, act); break;
-      case 2: RowsTimesPanel<2>(ai, k, bp, ci, n, sp, hp, ri, act); break;
-      default: RowsTimesPanel<1>(ai, k, bp, ci, n, sp, hp, ri, act); break;
+      case 6: RowItem<6>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
+      case 5: RowItem<5>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
+      case 4: RowItem<4>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
+      case 3: RowItem<3>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
+      case 2: RowItem<2>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
+      default: RowItem<1>(ai, k, bp, ci, n, sp, hp, ri, act, as, ah, a_act); break;
     }
   });
   return ffi::Error::Success();
@@ -197,6 +235,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResnextJaxMatmulAffine, MatmulAffine,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("with_residual"));
+                                  .Attr<int64_t>("with_residual")
+                                  .Attr<int64_t>("prologue")
+                                  .Attr<int64_t>("prologue_relu"));
