@@ -269,8 +269,11 @@ def test_gradients_through_an_inference_model_with_the_native_epilogue():
 
 # ------------------------------------------------------------------ native 1x1 conv + inference norm (CPU)
 # (M, K, N): every row tail of the 6-row register blocks (M % 6 = 1, 2, 3, 4, 5, 0), K below, at and across
-# the 256-deep passes (300, 513), 1 to 4 column blocks of 16.
-MATMUL_CASES = [(1, 3, 16), (8, 64, 32), (15, 300, 48), (28, 256, 16), (35, 513, 64), (54, 40, 32)]
+# the 256-deep passes (300, 513), 1 to 4 column blocks of 16, a last block of 8 (8, 24, 40 columns), and work
+# items of 2 and 8 row blocks (from 128 and 512 blocks on) whose last ends in a partial block (791 rows:
+# 65 items of 12 rows, then 6 + 5; 3077: 64 items of 48, then 5).
+MATMUL_CASES = [(1, 3, 16), (8, 64, 24), (15, 300, 48), (28, 256, 8), (35, 513, 64), (54, 40, 40), (791, 72, 24),
+                (3077, 16, 16)]
 
 
 @needs_native
@@ -322,7 +325,7 @@ def test_native_matmul_affine_gradients_match_float64():
 
 
 def test_native_matmul_only_where_it_applies():
-    assert not native.supports_matmul((8, 64), (64, 24), jnp.float32)  # 24 columns
+    assert not native.supports_matmul((8, 64), (64, 20), jnp.float32)  # 20 columns
     assert not native.supports_matmul((8, 64), (64, 32), jnp.bfloat16)
     assert not native.supports_matmul((8, 64), (32, 32), jnp.float32)  # K mismatch
 

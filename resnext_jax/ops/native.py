@@ -340,8 +340,9 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
     return call(xp, kernel, sh=np.int64(sh), sw=np.int64(sw))
 
 
-# `matmul_affine`'s output columns come in register blocks of this many.
-MATMUL_COLUMNS = 16
+# `matmul_affine`'s output columns: register blocks of 16, the last one 8 wide where N = 16m + 8 (RegNet's
+# 120- and 888-channel convs).
+MATMUL_COLUMNS = 8
 
 
 def supports_matmul(a_shape, b_shape, dtype) -> bool:
