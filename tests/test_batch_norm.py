@@ -325,6 +325,7 @@ def test_native_matmul_affine_gradients_match_float64():
 
 
 def test_native_matmul_only_where_it_applies():
+    assert native.matmul_preferred() == (native.isa() == "avx2")
     assert not native.supports_matmul((8, 64), (64, 20), jnp.float32)  # 20 columns
     assert not native.supports_matmul((8, 64), (64, 32), jnp.bfloat16)
     assert not native.supports_matmul((8, 64), (32, 32), jnp.float32)  # K mismatch
@@ -340,11 +341,14 @@ def test_native_matmul_only_where_it_applies():
     pytest.param("resnet50", dict(stage_sizes=(1, 1, 1, 1), num_filters=16, activation="silu"),
                  marks=pytest.mark.slow),
 ], ids=["resnext", "resnet", "regnet-se", "group-norm", "silu"])
-def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs):
+def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs, monkeypatch):
     """At inference with the native kernels, every 1x1 conv with batch norm and ReLU (or none) and its
     shortcut runs as `native.matmul_affine`; the logits equal the pure-XLA model's (`conv_impl='xla'`:
-    XLA's convs, flax's batch-norm formula). Group norm and SiLU blocks compute the conv as before."""
+    XLA's convs, flax's batch-norm formula). Group norm and SiLU blocks compute the conv as before. The
+    models use the kernel on AVX2 builds only (`native.MATMUL_ISAS`); here it is forced for any build."""
     import resnext_jax
+
+    monkeypatch.setattr(native, "MATMUL_ISAS", (native.isa(),))
 
     fast, plain = (resnext_jax.create_model(model, conv_impl=impl, num_classes=7, **kwargs) for impl in ("auto", "xla"))
     images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
@@ -366,3 +370,29 @@ def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs):
     expected = jax.jit(lambda v, x: plain.apply(v, x, train=False))(variables, images)
     got = step(variables, images)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+
+
+@needs_native
+def test_conv_defers_only_1x1_convs_the_matmul_takes(monkeypatch):
+    """`Conv2d(defer=True)` returns a `DeferredConv` only for a dense 1x1 conv without bias, 'auto' or 'native',
+    float32, on a build in `native.MATMUL_ISAS`; anything else is the conv itself, as without `defer`."""
+    from resnext_jax.models.layers import Conv2d, DeferredConv
+
+    x = jnp.ones((2, 4, 4, 16))
+    cases = [(dict(features=32, kernel_size=(1, 1)), x, True),
+             (dict(features=32, kernel_size=(1, 1), strides=(2, 2)), x, True),
+             (dict(features=32, kernel_size=(1, 1), impl="xla"), x, False),
+             (dict(features=32, kernel_size=(1, 1), use_bias=True), x, False),
+             (dict(features=32, kernel_size=(3, 3)), x, False),
+             (dict(features=32, kernel_size=(1, 1), groups=2), x, False),
+             (dict(features=20, kernel_size=(1, 1)), x, False),
+             (dict(features=32, kernel_size=(1, 1)), x.astype(jnp.bfloat16), False)]
+    for isas in ((native.isa(),), ()):
+        monkeypatch.setattr(native, "MATMUL_ISAS", isas)
+        for fields, inputs, deferred in cases:
+            conv = Conv2d(**fields)
+            variables = conv.init(jax.random.key(0), inputs)
+            out = conv.apply(variables, inputs, defer=True)
+            assert isinstance(out, DeferredConv) == (deferred and bool(isas)), fields
+            expected = conv.apply(variables, inputs)
+            np.testing.assert_allclose(out.compute() if isinstance(out, DeferredConv) else out, expected, rtol=1e-6)

@@ -254,8 +254,9 @@ class Conv2d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array | Deferred, defer: bool = False) -> jax.Array | DeferredConv:
         """The conv of `x` (or of a `Deferred` norm's output); with `defer=True`, a dense 1x1 conv without bias
-        in float32 on a CPU with the native kernels (and `impl` 'auto' or 'native') is returned as a
-        `DeferredConv` for the norm after it, which then also applies a `Deferred` input's norm."""
+        in float32 on a CPU with the native kernels (and `impl` 'auto' or 'native'; `native.matmul_preferred`)
+        is returned as a `DeferredConv` for the norm after it, which then also applies a `Deferred` input's
+        norm."""
         deferred_input = x if isinstance(x, Deferred) else None
         if deferred_input is not None:
             x = deferred_input.x
@@ -288,7 +289,8 @@ class Conv2d(nn.Module):
 
         if (defer and (kh, kw) == (1, 1) and self.groups == 1 and not self.use_bias and padding == ((0, 0), (0, 0))
                 and self.impl in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 and x.ndim == 4
-                and native.runs_on(x, kernel) and native.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)):
+                and native.runs_on(x, kernel) and native.matmul_preferred()
+                and native.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)):
             sh, sw = self.strides
             prologue = None
             if deferred_input is not None:

@@ -345,6 +345,17 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
 MATMUL_COLUMNS = 8
 
 
+# The builds whose `matmul_affine` the models use: its register blocks are 8-lane AVX2 code in every build, so
+# on an AVX-512 CPU (16 lanes, measured last in the eighth session) XLA's own matmul is left the 1x1 convs.
+MATMUL_ISAS = ("avx2",)
+
+
+def matmul_preferred() -> bool:
+    """Whether the models run their inference 1x1 convs through `matmul_affine` here: the kernels built for
+    one of `MATMUL_ISAS`."""
+    return isa() in MATMUL_ISAS
+
+
 def supports_matmul(a_shape, b_shape, dtype) -> bool:
     """Whether `matmul_affine` takes `a @ b`: float32, 2-D, the columns a multiple of `MATMUL_COLUMNS`."""
     return (jnp.dtype(dtype) == jnp.float32 and len(a_shape) == len(b_shape) == 2 and a_shape[1] == b_shape[0]
