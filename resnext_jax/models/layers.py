@@ -478,10 +478,9 @@ class BatchNorm(nn.Module):
                 rows = x.x.shape[:-1]
                 if residual is not None:
                     residual = materialize(residual).reshape(-1, features)
-                prologue = x.prologue
+                prologue, prologue_relu = (x.prologue[:2], x.prologue[2]) if x.prologue else (None, False)
                 y = native.matmul_affine(x.x.reshape(-1, x.x.shape[-1]), x.kernel, multiplier, shift, residual,
-                                         relu=act is not None, prologue=prologue and prologue[:2],
-                                         prologue_relu=bool(prologue and prologue[2]))
+                                         relu=act is not None, prologue=prologue, prologue_relu=prologue_relu)
                 return y.reshape(*rows, features)
             x = x.compute()
         dtype = self.dtype or x.dtype
@@ -511,13 +510,12 @@ class BatchNorm(nn.Module):
 def _matmul_epilogue_applies(x: DeferredConv, residual, act) -> bool:
     """Whether `native.matmul_affine` can compute `act(bn(conv) + residual)` for a deferred conv: ReLU or no
     activation, a float32 residual (if any) of the conv's output shape."""
-    if act is not None and act is not nn.relu:
+    if act is not None and act is not nn.relu or isinstance(residual, DeferredConv):
         return False
     if residual is None:
         return True
-    value = residual.x if isinstance(residual, (Deferred, DeferredConv)) else residual
-    out_shape = (*x.x.shape[:-1], x.kernel.shape[-1])
-    return not isinstance(residual, DeferredConv) and value.dtype == jnp.float32 and value.shape == out_shape
+    value = residual.x if isinstance(residual, Deferred) else residual
+    return value.dtype == jnp.float32 and value.shape == (*x.x.shape[:-1], x.kernel.shape[-1])
 
 
 def native_epilogue_applies(x: jax.Array, dtype, residual: jax.Array | Deferred | None = None,
