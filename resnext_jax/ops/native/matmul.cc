@@ -12,10 +12,11 @@
 //
 // Blocking: weights repacked per 16 columns, (N / 16, K, 16) (and (K, 8) for the last 8 of N = 16m + 8), by
 // all threads before the matmul. Register blocks of 6 rows x 16 columns (12 AVX2 accumulators; 6 x 8 for
-// the last 8), K in chunks of 256 (a 16 KiB weight panel, in L1)
-// whose partial sums go through the output tile, which stays in L1. A work item is 6 rows; it walks every
-// column block, so its rows of `a` stay in L1 while the packed weights stream from L2 or L3 (this order measured 150-183 GFLOP/s on ResNeXt-50's 1x1 shapes where column blocks outside
-// row blocks measured 93-180). 8-lane AVX2 code in both builds.
+// the last 8), K in chunks of 256 (a 16 KiB weight panel, in L1) whose partial sums go through the output
+// tile, which stays in L1. Each block of 6 rows walks every column block, so its rows of `a` stay in L1 while
+// the packed weights stream from L2 or L3 (this order measured 150-183 GFLOP/s on ResNeXt-50's 1x1 shapes
+// where column blocks outside row blocks measured 93-180); a work item is 1 to 8 such row blocks. 8-lane
+// AVX2 code in both builds; the models use it on AVX2 builds only (`native.MATMUL_ISAS`).
 //
 // Deterministic: each output is summed over k in a fixed order.
 #include <immintrin.h>
