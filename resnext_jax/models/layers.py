@@ -288,7 +288,7 @@ class Conv2d(nn.Module):
             return y
 
         if (defer and (kh, kw) == (1, 1) and self.groups == 1 and not self.use_bias and padding == ((0, 0), (0, 0))
-                and self.impl in ("auto", "native") and jnp.dtype(dtype) == jnp.float32 and x.ndim == 4
+                and self.impl in ("auto", "native") and x.ndim == 4
                 and native.runs_on(x, kernel) and native.matmul_preferred()
                 and native.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)):
             sh, sw = self.strides

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "tail.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -157,13 +158,10 @@ void RowsTimesColumns(const float* a, int64_t k_total, const float* panel, float
 template <int P>
 void RowsTimesPanel(const float* a, int64_t k_total, const float* bp, float* c, int64_t n, const float* scale,
                     const float* shift, const float* residual, bool relu) {
+  const auto at = [=](int64_t j) { return Epilogue{scale + j, shift + j, residual ? residual + j : nullptr, n, relu}; };
   int64_t j = 0;
-  for (; j + kCols <= n; j += kCols)
-    RowsTimesColumns<P, 2>(a, k_total, bp + j * k_total, c + j, n,
-                           Epilogue{scale + j, shift + j, residual ? residual + j : nullptr, n, relu});
-  if (j < n)
-    RowsTimesColumns<P, 1>(a, k_total, bp + j * k_total, c + j, n,
-                           Epilogue{scale + j, shift + j, residual ? residual + j : nullptr, n, relu});
+  for (; j + kCols <= n; j += kCols) RowsTimesColumns<P, 2>(a, k_total, bp + j * k_total, c + j, n, at(j));
+  if (j < n) RowsTimesColumns<P, 1>(a, k_total, bp + j * k_total, c + j, n, at(j));
 }
 
 // The P rows at `a` (stride k) as act(a * scale + shift) into `out` (stride k): the prologue, applied once
@@ -171,17 +169,18 @@ void RowsTimesPanel(const float* a, int64_t k_total, const float* bp, float* c, 
 template <int P>
 void StageRows(const float* a, int64_t k, const float* scale, const float* shift, bool relu, float* out) {
   const __m256 zero = _mm256_setzero_ps();
+  const __m256i tail = resnext_jax::TailMask8(k);
   for (int p = 0; p < P; ++p) {
     const float* src = a + p * k;
     float* dst = out + p * k;
-    int64_t t = 0;
-    for (; t + 8 <= k; t += 8) {
-      __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(src + t), _mm256_loadu_ps(scale + t), _mm256_loadu_ps(shift + t));
-      _mm256_storeu_ps(dst + t, relu ? _mm256_max_ps(v, zero) : v);
-    }
-    for (; t < k; ++t) {
-      const float v = src[t] * scale[t] + shift[t];
-      dst[t] = relu && v < 0.0f ? 0.0f : v;
+    for (int64_t t = 0; t < k; t += 8) {
+      const bool full = t + 8 <= k;
+      __m256 v = _mm256_fmadd_ps(resnext_jax::LoadOrTail(src + t, full, tail),
+                                 resnext_jax::LoadOrTail(scale + t, full, tail),
+                                 resnext_jax::LoadOrTail(shift + t, full, tail));
+      if (relu) v = _mm256_max_ps(v, zero);
+      if (full) _mm256_storeu_ps(dst + t, v);
+      else _mm256_maskstore_ps(dst + t, tail, v);
     }
   }
 }

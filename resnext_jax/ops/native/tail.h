@@ -1,5 +1,5 @@
 // The last channels of a row that are fewer than a vector (C not a multiple of 8), for the elementwise and
-// reduction kernels' 8-lane AVX2 loops (epilogue.cc, channel_sums.cc).
+// reduction kernels' 8-lane AVX2 loops (epilogue.cc, channel_sums.cc, matmul.cc's prologue).
 #pragma once
 
 #include <immintrin.h>
