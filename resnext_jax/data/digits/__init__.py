@@ -1,9 +1,7 @@
-"""`digits`: a TFDS builder for scikit-learn's bundled 8x8 digits, upsampled to 32x32 RGB.
+"""`digits`: a dataset built from scikit-learn's bundled 8x8 digits, upsampled to 32x32 RGB.
 
-It needs no network and no TensorFlow: scikit-learn ships the data, the images are handed to TFDS as encoded
-PNG bytes (numpy arrays would go through TensorFlow's encoder), and the files are written as ArrayRecord.
-It lives in a package folder, not a plain module, because tensorflow-datasets 4.9.10 fails to prepare builders
-defined in a plain module file (see docs/data.md).
+It needs no network and no TensorFlow: scikit-learn ships the data, the images are encoded as PNG here, and
+`resnext_jax.data.prepare.writer` writes them in TFDS's ArrayRecord layout.
 
 Each 8x8 image (values 0..16) is scaled to 0..255 uint8, upsampled to 32x32 with PIL bilinear resizing (smooth
 strokes look more like real images than nearest's blocks), and replicated to 3 channels. The split is fixed: a
@@ -19,6 +17,7 @@ import tensorflow_datasets as tfds
 IMAGE_SIZE = 32
 NUM_TEST = 360
 SPLIT_SEED = 0
+VERSION = "1.0.0"
 
 
 def digits_images_and_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,32 +49,31 @@ def _png_bytes(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's 8x8 digits as 32x32 RGB PNGs, with a fixed train/test split."""
+def build(data_dir: str) -> str:
+  """Writes digits into `<data_dir>/digits/1.0.0` (once, in about a second) and returns that directory.
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  It prints one line: TFDS's builder printed size warnings and nested progress bars for a one-second job. The
+  records are those TFDS's builder wrote (same features, same key-hash order: keys are the example indices), so a
+  directory made by an older version reads the same.
+  """
+  import sys
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        description=__doc__,
-    )
+  from resnext_jax.data.prepare.writer import DatasetWriter
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything comes from scikit-learn's package data.
-    images, labels, is_test = digits_images_and_labels()
-    return {
-        "train": self._generate_examples(images, labels, np.flatnonzero(~is_test)),
-        "test": self._generate_examples(images, labels, np.flatnonzero(is_test)),
-    }
+  images, labels, is_test = digits_images_and_labels()
+  print(f"Building the digits dataset once (offline, from scikit-learn) in {data_dir}", file=sys.stderr)
+  with DatasetWriter(data_dir, "digits", VERSION, features(), description=__doc__,
+                     metadata={"source": "scikit-learn load_digits"}) as writer:
+    for split, indices in (("train", np.flatnonzero(~is_test)), ("test", np.flatnonzero(is_test))):
+      split_writer = writer.split(split)
+      for index in indices:
+        split_writer.add(str(int(index)), {"image": _png_bytes(images[index]), "label": int(labels[index])})
+  return writer.target
 
-  def _generate_examples(self, images, labels, indices):
-    from tqdm import tqdm
 
-    for index in tqdm(indices, desc="digits", leave=False):
-      yield int(index), {"image": _png_bytes(images[index]), "label": int(labels[index])}
+def features():
+  """The TFDS features of digits: a 32x32x3 PNG and one of 10 labels."""
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+      "label": tfds.features.ClassLabel(num_classes=10),
+  })

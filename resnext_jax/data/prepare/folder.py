@@ -1,0 +1,172 @@
+"""`prepare folder`: a torchvision ImageFolder tree (`root/<class>/<image>`) as an ArrayRecord dataset.
+
+Class names are the sorted subfolder names, as in torchvision. The validation split (without `--val-dir`) is
+chosen per class by an md5 hash of each file's path relative to the root, so the same files give the same split on
+every machine, every class is represented in proportion, and adding a file moves no other file across the split.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+
+from resnext_jax.data.prepare import images
+from resnext_jax.data.prepare.pipeline import Item, Report, write_items
+from resnext_jax.data.prepare.writer import DatasetWriter
+from resnext_jax.errors import UserError
+
+VERSION = "1.0.0"
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+# The usual working resolution of a folder of photos (what DatasetInfo.image_size reports).
+DEFAULT_IMAGE_SIZE = 224
+
+
+def check_name(name: str) -> None:
+    """Refuses names TFDS cannot use as a directory name or that we already define (digits, cifar10, ...)."""
+    from resnext_jax.data import datasets
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"--name {name!r} is not a valid dataset name; use lower-case letters, digits and _, "
+                        f"starting with a letter (e.g. my_flowers)")
+    if name in datasets.BUILT_IN or name.split("/")[0] in datasets.BUILT_IN:
+        raise UserError(f"--name {name!r} is a built-in dataset; choose another name for your folder")
+
+
+def _class_folders(root: str, what: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise UserError(f"{what} {root} is not a directory; pass a folder laid out as {what}/<class>/<image>.jpg")
+    try:
+        entries = sorted(os.scandir(root), key=lambda entry: entry.name)
+    except OSError as error:
+        raise UserError(f"cannot list {root} ({error.strerror}); check its permissions") from error
+    return [entry.name for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
+
+
+def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[int, list[tuple[str, str]]]:
+    """Lists the image files of each class folder: label -> sorted [(path relative to root, absolute path)].
+
+    Symbolic links are followed (as torchvision does) but a directory reached twice is a loop and is entered
+    once. Non-image files and files outside class folders are ignored and counted in `report`; broken links are
+    skipped and listed.
+    """
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if entry.startswith("."):
+            report.ignore("hidden entries", os.path.join(what, entry))
+        elif not os.path.isdir(path):
+            report.ignore("files outside class folders", os.path.join(what, entry))
+    files: dict[int, list[tuple[str, str]]] = {}
+    for label, class_name in enumerate(class_names):
+        class_root = os.path.join(root, class_name)
+        if not os.path.isdir(class_root):
+            continue
+        found, visited = [], set()
+        for directory, subdirectories, names in os.walk(class_root, followlinks=True,
+                                                        onerror=lambda error: _walk_error(error, report)):
+            status = os.stat(directory)
+            if (status.st_dev, status.st_ino) in visited:
+                report.skipped.append((os.path.relpath(directory, root), "symlink loop (directory already read)"))
+                subdirectories[:] = []
+                continue
+            visited.add((status.st_dev, status.st_ino))
+            subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+            for name in sorted(names):
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, root).replace(os.sep, "/")
+                if name.startswith("."):
+                    report.ignore("hidden files", os.path.join(what, relative))
+                elif not images.is_image_name(name):
+                    report.ignore("non-image files", os.path.join(what, relative))
+                elif not os.path.exists(path):
+                    report.skipped.append((os.path.join(what, relative), "broken symbolic link"))
+                else:
+                    found.append((relative, path))
+        if not found:
+            raise UserError(f"class folder {class_root} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
+                            f"add images or remove the folder")
+        files[label] = found
+    return files
+
+
+def _walk_error(error: OSError, report: Report) -> None:
+    report.skipped.append((str(error.filename), f"unreadable directory ({error.strerror})"))
+
+
+def _hash(relative: str) -> str:
+    return hashlib.md5(relative.encode()).hexdigest()
+
+
+def split_files(files: list[tuple[str, str]], val_fraction: float) -> tuple[list, list]:
+    """Splits one class's files into (train, validation): the round(val_fraction * n) files with the smallest
+    md5 of their relative path are validation (at least one, and at least one left for training when n >= 2)."""
+    ordered = sorted(files, key=lambda file: _hash(file[0]))
+    count = min(max(1, round(val_fraction * len(files))), len(files) - 1) if len(files) >= 2 else 0
+    return ordered[count:], ordered[:count]
+
+
+def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1,
+                   workers: int = 0, overwrite: bool = False, quiet: bool = False,
+                   command: str | None = None) -> Report:
+    """Prepares the image folder `root` as dataset `name` in `data_dir` (see the module docstring); returns the
+    report. Raises UserError for an unusable folder, an existing dataset (without `overwrite`) or a full disk."""
+    started = time.perf_counter()
+    check_name(name)
+    if not val_dir and not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction} must be between 0 and 1 (e.g. 0.1), or pass --val-dir")
+    root = os.path.abspath(root)
+    class_names = _class_folders(root, "DIR")
+    if not class_names:
+        raise UserError(f"{root} has no class subfolders; lay the images out as {root}/<class>/<image>.jpg")
+    if len(class_names) == 1:
+        raise UserError(f"{root} has only one class folder ({class_names[0]!r}); a classifier needs at least two "
+                        f"classes, as {root}/<class>/<image>.jpg")
+    report = Report(class_names=class_names)
+    files = scan(root, class_names, report, os.path.basename(root))
+    if val_dir:
+        val_dir = os.path.abspath(val_dir)
+        unknown = sorted(set(_class_folders(val_dir, "--val-dir")) - set(class_names))
+        if unknown:
+            raise UserError(f"--val-dir {val_dir} has class folders that {root} lacks: {unknown}; use the same "
+                            f"class names in both")
+        train = {label: found for label, found in files.items()}
+        validation = scan(val_dir, class_names, report, os.path.basename(val_dir))
+    else:
+        train, validation = {}, {}
+        for label, found in files.items():
+            train[label], validation[label] = split_files(found, val_fraction)
+
+    features = folder_features(class_names)
+    metadata = {"source": f"folder {root}", "train_split": "train", "eval_split": "validation",
+                "image_size": DEFAULT_IMAGE_SIZE, "class_names": class_names, "command": command}
+    with DatasetWriter(data_dir, name, VERSION, features, description=f"Images from {root}.", metadata=metadata,
+                       overwrite=overwrite) as writer:
+        items = [Item(split=split, key=relative, label=label, source=path, name=path,
+                      extra={"file_name": relative})
+                 for split, by_label in (("train", train), ("validation", validation))
+                 for label, found in by_label.items() for relative, path in found]
+        write_items(writer, items, report, workers=workers, total=len(items), stats_split="train", quiet=quiet)
+        _check_every_class_written(report, class_names)
+        writer.metadata["mean"], writer.metadata["std"] = report.mean_std()
+    report.seconds = time.perf_counter() - started
+    report.target = writer.target
+    return report
+
+
+def _check_every_class_written(report: Report, class_names: list[str]) -> None:
+    empty = [class_names[label] for label in range(len(class_names)) if not report.written["train"][label]]
+    if empty:
+        examples = "; ".join(f"{name}: {why}" for name, why in report.skipped[:3])
+        raise UserError(f"no usable training image in class folder(s) {empty} (skipped, e.g. {examples}); "
+                        f"add images that open, or remove those folders")
+
+
+def folder_features(class_names: list[str]):
+    """TFDS features of a folder dataset: encoded image (any format PIL reads), label, relative file name."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(),
+        "label": tfds.features.ClassLabel(names=class_names),
+        "file_name": tfds.features.Text(),
+    })
