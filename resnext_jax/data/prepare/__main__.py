@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 from resnext_jax.errors import run_cli
@@ -62,23 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rerun_command(args) -> str:
-    """The command that prepares the same dataset again, stored so a damaged dataset's error can give it."""
-    words = ["python", "-m", "resnext_jax.data.prepare", args.command]
-    if args.command == "folder":
-        words += [os.path.abspath(args.dir), "--name", args.name]
-        words += ["--val-dir", os.path.abspath(args.val_dir)] if args.val_dir else \
-            ["--val-fraction", str(args.val_fraction)]
-    else:
-        words += ["--from", os.path.abspath(args.source)]
-    return shlex.join(words + ["--data-dir", os.path.abspath(args.data_dir)])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line, prepares the dataset and prints its summary; returns the exit code."""
     args = _parser().parse_args(argv)
     options = {"data_dir": os.path.abspath(os.path.expanduser(args.data_dir)), "workers": args.workers,
-               "overwrite": args.overwrite, "quiet": args.quiet, "command": _rerun_command(args)}
+               "overwrite": args.overwrite, "quiet": args.quiet}
     if args.command == "folder":
         from resnext_jax.data.prepare.folder import prepare_folder
 

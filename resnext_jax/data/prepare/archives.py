@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from resnext_jax.data.prepare import images
-from resnext_jax.data.prepare.pipeline import Item, Report, write_items
+from resnext_jax.data.prepare.pipeline import Item, Report, rerun_command, write_items
 from resnext_jax.data.prepare.writer import DatasetWriter
 from resnext_jax.errors import UserError
 
@@ -56,7 +56,7 @@ def _cifar_names(data: bytes) -> list[str]:
 
 
 def prepare_cifar(name: str, archive_path: str, *, data_dir: str, workers: int = 0, overwrite: bool = False,
-                  quiet: bool = False, command: str | None = None) -> Report:
+                  quiet: bool = False) -> Report:
     """Prepares cifar10 or cifar100 from the binary archive (cifar-10-binary.tar.gz / cifar-100-binary.tar.gz).
 
     Records are 1 label byte (CIFAR-100: coarse label, then fine label) and 3072 bytes of pixels, R then G then B
@@ -89,7 +89,8 @@ def prepare_cifar(name: str, archive_path: str, *, data_dir: str, workers: int =
         feature_dict["coarse_label"] = tfds.features.ClassLabel(names=names[0])
     report = Report(class_names=class_names)
     metadata = {"source": f"{name} {os.path.abspath(archive_path)}", "train_split": "train", "eval_split": "test",
-                "class_names": class_names, "command": command}
+                "class_names": class_names,
+                "command": rerun_command(name, "--from", os.path.abspath(archive_path), data_dir=data_dir)}
 
     def items(split: str, files: list[str]) -> Iterator[Item]:
         data = b"".join(contents[f"{folder}/{file}"] for file in files)
@@ -134,7 +135,7 @@ def _top_folder(archive_path: str, what: str) -> str:
 
 
 def prepare_imagenette(archive_path: str, *, data_dir: str, workers: int = 0, overwrite: bool = False,
-                       quiet: bool = False, command: str | None = None) -> Report:
+                       quiet: bool = False) -> Report:
     """Prepares imagenette from imagenette2.tgz, imagenette2-320.tgz or imagenette2-160.tgz: the TFDS config
     (full-size-v2, 320px-v2, 160px-v2) follows from the archive's top folder; images are stored as they are."""
     import tensorflow_datasets as tfds
@@ -152,7 +153,8 @@ def prepare_imagenette(archive_path: str, *, data_dir: str, workers: int = 0, ov
     label_of = {synset: label for label, synset in enumerate(synsets)}
     report = Report(class_names=list(IMAGENETTE_CLASSES))
     metadata = {"source": f"imagenette {os.path.abspath(archive_path)}", "train_split": "train",
-                "eval_split": "validation", "class_names": list(IMAGENETTE_CLASSES), "command": command}
+                "eval_split": "validation", "class_names": list(IMAGENETTE_CLASSES),
+                "command": rerun_command("imagenette", "--from", os.path.abspath(archive_path), data_dir=data_dir)}
 
     def items(archive) -> Iterator[Item]:
         for member, data in _members(archive, archive_path):

@@ -12,7 +12,7 @@ import re
 import time
 
 from resnext_jax.data.prepare import images
-from resnext_jax.data.prepare.pipeline import Item, Report, write_items
+from resnext_jax.data.prepare.pipeline import Item, Report, rerun_command, write_items
 from resnext_jax.data.prepare.writer import DatasetWriter
 from resnext_jax.errors import UserError
 
@@ -66,7 +66,7 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
                                                         onerror=lambda error: _walk_error(error, report)):
             status = os.stat(directory)
             if (status.st_dev, status.st_ino) in visited:
-                report.skipped.append((os.path.relpath(directory, root), "symlink loop (directory already read)"))
+                report.skipped.append((directory, "symlink loop (directory already read)"))
                 subdirectories[:] = []
                 continue
             visited.add((status.st_dev, status.st_ino))
@@ -79,7 +79,7 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
                 elif not images.is_image_name(name):
                     report.ignore("non-image files", os.path.join(what, relative))
                 elif not os.path.exists(path):
-                    report.skipped.append((os.path.join(what, relative), "broken symbolic link"))
+                    report.skipped.append((path, "broken symbolic link"))
                 else:
                     found.append((relative, path))
         if not found:
@@ -106,8 +106,7 @@ def split_files(files: list[tuple[str, str]], val_fraction: float) -> tuple[list
 
 
 def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1,
-                   workers: int = 0, overwrite: bool = False, quiet: bool = False,
-                   command: str | None = None) -> Report:
+                   workers: int = 0, overwrite: bool = False, quiet: bool = False) -> Report:
     """Prepares the image folder `root` as dataset `name` in `data_dir` (see the module docstring); returns the
     report. Raises UserError for an unusable folder, an existing dataset (without `overwrite`) or a full disk."""
     started = time.perf_counter()
@@ -136,6 +135,8 @@ def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None =
         for label, found in files.items():
             train[label], validation[label] = split_files(found, val_fraction)
 
+    split_arguments = ["--val-dir", val_dir] if val_dir else ["--val-fraction", str(val_fraction)]
+    command = rerun_command("folder", root, "--name", name, *split_arguments, data_dir=data_dir)
     features = folder_features(class_names)
     metadata = {"source": f"folder {root}", "train_split": "train", "eval_split": "validation",
                 "image_size": DEFAULT_IMAGE_SIZE, "class_names": class_names, "command": command}

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from resnext_jax.data.prepare import images
 from resnext_jax.data.prepare.archives import _members, _open_tar, _require_splits
-from resnext_jax.data.prepare.pipeline import Item, Report, write_items
+from resnext_jax.data.prepare.pipeline import Item, Report, rerun_command, write_items
 from resnext_jax.data.prepare.writer import DatasetWriter
 from resnext_jax.errors import UserError
 
@@ -74,8 +74,8 @@ def _val_items(path: str, label_of: dict[str, int], validation: list[str], repor
                        name=f"{VAL_TAR}:{member}", extra={"file_name": name})
 
 
-def prepare_imagenet(source: str, *, data_dir: str, workers: int = 0, overwrite: bool = False, quiet: bool = False,
-                     command: str | None = None) -> Report:
+def prepare_imagenet(source: str, *, data_dir: str, workers: int = 0, overwrite: bool = False,
+                     quiet: bool = False) -> Report:
     """Prepares imagenet2012 (train and validation) from the folder `source` that holds the two tars."""
     from resnext_jax.data.prepare.archives import _imagenet_like_features
 
@@ -89,7 +89,8 @@ def prepare_imagenet(source: str, *, data_dir: str, workers: int = 0, overwrite:
     label_of = {synset: label for label, synset in enumerate(synsets)}
     report = Report(class_names=synsets)
     metadata = {"source": f"imagenet2012 {os.path.abspath(source)}", "train_split": "train",
-                "eval_split": "validation", "class_names": synsets, "command": command}
+                "eval_split": "validation", "class_names": synsets,
+                "command": rerun_command("imagenet2012", "--from", os.path.abspath(source), data_dir=data_dir)}
 
     def items() -> Iterator[Item]:
         yield from _train_items(paths[TRAIN_TAR], label_of, report)

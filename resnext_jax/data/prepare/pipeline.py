@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import multiprocessing
+import os
+import shlex
 import signal
 import sys
 from collections.abc import Iterable, Iterator
@@ -73,6 +75,13 @@ class Report:
         for why, count in sorted(self.ignored.items()):
             lines.append(f"  ignored {count} {why} (e.g. {self.ignored_examples[why]})")
         return "\n".join(lines)
+
+
+def rerun_command(command: str, *arguments: str, data_dir: str) -> str:
+    """The command line that prepares the same dataset again; stored with it, so that the error for a damaged
+    file can give it."""
+    return shlex.join(["python", "-m", "resnext_jax.data.prepare", command, *arguments,
+                       "--data-dir", os.path.abspath(data_dir)])
 
 
 def _ignore_interrupts() -> None:

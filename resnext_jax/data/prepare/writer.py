@@ -66,8 +66,7 @@ class SplitWriter:
             raise ValueError(f"duplicate key {key!r} in split {self.split}")
         self._keys.add(key)
         record = self.features.serialize_example(example)
-        self._staging.write(record)
-        _check(self._staging, self._staging_path)
+        _write(self._staging, record, self._staging_path)
         high, low = _md5_key(self.split, key)
         self._high.append(high)
         self._low.append(low)
@@ -92,8 +91,7 @@ class SplitWriter:
             for start in range(bounds[shard], bounds[shard + 1], 256):
                 indices = order[start:min(start + 256, bounds[shard + 1])].tolist()
                 for record in reader.read(indices):
-                    writer.write(record)
-                _check(writer, path)
+                    _write(writer, record, path)
             _close(writer, path, int(bounds[shard + 1] - bounds[shard]))
             self.shard_lengths.append(int(bounds[shard + 1] - bounds[shard]))
         reader.close()
@@ -207,13 +205,31 @@ def _check(writer, path: str) -> None:
         _raise_write_error(path)
 
 
+def _write(writer, record: bytes, path: str) -> None:
+    try:
+        writer.write(record)
+    except RuntimeError as error:
+        _raise_from_riegeli(error, path)
+    _check(writer, path)
+
+
+def _raise_from_riegeli(error: RuntimeError, path: str) -> None:
+    """Riegeli reports I/O failures as RuntimeError with the errno only in the text."""
+    if "No space left" in str(error):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from error
+    raise OSError(errno.EIO, str(error).splitlines()[0], path) from error
+
+
 def _close(writer, path: str, expected: int) -> None:
     """Closes an ArrayRecordWriter and proves the file whole by reopening it (`ok()` is False after any close,
     so it cannot tell a failed final flush from a good one)."""
     from array_record.python import array_record_module
 
     _check(writer, path)
-    writer.close()
+    try:
+        writer.close()
+    except RuntimeError as error:
+        _raise_from_riegeli(error, path)
     try:
         reader = array_record_module.ArrayRecordReader(path)
         count = reader.num_records()
