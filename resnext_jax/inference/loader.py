@@ -17,6 +17,7 @@ import os
 from importlib import resources
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax.errors import UserError
@@ -302,8 +303,8 @@ def _load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedMo
         kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
     head = variables["params"].get("fc")
     kwargs.setdefault("num_classes", int(jax.tree.leaves(head)[0].shape[-1]) if head else 0)
-    try:
-        module = create_model(name, **kwargs)
+    try:  # the run's compute dtype too, so evaluation reproduces its logged numbers
+        module = create_model(name, dtype=jnp.bfloat16 if config.get("half_precision") else jnp.float32, **kwargs)
     except ValueError as error:
         raise UserError(f"{config_path}: {error}") from error
     info, info_error = _dataset_info(config)

@@ -1,0 +1,56 @@
+"""`python -m resnext_jax.evaluate SOURCE [--dataset NAME[:split]] [--batch-sizes 1,8,64] [--out DIR]`
+
+Evaluates a trained workdir or torchvision weights (anything `load_model` accepts) over a whole split and writes
+report.json, report.md and confusion_matrix.png: top-1, top-5, loss, per-class accuracy, speed (img/s, p50/p95
+latency, compile time apart) at each batch size, peak memory, the model's per-stage table and the provenance.
+Every field is explained in docs/inference.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from resnext_jax.errors import run_cli
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m resnext_jax.evaluate", description=__doc__.splitlines()[2])
+    parser.add_argument("source", help="a training workdir, a torchvision .pth file or a weight tag (IMAGENET1K_V2)")
+    parser.add_argument("--dataset", help="NAME or NAME:split (default: the run's dataset and its eval split)")
+    parser.add_argument("--model", help="builder name; required for torchvision weights")
+    parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
+    parser.add_argument("--data-dir", help="dataset directory (default: the run's, else $TFDS_DATA_DIR)")
+    parser.add_argument("--batch", type=int, help="accuracy pass batch size (default: the run's eval batch)")
+    parser.add_argument("--batch-sizes", default="1,8,64", help="speed: comma-separated batch sizes")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="speed: timed seconds per batch size")
+    parser.add_argument("--out", help="report folder (default: WORKDIR/report)")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
+    args = parser.parse_args(argv)
+    try:
+        args.batch_sizes = tuple(int(size) for size in args.batch_sizes.split(",") if size.strip())
+    except ValueError:
+        parser.error(f"--batch-sizes {args.batch_sizes!r}: use comma-separated integers, e.g. 1,8,64")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        parser.error("--batch-sizes needs positive integers, e.g. 1,8,64")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from resnext_jax.inference.report import evaluate_and_report
+
+    report = evaluate_and_report(
+        args.source, dataset=args.dataset, model=args.model, which=args.which, data_dir=args.data_dir,
+        batch_size=args.batch, speed_batch_sizes=args.batch_sizes, min_seconds=args.min_seconds, out_dir=args.out)
+    accuracy, data = report["accuracy"], report["dataset"]
+    print(f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
+          f"top-5 {accuracy['top5']:.2%}, loss {accuracy['loss']:.4f} over {accuracy['count']} examples")
+    for run in report["speed"]["runs"]:
+        print(f"batch {run['batch_size']}: {run['images_per_s']:.1f} img/s, p50 {run['latency_ms_p50']:.2f} ms, "
+              f"p95 {run['latency_ms_p95']:.2f} ms (compile {run['compile_s']:.2f} s)")
+    print(f"report: {report['report_dir']}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,238 @@
+"""The evaluation report: accuracy, per-class results, speed, memory, the model and its provenance, together.
+
+    report = evaluate_and_report("runs/quickstart", out_dir="runs/quickstart/report")
+
+writes `report.json` (every number; docs/inference.md explains each field), `report.md` (the same for people,
+with the confusion matrix embedded) and `confusion_matrix.png` (and `confusion_matrix.csv`). No single number is
+enough: accuracy means little without the speed, memory and exact configuration it was measured with.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+
+import jax
+import numpy as np
+
+from resnext_jax.errors import UserError, disk_error
+from resnext_jax.inference import evaluation
+from resnext_jax.inference.loader import LoadedModel, load_model
+
+SCHEMA_VERSION = 1
+PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow",
+            "tensorflow-datasets", "torch", "torchvision")
+DEFAULT_BATCH_SIZES = (1, 8, 64)
+CONFUSION_PNG, CONFUSION_CSV = "confusion_matrix.png", "confusion_matrix.csv"
+# Up to this many classes the matrix is also inlined in report.json and drawn with names and counts.
+INLINE_CLASSES = 100
+
+
+def evaluate_and_report(source: str | LoadedModel, *, dataset: str | None = None, model: str | None = None,
+                        which: str | int = "best", data_dir: str | None = None, batch_size: int | None = None,
+                        speed_batch_sizes=DEFAULT_BATCH_SIZES, min_seconds: float = 2.0,
+                        out_dir: str | None = None) -> dict:
+    """Evaluates `source` (anything `load_model` takes, or a LoadedModel) and writes the report to `out_dir`.
+
+    `dataset` is 'NAME' or 'NAME:split' (default: the run's dataset and its eval split). `out_dir` defaults to
+    `<workdir>/report` for a workdir. Returns the report dict (as written to report.json, without the matrix
+    for more than INLINE_CLASSES classes).
+    """
+    loaded = source if isinstance(source, LoadedModel) else load_model(source, model=model, which=which)
+    if dataset is None:
+        dataset = (loaded.config or {}).get("dataset")
+        if not dataset:
+            raise UserError("pass --dataset NAME[:split]: torchvision weights do not say what to evaluate them on")
+    if data_dir is None and loaded.config:
+        data_dir = loaded.config.get("data_dir") or None
+    if out_dir is None:
+        if loaded.source["kind"] != "workdir":
+            raise UserError("pass --out DIR for the report")
+        out_dir = os.path.join(loaded.source["path"], "report")
+    name, split = evaluation.parse_dataset(dataset)
+    accuracy = evaluation.evaluate_accuracy(loaded, name, split=split, data_dir=data_dir, batch_size=batch_size)
+    speed = evaluation.measure_speed(loaded, speed_batch_sizes, min_seconds=min_seconds)
+    report = build_report(loaded, accuracy, speed, evaluation.peak_memory())
+    report["report_dir"] = os.path.abspath(out_dir)
+    write_report(out_dir, report, accuracy["confusion"])
+    return report
+
+
+def write_run_report(workdir: str, **kwargs) -> dict:
+    """The end-of-run report of a training workdir, written to `<workdir>/report` (for the training loop)."""
+    return evaluate_and_report(workdir, **kwargs)
+
+
+def model_section(loaded: LoadedModel) -> dict:
+    """Params, GFLOPs and the per-stage table of `resnext_jax.summary` at the preset's crop size."""
+    from resnext_jax.summary import format_summary, summarize
+
+    summary = summarize(loaded.name, loaded.preprocessing.crop_size, **loaded.model_kwargs)
+    return {"name": loaded.name, "model_kwargs": _plain(loaded.model_kwargs),
+            "dtype": str(np.dtype(loaded.module.dtype)), "params": summary["params"],
+            "gflops": round(summary["gflops"], 4), "resolution": summary["resolution"],
+            "stem_params": summary["stem_params"], "head_params": summary["head_params"],
+            "stages": _plain(summary["stages"]), "table": format_summary(summary)}
+
+
+def provenance() -> dict:
+    """Package versions, Python, platform, devices, the git commit, and the native CPU kernels' state."""
+    from resnext_jax.ops import native
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
+            "backend": jax.default_backend(), "process_count": jax.process_count(),
+            "devices": [str(device) for device in jax.devices()], "git": git_commit(),
+            "native_kernels": {"available": native.available(), "isa": native.isa(),
+                               "unavailable_reason": native.unavailable_reason()}}
+
+
+def git_commit() -> dict | None:
+    """{'commit', 'dirty'} of the checkout resnext_jax runs from, or None (an installed wheel, no git)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict) -> dict:
+    """Assembles report.json's dict from the measurements (see docs/inference.md for every field)."""
+    confusion = accuracy["confusion"]
+    names = loaded.preprocessing.class_names
+    pre = loaded.preprocessing
+    prov = provenance()
+    speed = dict(speed)
+    targets = speed.pop("native_kernel_targets")
+    prov["native_kernels"].update(ran=bool(targets), targets=targets)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": loaded.source,
+        "model": model_section(loaded),
+        "preprocessing": {"resize_size": pre.resize_size, "crop_size": pre.crop_size, "mean": list(pre.mean),
+                          "std": list(pre.std), "interpolation": "bilinear (antialiased)"},
+        "dataset": {"name": accuracy["dataset"], "split": accuracy["split"], "examples": accuracy["count"],
+                    "num_classes": len(names), "batch_size": accuracy["batch_size"],
+                    "devices": accuracy["devices"]},
+        "accuracy": {key: accuracy[key] for key in ("top1", "top5", "loss", "count", "correct", "correct_top5",
+                                                    "seconds")},
+        "per_class": evaluation.per_class(confusion, names),
+        "confusion_matrix": {"png": CONFUSION_PNG, "csv": CONFUSION_CSV, "rows": "true class",
+                             "columns": "predicted class",
+                             "counts": confusion.tolist() if len(names) <= INLINE_CLASSES else None},
+        "speed": speed,
+        "memory": memory,
+        "config": loaded.config or {"model": loaded.name, "weights": loaded.source.get("weights")},
+        "provenance": prov,
+    }
+    return report
+
+
+def write_report(out_dir: str, report: dict, confusion: np.ndarray) -> dict:
+    """Writes report.json, report.md, confusion_matrix.png and .csv into `out_dir`; returns their paths."""
+    paths = {name: os.path.join(out_dir, name) for name in ("report.json", "report.md", CONFUSION_PNG,
+                                                            CONFUSION_CSV)}
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        np.savetxt(paths[CONFUSION_CSV], confusion, fmt="%d", delimiter=",")
+        plot_confusion(confusion, report, paths[CONFUSION_PNG])
+        with open(paths["report.json"], "w") as f:
+            json.dump(report, f, indent=1)
+        with open(paths["report.md"], "w") as f:
+            f.write(render_markdown(report))
+    except OSError as error:
+        raise disk_error(error, out_dir, "the evaluation report") from error
+    return paths
+
+
+def plot_confusion(confusion: np.ndarray, report: dict, path: str) -> None:
+    """Draws the row-normalized confusion matrix (each row: where that true class's examples went)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    names = [row["name"] for row in report["per_class"]]
+    count = len(names)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    side = min(4 + 0.35 * count, 16)
+    figure, axes = plt.subplots(figsize=(side, side * 0.9))
+    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if count <= 40:
+        axes.set_xticks(range(count), names, rotation=90 if max(map(len, names)) > 3 else 0)
+        axes.set_yticks(range(count), names)
+        if count <= 20:
+            for true, predicted in zip(*np.nonzero(confusion)):
+                axes.text(predicted, true, str(confusion[true, predicted]), ha="center", va="center", fontsize=8,
+                          color="white" if rates[true, predicted] > 0.5 else "black")
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    accuracy, dataset = report["accuracy"], report["dataset"]
+    axes.set_title(f"{report['model']['name']} on {dataset['name']}:{dataset['split']}: "
+                   f"top-1 {accuracy['top1']:.2%} of {accuracy['count']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _plain(value):
+    """JSON-safe copies of tuples and numpy scalars."""
+    return json.loads(json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item)))
+
+
+def render_markdown(report: dict) -> str:
+    """report.md: the headline numbers, speed, memory, model table, weakest classes and provenance."""
+    from resnext_jax.inference.evaluation import format_bytes
+
+    acc, data, speed, memory = report["accuracy"], report["dataset"], report["speed"], report["memory"]
+    model, prov, source = report["model"], report["provenance"], report["source"]
+    where = source.get("path") or source.get("weights")
+    step = f", step {source['step']}" if source.get("step") is not None else ""
+    lines = [f"# {model['name']} on {data['name']}:{data['split']}", "",
+             f"Weights: {source['kind']} {where}{step} ({source.get('weights')}). Created {report['created']}.", "",
+             "| top-1 | top-5 | loss | examples | eval time |", "|---|---|---|---|---|",
+             (f"| {acc['top1']:.2%} | {acc['top5']:.2%} | {acc['loss']:.4f} | {acc['count']} | "
+             f"{acc['seconds']:.1f} s on {data['devices']} device(s), batch {data['batch_size']} |"), "",
+             f"## Speed ({speed['device']}, {speed['dtype']}, {speed['resolution']}x{speed['resolution']})", "",
+             "| batch | img/s | latency p50 | latency p95 | compile | runs |", "|---|---|---|---|---|---|"]
+    for run in speed["runs"]:
+        lines.append(f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
+                     f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |")
+    kind = "device memory in use" if memory["kind"] == "device" else "host RSS (the backend reports no device memory)"
+    lines += ["", f"Peak memory: {format_bytes(memory['peak_bytes'])} ({kind}).", "",
+              "## Model", "", "```text", model["table"], "```", "",
+              "## Per class", "", f"![confusion matrix]({report['confusion_matrix']['png']})", "",
+              "Weakest classes:", "", "| class | accuracy | examples | most confused with |", "|---|---|---|---|"]
+    rows = sorted((row for row in report["per_class"] if row["count"]), key=lambda row: (row["accuracy"], row["class"]))
+    for row in rows[:10]:
+        confused = f"{row['most_confused_with']} ({row['confused_count']})" if row["most_confused_with"] else "-"
+        lines.append(f"| {row['name']} | {row['accuracy']:.2%} | {row['count']} | {confused} |")
+    native = prov["native_kernels"]
+    ran = f"yes ({native['isa']}: {', '.join(native['targets'])})" if native["ran"] else \
+        f"no ({native['unavailable_reason'] or 'not used by this model on this backend'})"
+    git = prov["git"]
+    versions = ", ".join(f"{name} {version}" for name, version in prov["versions"].items() if version)
+    lines += ["", "## Provenance", "",
+              f"- git: {git['commit'] + (' (uncommitted changes)' if git['dirty'] else '') if git else 'none'}",
+              f"- native CPU kernels ran: {ran}",
+              f"- devices: {', '.join(prov['devices'])} ({prov['backend']}, {prov['process_count']} process(es))",
+              f"- Python {prov['python']} on {prov['platform']}", f"- {versions}",
+              (f"- preprocessing: resize {report['preprocessing']['resize_size']}, crop "
+              f"{report['preprocessing']['crop_size']}, mean {report['preprocessing']['mean']}, std "
+              f"{report['preprocessing']['std']}"), "",
+              "<details><summary>config</summary>", "", "```json", json.dumps(report["config"], indent=1), "```",
+              "", "</details>", ""]
+    return "\n".join(lines)
