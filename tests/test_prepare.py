@@ -153,7 +153,7 @@ def test_short_training_on_a_prepared_folder_beats_chance(shapes, tmp_path):
                                small_stem=True)
     config.update(dataset="shapes", data_dir=data_dir, image_size=32, transform="none", batch_size=16,
                   eval_batch_size=32, optimizer="adamw", learning_rate=5e-3, weight_decay=0.05, warmup_epochs=1,
-                  num_epochs=12, log_every_steps=10, checkpoint_every_steps=1000, progress_bar=False)
+                  num_epochs=4, log_every_steps=10, checkpoint_every_steps=1000, progress_bar=False)
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["eval"]["top1"] >= 0.8, summary  # three classes: chance is 1/3
 

@@ -260,6 +260,11 @@ class _CheckedSource:
   def __len__(self) -> int:
     return len(self.source)
 
+  def __repr__(self) -> str:
+    # grain stores the source's repr in the iterator state and refuses a state whose repr differs, so this must
+    # stay TFDS's own (also what checkpoints written before this wrapper existed hold).
+    return repr(self.source)
+
   def __getitem__(self, index):
     try:
       return self.source[index]
