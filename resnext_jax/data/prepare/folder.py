@@ -135,6 +135,9 @@ def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None =
         for label, found in files.items():
             train[label], validation[label] = split_files(found, val_fraction)
 
+    if not any(validation.values()):
+        raise UserError(f"no class in {root} has the 2 images a validation split needs; add images or pass "
+                        f"--val-dir")
     split_arguments = ["--val-dir", val_dir] if val_dir else ["--val-fraction", str(val_fraction)]
     command = rerun_command("folder", root, "--name", name, *split_arguments, data_dir=data_dir)
     features = folder_features(class_names)
