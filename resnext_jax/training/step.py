@@ -8,6 +8,7 @@ around every grouped conv (openxla/xla#47945), which is why the steps use shard_
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax
@@ -79,15 +80,41 @@ def cross_entropy_top1(logits: jax.Array, targets: jax.Array, labels: jax.Array)
     return loss, top1
 
 
+_STAGE_PREFIX = re.compile(r"^((?:layer|block)\d+)_")
+
+
+def stage_name(module_name: str) -> str:
+    """The stage a top-level module belongs to: 'stem', the model's own stage names ('layer1'..'layer4' for
+    ResNets, 'block1'..'block4' for RegNets, as in `stage_specs`), or 'head' (the classifier `fc`)."""
+    if module_name == "fc":
+        return "head"
+    match = _STAGE_PREFIX.match(module_name)
+    return match.group(1) if match else "stem"
+
+
+def stage_norms(tree) -> dict[str, jax.Array]:
+    """The L2 norm of each stage's part of a params-shaped tree (the root of the sum of squares of its leaves);
+    the global norm is the root of the sum of their squares."""
+    squares: dict[str, jax.Array] = {}
+    for module_name, subtree in tree.items():
+        stage = stage_name(module_name)
+        total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree_util.tree_leaves(subtree))
+        squares[stage] = squares.get(stage, 0.0) + total
+    return {stage: jnp.sqrt(value) for stage, value in squares.items()}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
                     num_classes: int, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
                     cutmix_alpha: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
-                    freeze_bn: bool = False) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    freeze_bn: bool = False, stage_diagnostics: bool = True
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted, with `state` donated.
 
     `batch` is {'image': (B, H, W, 3) float, 'label': (B,) int32}, sharded along `data` over `mesh`;
     B must divide by `mesh.size * grad_accum_steps`. Metrics (float32 scalars, replicated): loss, top1,
-    grad_norm, param_norm, learning_rate.
+    grad_norm, param_norm, learning_rate, and with `stage_diagnostics` `grad_norm/<stage>` and
+    `param_norm/<stage>` for stem, each stage and head (see `stage_name`): a few reductions over trees the step
+    already holds.
     """
     def per_device_loss(params, batch_stats, images, targets, labels, dropout_rng):
         def forward():
@@ -145,6 +172,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             ema_stats = jax.tree_util.tree_map(ema, ema_stats, batch_stats)
         metrics = dict(loss=loss, top1=top1, grad_norm=optax.tree.norm(grads),
                        param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
+        if stage_diagnostics:
+            metrics.update({f"grad_norm/{stage}": norm for stage, norm in stage_norms(grads).items()})
+            metrics.update({f"param_norm/{stage}": norm for stage, norm in stage_norms(params).items()})
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                                   ema_params=ema_params, ema_batch_stats=ema_stats)
         return new_state, metrics
@@ -153,6 +183,57 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     # explicit pmean above (with vma checking, JAX would insert an implicit psum in the transpose).
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=(0,), compiler_options=step_compiler_options(_platform(mesh)))
+
+
+def _relu_outputs(outputs: list):
+    """A method interceptor that appends (stage, ReLU output) for every ReLU the model applies in training mode:
+    each norm called with an activation and no residual (stems, a block's inner norms), and each block's output
+    (its last norm, shortcut add and activation, fused or not). Blocks under `scan_blocks` (`*_rest`) run inside
+    a scan body, whose values cannot leave it, and SE's squeeze ReLU are left out."""
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(out, jax.Array):
+            return out
+        path = context.module.scope.path if context.module.scope is not None else ()
+        if not path or path[0].endswith("_rest"):
+            return out
+        if isinstance(context.module, (nn.BatchNorm, BatchNorm)) or type(context.module).__name__ == "_GroupNorm":
+            residual = args[1] if len(args) > 1 else kwargs.get("residual")
+            act = args[2] if len(args) > 2 else kwargs.get("act")
+            if act is not None and residual is None:
+                outputs.append((stage_name(path[0]), out))
+        elif len(path) == 1 and _STAGE_PREFIX.match(path[0]):
+            outputs.append((stage_name(path[0]), out))
+        return out
+    return interceptor
+
+
+def make_dead_relu_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]:
+    """Returns `dead_relu(variables, batch) -> {'dead_relu/<stage>': fraction}`, jitted over the mesh.
+
+    A ReLU unit (one channel of one ReLU's output) is dead on a batch when it is zero at every position of every
+    image on every device; the fraction is over all of a stage's ReLU units. It runs the training-mode forward
+    (batch statistics, statistics updates discarded) on the batch it is given, e.g. the logged step's batch:
+    once per log step it costs about a third of a train step, nothing on other steps. Models with another
+    activation return {}.
+    """
+    if getattr(model, "activation", "relu") != "relu":
+        return lambda variables, batch: {}
+
+    def step(variables, batch):
+        outputs = []
+        with nn.intercept_methods(_relu_outputs(outputs)):
+            model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.key(0)})
+        dead, units = {}, {}
+        for stage, out in outputs:
+            alive = jax.lax.pmax(jnp.any(out != 0, axis=tuple(range(out.ndim - 1))).astype(jnp.int32), AXIS)
+            dead[stage] = dead.get(stage, 0) + jnp.sum(1 - alive)
+            units[stage] = units.get(stage, 0) + alive.size
+        return {f"dead_relu/{stage}": dead[stage] / units[stage] for stage in dead}
+
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+    return jax.jit(sharded, compiler_options=inference_compiler_options(_platform(mesh)))
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]:
