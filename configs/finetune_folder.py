@@ -1,0 +1,40 @@
+"""Fine-tune torchvision's ResNeXt-50 32x4d (IMAGENET1K_V2) on your own images, prepared with `prepare folder`:
+converted weights, a new head sized for your classes, the backbone at a tenth of the head's learning rate,
+ImageNet normalization (what the weights expect), 224x224 crops.
+
+    python -m resnext_jax.data.prepare folder ~/photos --name my_photos      # ~/photos/<class>/<image>.jpg
+    python -m train --config configs/finetune_folder.py --config.dataset=my_photos --workdir runs/my_photos
+
+The weight tag needs the torch extra (`pip install -e '.[torch]'`) and network access once (torch hub cache), or
+pass a downloaded file with --config.init_from=/path/resnext50_32x4d-1a0047aa.pth. With fewer than a few thousand
+images, keep the epochs low and consider --config.freeze_bn=True (small batches make poor BatchNorm statistics).
+"""
+from resnext_jax.training.config import default_config
+
+
+def get_config():
+    config = default_config()
+    config.model = "resnext50_32x4d"
+    config.init_from = "IMAGENET1K_V2"
+    config.reinit_head = True
+    config.backbone_lr_mult = 0.1
+    config.dataset = "my_photos"  # the --name you gave `prepare folder`; override with --config.dataset=NAME
+    config.normalize = "model"
+    config.image_size = 224
+    config.eval_resize_size = 232  # the V2 weights' eval preset: shorter side 232, center crop 224
+    config.transform = "imagenet"
+    config.augment = "randaugment"
+    config.half_precision = True
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.optimizer = "sgd"
+    config.learning_rate = 0.01
+    config.momentum = 0.9
+    config.weight_decay = 1e-4
+    config.label_smoothing = 0.1
+    config.warmup_epochs = 1
+    config.num_epochs = 10
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 500
+    config.worker_count = 4
+    return config
