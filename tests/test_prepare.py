@@ -511,3 +511,32 @@ def test_first_digits_build_prints_one_line(tmp_path):
         f"Building the digits dataset once (offline, from scikit-learn) in {tmp_path}"]
     again = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.stderr.strip() == ""
+
+
+def test_cut_off_or_wrong_archives_are_refused(tmp_path):
+    cifar_archive(str(tmp_path / "c.tar.gz"), "cifar10", 20, 5)
+    data = (tmp_path / "c.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="ends early or is damaged.*download it again"):
+        prepare_cifar("cifar10", str(tmp_path / "cut.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="lacks.*not cifar100's binary archive.*cifar-100-binary.tar.gz"):
+        prepare_cifar("cifar100", str(tmp_path / "c.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="holds cifar-10-batches-bin/, not imagenette2"):
+        prepare_imagenette(str(tmp_path / "c.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="lacks ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar; download them"):
+        prepare_imagenet(str(tmp_path), data_dir=str(tmp_path / "d"), quiet=True)
+    assert not os.path.exists(tmp_path / "d" / "cifar10") and not os.path.exists(tmp_path / "d" / "cifar100")
+
+
+def test_a_killed_run_s_temporary_directory_is_removed_by_the_next_run(tmp_path):
+    make_folder(str(tmp_path / "f"), per_class=2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "d" / "f" / f".incomplete-1.0.0-{dead.pid}"
+    stale.mkdir(parents=True)
+    (stale / "f-train.array_record-00000-of-00001").write_bytes(b"half")
+    assert_raises_unknown = pytest.raises(UserError, match="Unknown dataset 'f'")
+    with assert_raises_unknown:  # a killed run's leftovers never load
+        dataset_info("f", str(tmp_path / "d"))
+    prepare_folder(str(tmp_path / "f"), "f", data_dir=str(tmp_path / "d"), val_fraction=0.5, quiet=True)
+    assert sorted(os.listdir(tmp_path / "d" / "f")) == ["1.0.0"]
