@@ -434,15 +434,16 @@ def test_full_disk_removes_the_partial_output_and_says_so(tmp_path, small_tmpfs)
     assert_nothing_loads("noise", small_tmpfs)
 
 
-def test_interrupted_run_leaves_nothing_that_loads(tmp_path):
-    make_folder(str(tmp_path / "f"), per_class=100)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_leaves_nothing_that_loads(tmp_path, workers):
+    make_folder(str(tmp_path / "f"), per_class=40)
     data_dir = tmp_path / "d"
-    # Each image takes 20 ms to check, so the run is surely mid-write when Ctrl-C arrives.
+    # Each image takes 50 ms to check (6 s in all), so the run is surely mid-write when Ctrl-C arrives.
     code = ("import sys, time; from resnext_jax.data.prepare import images, __main__ as cli; real = images.load_item\n"
-            "images.load_item = lambda source: (time.sleep(0.02), real(source))[1]\n"
+            "images.load_item = lambda source: (time.sleep(0.05), real(source))[1]\n"
             "from resnext_jax.errors import run_cli\n"
             f"sys.exit(run_cli(cli.main, ['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', "
-            f"{str(data_dir)!r}, '--workers', '0', '--quiet']))")
+            f"{str(data_dir)!r}, '--workers', '{workers}', '--quiet']))")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not any(".incomplete-" in p for p, _, _ in os.walk(data_dir)):

@@ -1,5 +1,7 @@
 """Input pipelines: TFDS ArrayRecord sources read with grain, torchvision-identical transforms, Mixup/CutMix.
 
+    python -m resnext_jax.data.prepare folder ~/photos --name my_photos   # your own images, no TensorFlow needed
+
     from resnext_jax.data import dataset_info, create_train_loader, create_eval_loader
     info = dataset_info("digits")                  # built offline into $TFDS_DATA_DIR on first use
     train = iter(create_train_loader("digits", batch_size=64, image_size=32, transform="cifar"))
@@ -9,7 +11,8 @@
 See docs/data.md.
 """
 
-from resnext_jax.data.datasets import (DatasetInfo, dataset_info, default_data_dir, prepare_dataset,
+from resnext_jax.data.datasets import (CorruptDatasetError, DatasetInfo, DatasetNotFoundError,
+                                       UnknownDatasetError, dataset_info, default_data_dir, prepare_dataset,
                                        supported_datasets)
 from resnext_jax.data.loaders import EvalLoader, TrainLoader, bad_image_count
 
@@ -21,7 +24,7 @@ def create_train_loader(name: str, *, data_dir: str | None = None, batch_size: i
   """Returns a loader of shuffled, augmented training batches for this process.
 
   Args:
-    name: a TFDS name from `supported_datasets()`.
+    name: a name from `supported_datasets()`, or a folder dataset made with `python -m resnext_jax.data.prepare`.
     data_dir: TFDS data directory; default $TFDS_DATA_DIR or ~/tensorflow_datasets.
     batch_size: examples per batch in this process (the global batch is batch_size * process_count).
     image_size: output height and width.
@@ -73,6 +76,6 @@ def mixup_cutmix(*args, **kwargs):
   return impl(*args, **kwargs)
 
 
-__all__ = ["DatasetInfo", "EvalLoader", "TrainLoader", "bad_image_count", "create_eval_loader",
-           "create_train_loader", "dataset_info", "default_data_dir", "mixup_cutmix", "prepare_dataset",
-           "supported_datasets"]
+__all__ = ["CorruptDatasetError", "DatasetInfo", "DatasetNotFoundError", "EvalLoader", "TrainLoader",
+           "UnknownDatasetError", "bad_image_count", "create_eval_loader", "create_train_loader", "dataset_info",
+           "default_data_dir", "mixup_cutmix", "prepare_dataset", "supported_datasets"]

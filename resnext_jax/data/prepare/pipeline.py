@@ -1,9 +1,9 @@
 """The streaming loop every `prepare` command shares: items in, checked in worker processes, written in order.
 
 Memory stays flat in the number of images: at most `2 * workers` chunks of `CHUNK` items are in flight, and the
-writer keeps two numbers per written example. Worker processes come from a forkserver, so a parent that has
-imported JAX (a test, a notebook) never forks its threads, and they ignore Ctrl-C, which the parent handles by
-removing the partial output.
+writer keeps three numbers per written example. Workers are forked (they start in milliseconds), except in a
+process whose JAX runtime is running (a test, a notebook): its threads must not be forked, so a forkserver starts
+them there. Workers ignore Ctrl-C, which the parent handles by removing the partial output.
 """
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_method() -> str:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is not None and getattr(bridge, "_backends", None):  # JAX's runtime threads are running
+        return "forkserver"
+    return "fork"
+
+
 def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
     chunk = []
     for item in items:
@@ -105,8 +112,9 @@ def _loaded(items: Iterable[Item], workers: int) -> Iterator[tuple[Item, tuple]]
         for item in items:
             yield item, images.load_item(item.source)
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["resnext_jax.data.prepare.images"])
+    context = multiprocessing.get_context(_start_method())
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(["resnext_jax.data.prepare.images"])
     pool = context.Pool(workers, initializer=_ignore_interrupts)
     try:
         pending = collections.deque()
