@@ -277,7 +277,9 @@ class _CheckedSource:
     try:
       return self.source.__getitems__(indices)
     except Exception as error:
-      raise self.corrupt(indices[0] if len(indices) else None, error) from error
+      for index in indices:  # find the record (hence the file) that fails
+        self[index]
+      raise self.corrupt(None, error) from error
 
   def corrupt(self, index, error: Exception) -> CorruptDatasetError:
     """The one-line error for a damaged file: which file (when the record index tells), what, and the fix."""
