@@ -108,9 +108,12 @@ def evaluate_accuracy(loaded: LoadedModel, dataset: str, *, split: str | None = 
     confusion = np.zeros((num_classes, num_classes), np.int64)
     correct_top5, loss_sum = 0, 0.0
     start = time.perf_counter()
+    outputs = []  # fetched at the end, so the device runs while the host decodes the next batch
     for batch in loader:
-        out = jax.device_get(step(variables, distributed.global_batch(batch, mesh)))
-        labels, mask = np.asarray(batch["label"]), np.asarray(batch["mask"])
+        outputs.append((step(variables, distributed.global_batch(batch, mesh)), batch["label"], batch["mask"]))
+    for out, labels, mask in outputs:
+        out = jax.device_get(out)
+        labels, mask = np.asarray(labels), np.asarray(mask)
         pred, top5, loss = (np.asarray(out[key]) for key in ("pred", "top5", "loss"))
         np.add.at(confusion, (labels[mask], pred[mask]), 1)
         correct_top5 += int(top5[mask].sum())

@@ -75,12 +75,13 @@ def imagenet_class_names() -> tuple[str, ...]:
     return tuple(text.splitlines())
 
 
-def default_class_names(num_classes: int, dataset_info=None) -> tuple[str, ...]:
-    """Names for `num_classes` outputs: the dataset's if it has them, ImageNet's for 1000, else '0', '1', ..."""
+def default_class_names(num_classes: int, dataset_info=None, dataset: str | None = None) -> tuple[str, ...]:
+    """Names for `num_classes` outputs: the dataset's if it has them, ImageNet's for 1000 outputs of torchvision
+    weights or an imagenet2012 run, else '0', '1', ..."""
     names = getattr(dataset_info, "class_names", None)
     if names and len(names) == num_classes:
         return tuple(names)
-    if num_classes == 1000 and getattr(dataset_info, "name", "imagenet2012") == "imagenet2012":
+    if num_classes == 1000 and dataset in (None, "imagenet2012"):
         return imagenet_class_names()
     return tuple(str(index) for index in range(num_classes))
 
@@ -177,7 +178,7 @@ def _load_torchvision(source: str, model: str | None) -> LoadedModel:
     module = create_model(model, num_classes=num_classes)
     return LoadedModel(name=model, module=module, variables=jax.device_put(variables), preprocessing=preprocessing,
                        source={"kind": "torchvision", "path": os.path.abspath(source) if is_file else None,
-                               "weights": tag, "step": None},
+                               "which": None, "weights": tag, "step": None},
                        config=None, model_kwargs={"num_classes": num_classes})
 
 
@@ -310,8 +311,9 @@ def _load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedMo
     info, info_error = _dataset_info(config)
     crop = int(config.get("image_size") or model_info(name).eval_size)
     mean, std = _normalization(config, name, info, info_error)
+    names = default_class_names(kwargs["num_classes"], info, config.get("dataset"))
     preprocessing = Preprocessing(resize_size=int(config.get("eval_resize_size") or crop), crop_size=crop,
-                                  mean=mean, std=std, class_names=default_class_names(kwargs["num_classes"], info))
+                                  mean=mean, std=std, class_names=names)
     source = {"kind": "workdir", "path": workdir, "step": step, "which": str(which),
               "weights": "ema" if ema else "raw"}
     return LoadedModel(name=name, module=module, variables=variables, preprocessing=preprocessing, source=source,

@@ -211,15 +211,20 @@ def render_markdown(report: dict) -> str:
     for run in speed["runs"]:
         lines.append(f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
                      f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |")
-    kind = "device memory in use" if memory["kind"] == "device" else "host RSS (the backend reports no device memory)"
+    kind = "in use on the device" if memory["kind"] == "device" else \
+        f"host RSS; the {prov['backend']} backend reports no device memory"
     lines += ["", f"Peak memory: {format_bytes(memory['peak_bytes'])} ({kind}).", "",
               "## Model", "", "```text", model["table"], "```", "",
               "## Per class", "", f"![confusion matrix]({report['confusion_matrix']['png']})", "",
-              "Weakest classes:", "", "| class | accuracy | examples | most confused with |", "|---|---|---|---|"]
-    rows = sorted((row for row in report["per_class"] if row["count"]), key=lambda row: (row["accuracy"], row["class"]))
+              "Weakest classes (up to 10 with errors):", "",
+              "| class | accuracy | examples | most confused with |", "|---|---|---|---|"]
+    rows = sorted((row for row in report["per_class"] if row["count"] and row["correct"] < row["count"]),
+                  key=lambda row: (row["accuracy"], row["class"]))
     for row in rows[:10]:
-        confused = f"{row['most_confused_with']} ({row['confused_count']})" if row["most_confused_with"] else "-"
-        lines.append(f"| {row['name']} | {row['accuracy']:.2%} | {row['count']} | {confused} |")
+        lines.append(f"| {row['name']} | {row['accuracy']:.2%} | {row['count']} | {row['most_confused_with']} "
+                     f"({row['confused_count']}) |")
+    if not rows:
+        lines.append("| (every example of every class is right) | | | |")
     native = prov["native_kernels"]
     ran = f"yes ({native['isa']}: {', '.join(native['targets'])})" if native["ran"] else \
         f"no ({native['unavailable_reason'] or 'not used by this model on this backend'})"
