@@ -158,17 +158,22 @@ def _load_torchvision(source: str, model: str | None) -> LoadedModel:
     if not is_file and tag not in info.weights:
         raise UserError(f"{model} has no torchvision weights {source!r}; use one of {list(info.weights) or 'none'}, "
                         f"a .pth file or a workdir")
+    from resnext_jax.convert import ConversionError, from_torchvision
     try:
-        from resnext_jax.convert import from_torchvision
         variables = from_torchvision(model, source)
     except ImportError as error:
         raise UserError(f"reading torchvision weights needs torch ({error}); pip install -e '.[torch]'") from error
-    except ValueError as error:  # ConversionError: the file does not fit the model; its message lists the keys
-        raise UserError(f"{source} does not fit {model}: {error}") from error
+    except ConversionError as error:  # its first line sums up (and may name the right model); then every key
+        summary = str(error).splitlines()[0]
+        raise UserError(f"{source} does not fit {model}: {summary} (--verbose lists every key)") from error
+    except UserError:  # the converter's own one-line errors (unreadable file, failed download) name the fix
+        raise
     except Exception as error:
         if is_file:
             raise UserError(f"cannot read {source} as a torch state_dict ({type(error).__name__}: {error}); pass "
                             f"a file saved with torch.save(model.state_dict(), path)") from error
+        if isinstance(error, RuntimeError):  # the download failed; the message names the URL and the fix
+            raise UserError(str(error)) from error
         raise
     resize = {"IMAGENET1K_V1": info.resize_v1, "IMAGENET1K_V2": info.resize_v2}.get(tag) or \
         info.resize_v2 or info.resize_v1 or info.eval_size
