@@ -4,6 +4,12 @@ References: the global norms the step already reports (root of the sum of the st
 norm of each stage's parameters, and models whose units are made dead on purpose (zero kernels give BatchNorm a
 zero batch, whose normalized output is its bias, 0, so the ReLU after it outputs 0 everywhere).
 """
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +110,39 @@ def test_a_dead_stage_reports_a_dead_fraction_of_one(conv_impl):
     # + 32 (block output) = 64 units.
     partly = jax.device_get(dead_relu(_zeroed(variables, ("layer1_0", "conv1"), channels=[0, 5, 9, 15]), batch))
     assert partly["dead_relu/layer1"] == pytest.approx(4 / 64)
+
+
+DEVICES_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    import resnext_jax
+    from resnext_jax.training import distributed
+    from resnext_jax.training.step import AXIS, init_variables, make_dead_relu_step
+
+    assert jax.device_count() == 2, jax.devices()
+    model = resnext_jax.create_model("resnext50_32x4d", bn_axis_name=AXIS, **json.loads(%r))
+    variables = init_variables(model, jax.random.key(0), 16)
+    images = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+    images[:4] = 0  # the first device's half: the stem conv outputs 0 there, so units die on that half only
+    batch = {"image": images, "label": np.zeros(8, np.int32)}
+    result = {}
+    for name, devices, part in (("two", jax.devices(), slice(None)), ("one", jax.devices()[:1], slice(None)),
+                                ("zero_half", jax.devices()[:1], slice(0, 4))):
+        mesh = distributed.create_mesh(devices)
+        local = {key: value[part] for key, value in batch.items()}
+        out = make_dead_relu_step(model, mesh)(variables, distributed.global_batch(local, mesh))
+        result[name] = {key: float(value) for key, value in jax.device_get(out).items()}
+    print(json.dumps(result))
+""")
+
+
+def test_dead_units_are_counted_over_the_global_batch_on_several_devices():
+    """A unit zero on one device's images but not on the other's is alive: two devices give the one-device
+    result on the same global batch (the per-device answer would differ, as the zero half alone shows)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT % json.dumps(TINY)], capture_output=True,
+                            text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    fractions = json.loads(result.stdout.strip().splitlines()[-1])
+    assert fractions["two"] == fractions["one"]
+    assert fractions["zero_half"]["dead_relu/stem"] > fractions["one"]["dead_relu/stem"]
