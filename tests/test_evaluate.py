@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -168,3 +169,22 @@ def test_evaluate_errors_are_one_line(workdir, tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     with pytest.raises(UserError, match="has no split 'nope'"):
         evaluate_accuracy(resnext_jax.load_model(workdir), "digits", split="nope")
+
+
+def test_two_devices_count_every_example_once_with_the_same_predictions(workdir):
+    """Accuracy over all local devices: two simulated CPU devices split each batch, every example still counts
+    once, and the confusion matrix equals the one-device pass (the logged top-1)."""
+    script = ("import json, jax, resnext_jax\n"
+              "from resnext_jax.inference.evaluation import evaluate_accuracy\n"
+              "assert jax.device_count() == 2\n"
+              f"result = evaluate_accuracy(resnext_jax.load_model({workdir!r}, which='latest'), 'digits')\n"
+              "print(json.dumps({'devices': result['devices'], 'count': result['count'],\n"
+              "                  'confusion': result['confusion'].tolist()}))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = json.loads(result.stdout.strip().splitlines()[-1])
+    one = evaluate_accuracy(resnext_jax.load_model(workdir, which="latest"), "digits")
+    assert two["devices"] == 2 and two["count"] == 360
+    np.testing.assert_array_equal(np.asarray(two["confusion"]), one["confusion"])
