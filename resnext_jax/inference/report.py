@@ -88,11 +88,15 @@ def provenance() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        kernels = {"available": native.available(), "isa": native.isa(),
+                   "unavailable_reason": native.unavailable_reason()}
+    else:  # never build the C++ kernels just to say that a GPU or TPU does not use them
+        kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}"}
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "backend": jax.default_backend(), "process_count": jax.process_count(),
-            "devices": [str(device) for device in jax.devices()], "git": git_commit(),
-            "native_kernels": {"available": native.available(), "isa": native.isa(),
-                               "unavailable_reason": native.unavailable_reason()}}
+            "backend": backend, "process_count": jax.process_count(),
+            "devices": [str(device) for device in jax.devices()], "git": git_commit(), "native_kernels": kernels}
 
 
 def git_commit() -> dict | None:
