@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,10 @@ def test_folder_round_trip_every_file_once_with_its_label_and_a_stable_split(sha
     prepare_folder(str(copy), "copy", data_dir=str(tmp_path / "tfds"), val_fraction=0.2, quiet=True)
     again = {r["file_name"].decode() for r in read_split("copy", str(tmp_path / "tfds"), "validation")}
     assert again == validation
+    for split in ("train", "validation"):  # and byte-identical files
+        ours = (tmp_path / "tfds" / "copy" / "1.0.0" / f"copy-{split}.array_record-00000-of-00001").read_bytes()
+        theirs = Path(data_dir, "shapes", "1.0.0", f"shapes-{split}.array_record-00000-of-00001").read_bytes()
+        assert ours == theirs
 
 
 def test_val_dir_and_the_eval_loader(tmp_path):
@@ -306,8 +311,14 @@ def test_preparing_never_imports_tensorflow(tmp_path):
             "'--workers', '0', '--quiet'])\n"
             f"next(iter(create_train_loader('f', data_dir={str(tmp_path / 'd')!r}, batch_size=2, image_size=8)))\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nprint('ok')")
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    # The same folder prepared here (another process, another string-hash seed) gives byte-identical files.
+    prepare_folder(str(tmp_path / "f"), "f", data_dir=str(tmp_path / "here"), quiet=True)
+    for split in ("train", "validation"):
+        name = f"f/1.0.0/f-{split}.array_record-00000-of-00001"
+        assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
 
 
 # Bad input: each case fails with one line that names the fix, or is skipped and listed, and nothing half-written
@@ -373,7 +384,8 @@ def test_truncated_zero_byte_unreadable_and_looping_files_are_skipped_and_listed
     assert skipped[str(root / "circle" / "dangling.png")] == "broken symbolic link"
     assert skipped[str(root / "triangle" / "loop")].startswith("symlink loop")
     assert len(report.skipped) == 6
-    stored = {r["file_name"].decode() for s in ("train", "validation") for r in read_split("bad", str(tmp_path / "d"), s)}
+    stored = {r["file_name"].decode() for split in ("train", "validation")
+              for r in read_split("bad", str(tmp_path / "d"), split)}
     assert stored == set(files)  # every good file once, nothing through the loop twice
     summary = report.summary(report.target)
     assert "skipped 6 unusable file(s)" in summary and "truncated.jpg: cannot be decoded" in summary
@@ -411,8 +423,8 @@ def small_tmpfs(tmp_path):
     """A 3 MiB tmpfs (needs root and mount permission; the test is skipped, with the reason, without them)."""
     mount = tmp_path / "full"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False, capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False,
+                            capture_output=True, text=True)
     if result.returncode:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the full-disk "
                     f"path needs one")
@@ -493,8 +505,8 @@ def test_corrupt_array_record_file_names_the_file_and_the_fix(shapes, tmp_path):
 def test_read_only_data_dir_for_digits_names_the_fix(tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=False, capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=False,
+                            capture_output=True, text=True)
     if result.returncode:
         pytest.skip(f"cannot mount a read-only tmpfs here ({result.stderr.strip() or 'mount failed'})")
     try:
@@ -506,11 +518,12 @@ def test_read_only_data_dir_for_digits_names_the_fix(tmp_path):
 
 def test_first_digits_build_prints_one_line(tmp_path):
     code = f"from resnext_jax.data import dataset_info; dataset_info('digits', {str(tmp_path)!r})"
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    run = [sys.executable, "-c", code]
+    result = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"Building the digits dataset once (offline, from scikit-learn) in {tmp_path}"]
-    again = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    again = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.stderr.strip() == ""
 
 

@@ -53,8 +53,8 @@ def build(data_dir: str) -> str:
   """Writes digits into `<data_dir>/digits/1.0.0` (once, in about a second) and returns that directory.
 
   It prints one line: TFDS's builder printed size warnings and nested progress bars for a one-second job. The
-  records are those TFDS's builder wrote (same features, same key-hash order: keys are the example indices), so a
-  directory made by an older version reads the same.
+  examples, their features and their order (TFDS's key-hash order; keys are the example indices) are those TFDS's
+  builder wrote, so a directory made by an older version reads the same.
   """
   import sys
 
