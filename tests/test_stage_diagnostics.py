@@ -136,6 +136,7 @@ DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess with two simulated devices: 25 s
 def test_dead_units_are_counted_over_the_global_batch_on_several_devices():
     """A unit zero on one device's images but not on the other's is alive: two devices give the one-device
     result on the same global batch (the per-device answer would differ, as the zero half alone shows)."""
