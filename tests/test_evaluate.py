@@ -5,6 +5,7 @@ and predict's preprocessing of image files equals the eval loader's.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -188,3 +189,18 @@ def test_two_devices_count_every_example_once_with_the_same_predictions(workdir)
     one = evaluate_accuracy(resnext_jax.load_model(workdir, which="latest"), "digits")
     assert two["devices"] == 2 and two["count"] == 360
     np.testing.assert_array_equal(np.asarray(two["confusion"]), one["confusion"])
+
+
+def test_a_step_whose_arrays_fail_their_checksums_is_never_loaded(workdir, tmp_path):
+    """One wrong CRC in the trainer's `checksums` item (as a bit flip in that array would give) refuses the step,
+    naming it, the array and the steps left."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    path = copy / "checkpoints" / "44" / "checksums" / "metadata"
+    sums = json.loads(path.read_text()) if path.exists() else {}
+    sums[".params['fc']['bias']"] = "00000000 float32 [10]"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(sums))
+    with pytest.raises(UserError, match=r"step 44 .* fails its checksums .*\.params\['fc'\]\['bias'\].*\[22\]"):
+        resnext_jax.load_model(str(copy), which="latest")
+    assert resnext_jax.load_model(str(copy), which=22).source["step"] == 22

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import zlib
 from importlib import resources
 
 import jax
@@ -284,6 +285,27 @@ def _restore(path: str, keys: tuple[str, ...]) -> dict:
         absl_logger.setLevel(level)
 
 
+def _verify(step_dir: str, restored: dict, step: int) -> None:
+    """Checks the restored arrays against the CRC-32s the trainer saved beside them (`checksums`, see
+    `resnext_jax.training.checkpoint.checksums`), so that a bit-flipped or truncated step is never used."""
+    path = os.path.join(step_dir, "checksums", "metadata")
+    if not os.path.exists(path):
+        log.warning("checkpoint step %d in %s predates checksums; loading it unverified", step, step_dir)
+        return
+    saved = _read_json(path)
+    wrong = []
+    for collection, tree in restored.items():
+        for leaf_path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            key = f".{collection}{jax.tree_util.keystr(leaf_path)}"
+            array = np.ascontiguousarray(np.asarray(leaf))
+            if saved.get(key) != f"{zlib.crc32(array.view(np.uint8)):08x} {array.dtype} {list(array.shape)}":
+                wrong.append(key)
+    if wrong:
+        others = [other for other in _complete_steps(os.path.dirname(step_dir))[0] if other != step]
+        raise UserError(f"checkpoint step {step} in {os.path.dirname(step_dir)} fails its checksums ({len(wrong)} "
+                        f"arrays, e.g. {wrong[0]}): it is damaged; pick another step ({others or 'none left'})")
+
+
 def _load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedModel:
     workdir = os.path.abspath(workdir)
     config_path = os.path.join(workdir, "config.json")
@@ -299,7 +321,9 @@ def _load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedMo
     if ema and not config.get("ema_decay"):
         raise UserError(f"{workdir} was trained without EMA weights (ema_decay=0); use --which best or latest")
     keys = ("ema_params", "ema_batch_stats") if ema else ("params", "batch_stats")
-    restored = _restore(os.path.join(workdir, "checkpoints", str(step), "state"), keys)
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    restored = _restore(os.path.join(step_dir, "state"), keys)
+    _verify(step_dir, restored, step)
     variables = {"params": restored[keys[0]], "batch_stats": restored[keys[1]] or {}}
     if not variables["batch_stats"]:
         del variables["batch_stats"]
