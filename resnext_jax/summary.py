@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import sys
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from resnext_jax.errors import InputError, run_cli
 from resnext_jax.models.registry import create_model, list_models
 
 
@@ -53,7 +55,15 @@ def _subjaxprs(eqn):
 
 
 def summarize(name: str, resolution: int = 224, **overrides) -> dict:
-    """Returns the per-stage table and totals for model `name` at `resolution`x`resolution`."""
+    """Returns the per-stage table and totals for model `name` at `resolution`x`resolution`.
+
+    Raises `InputError` for a resolution below 1 (which would otherwise fail inside a JAX trace), an unknown
+    model or an impossible field.
+    """
+    if not isinstance(resolution, numbers.Integral) or isinstance(resolution, bool) or resolution < 1:
+        # Every stride-2 layer pads, so even 1x1 runs (each stage is then 1x1); the stride-32 stages need 32.
+        raise InputError(f"resolution={resolution!r} is not allowed; use a positive number of pixels, e.g. 224 "
+                         f"(any size >= 1 runs, but below 32 the last stage of these stride-32 models is 1x1)")
     model = create_model(name, **overrides)
     images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -90,18 +100,16 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line; run through `run_cli`, so a bad model name or size prints one `error:` line (exit 2)."""
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.summary", description=__doc__.splitlines()[0])
     parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
     parser.add_argument("--resolution", type=int, default=224, help="square input size (default 224)")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
-    try:
-        summary = summarize(args.model, args.resolution, num_classes=args.num_classes)
-    except ValueError as error:
-        parser.error(str(error))
-    print(format_summary(summary))
+    print(format_summary(summarize(args.model, args.resolution, num_classes=args.num_classes)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -10,25 +10,55 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from resnext_jax.convert.names import (HEAD_PREFIX, LAYER_KINDS, TORCH_ONLY_BUFFERS, flax_to_torch_module,
-                                       torch_to_flax_module)
+from resnext_jax.convert.names import (
+    HEAD_PREFIX,
+    LAYER_KINDS,
+    STAGE_CONV3X3,
+    TORCH_ONLY_BUFFERS,
+    flax_to_torch_module,
+    torch_to_flax_module,
+)
+from resnext_jax.errors import InputError, UserError
 from resnext_jax.models.layers import stack_blocks, unstack_blocks
-from resnext_jax.models.registry import create_model, model_info
+from resnext_jax.models.registry import create_model, list_models, model_info
 
-__all__ = ["from_torchvision", "to_torchvision", "load_torch_state_dict", "ConversionError"]
+__all__ = [
+    "CheckpointNotFoundError",
+    "ConversionError",
+    "from_torchvision",
+    "load_torch_state_dict",
+    "to_torchvision",
+]
 
 log = logging.getLogger(__name__)
 
+# Keys under which training checkpoints nest the weights ({"model": state_dict, "optimizer": ..., "epoch": ...}).
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# DataParallel / DistributedDataParallel prefix every key with this.
+PARALLEL_PREFIX = "module."
+# torchvision weight tags ("IMAGENET1K_V2", "DEFAULT"): anything else is taken for a path.
+_TAG = re.compile(r"[A-Z][A-Z0-9_]*")
 
-class ConversionError(ValueError):
+
+class ConversionError(InputError):
     """The checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+class CheckpointNotFoundError(InputError, FileNotFoundError):
+    """A checkpoint path that does not exist (and is not a weight tag either)."""
+
+
+class WeightsDownloadError(UserError, RuntimeError):
+    """torchvision could not download a weight tag (no network); the message names the file to fetch."""
 
 
 def _to_flax(kind: str, tensor_name: str, value: np.ndarray) -> np.ndarray:
@@ -47,12 +77,48 @@ def _to_torch(kind: str, tensor_name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _torch_shape(kind: str, tensor_name: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch-layout shape of a Flax-layout shape (a zero-stride view: nothing is allocated); a shape of the
+    wrong rank comes back as it is, to be reported."""
+    try:
+        return _to_torch(kind, tensor_name, np.broadcast_to(np.float32(0), flax_shape)).shape
+    except ValueError:
+        return tuple(flax_shape)
+
+
+def _flax_shape(kind: str, tensor_name: str, torch_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Flax-layout shape of a torch-layout shape; the inverse of `_torch_shape`."""
+    try:
+        return _to_flax(kind, tensor_name, np.broadcast_to(np.float32(0), torch_shape)).shape
+    except ValueError:
+        return tuple(torch_shape)
+
+
+def _unwrap(state: Mapping) -> Mapping:
+    """The weights inside a training checkpoint's wrapper (`WRAPPER_KEYS`), without DataParallel's "module." prefix.
+
+    One function for files, in-memory dicts and modules, so a checkpoint loads the same however it arrives.
+    """
+    unwrapped = True
+    while unwrapped:
+        unwrapped = False
+        for key in WRAPPER_KEYS:
+            if key in state and isinstance(state[key], Mapping):
+                state, unwrapped = state[key], True
+                break
+    if state and all(isinstance(k, str) and k.startswith(PARALLEL_PREFIX) for k in state):
+        state = {k[len(PARALLEL_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
 def load_torch_state_dict(name: str, source: Any) -> dict[str, np.ndarray]:
     """Reads `source` into a {torch key: float numpy array} dict.
 
-    `source` is a `torch.nn.Module`, a state_dict, a path to a `.pth`/`.pt` file (read with
+    `source` is a `torch.nn.Module`, a state_dict, a path to a torch checkpoint file (read with
     `weights_only=True`, so no pickled code runs), or a torchvision weight tag such as
-    "IMAGENET1K_V2" (downloaded by torchvision; needs network once).
+    "IMAGENET1K_V2" (downloaded by torchvision; needs network once). Weights nested under one of
+    `WRAPPER_KEYS` (`{"model": state_dict, "epoch": ...}`) or prefixed by DataParallel's "module." are
+    unwrapped, the same for a file and an in-memory dict.
     """
     import torch
 
@@ -60,32 +126,63 @@ def load_torch_state_dict(name: str, source: Any) -> dict[str, np.ndarray]:
         state = source.state_dict()
     elif isinstance(source, Mapping):
         state = source
-    elif isinstance(source, (str, os.PathLike)) and (os.path.exists(source) or str(source).endswith((".pth", ".pt"))):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"checkpoint {source} does not exist")
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):  # common training-checkpoint wrappers
-            if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-                state = state[key]
-    elif isinstance(source, str):
-        state = _download_weights(name, source)
+    elif isinstance(source, (str, os.PathLike)):
+        state = _read_file_or_tag(name, source)
     else:
         raise TypeError(f"source must be a torch Module, a state_dict, a .pth/.pt path or a weight tag, "
                         f"not {type(source).__name__}")
+    state = _unwrap(state)
+    not_arrays = [k for k, v in state.items() if not hasattr(v, "shape") and not isinstance(v, (int, float))]
+    if not_arrays:
+        raise ConversionError(
+            f"this is not a state_dict: {not_arrays[:8]} are not tensors. Pass the entry that holds the model's "
+            f"weights (e.g. checkpoint[{not_arrays[0]!r}]); entries named {list(WRAPPER_KEYS)} are found "
+            f"automatically")
     return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state.items()}
+
+
+def _read_file_or_tag(name: str, source: str | os.PathLike):
+    """A checkpoint file if `source` exists, else a torchvision weight tag; anything else names both choices."""
+    import torch
+
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.isdir(path):
+        raise InputError(f"{source} is a directory; pass the .pth/.pt checkpoint file inside it")
+    if os.path.exists(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a file it cannot read
+            raise InputError(f"cannot read {source} as a torch checkpoint ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}); pass a file saved with "
+                             f"torch.save(model.state_dict(), path)") from error
+        if not isinstance(state, Mapping):
+            raise InputError(f"{source} holds a {type(state).__name__}, not a state_dict; save one with "
+                             f"torch.save(model.state_dict(), path)")
+        return state
+    if isinstance(source, str) and _TAG.fullmatch(source):
+        return _download_weights(name, source)
+    raise CheckpointNotFoundError(
+        f"{source} does not exist, and it is not a torchvision weight tag of {name} "
+        f"(known tags: {', '.join(_known_tags(name)) or 'none'}); pass an existing checkpoint file or one of the tags")
+
+
+def _known_tags(name: str) -> list[str]:
+    tags = list(model_info(name).weights)
+    return tags + ["DEFAULT"] if tags else []
 
 
 def _download_weights(name: str, tag: str):
     import torchvision
 
-    tags = model_info(name).weights
-    if tag not in tags and tag != "DEFAULT":
-        raise ValueError(f"{name} has no torchvision weights {tag!r}; available: {list(tags) or 'none'}")
+    tags = _known_tags(name)
+    if tag not in tags:
+        raise InputError(f"{name} has no torchvision weights {tag!r}; known tags: {', '.join(tags) or 'none'}, "
+                         f"or pass the path of a checkpoint file")
     weights = torchvision.models.get_model_weights(name)[tag]
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # network errors come in many types
-        raise RuntimeError(
+        raise WeightsDownloadError(
             f"could not download {name} {tag} from {weights.url} ({error}). On a machine with network, "
             f"download that file and pass its path: from_torchvision({name!r}, '/path/to/file.pth')") from error
 
@@ -97,6 +194,8 @@ def _expected_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def _flax_key(family: str, torch_key: str):
     """torch key -> (flax key tuple, kind, tensor name); flax key is None for dropped buffers."""
+    if not isinstance(torch_key, str):
+        return None
     prefix, _, tensor_name = torch_key.rpartition(".")
     mapped = torch_to_flax_module(family, prefix)
     if mapped is None:
@@ -113,6 +212,8 @@ def _flax_key(family: str, torch_key: str):
 
 def _torch_key(family: str, flax_key: tuple[str, ...]):
     """flax key tuple -> (torch key, kind, tensor name) or None."""
+    if len(flax_key) < 3:
+        return None
     collection, *path, leaf_name = flax_key
     mapped = flax_to_torch_module(family, "/".join(path))
     if mapped is None:
@@ -122,17 +223,96 @@ def _torch_key(family: str, flax_key: tuple[str, ...]):
     return (f"{prefix}.{names[0]}", kind, names[0]) if names else None
 
 
+def _torch_name_and_shape(family: str, flax_key: tuple[str, ...], flax_shape: tuple[int, ...]) -> str:
+    """`layer1.0.conv1.weight (64, 64, 1, 1)`: how a Flax variable is named and shaped in torchvision."""
+    mapped = _torch_key(family, flax_key)
+    if mapped is None:
+        return f"{'/'.join(flax_key)} {tuple(flax_shape)}"
+    torch_key, kind, tensor_name = mapped
+    return f"{torch_key} {_torch_shape(kind, tensor_name, flax_shape)}"
+
+
+def _builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[str]:
+    """The builders of `family` whose stages match `shapes` (Flax keys -> Flax-layout shapes): the blocks per
+    stage, the first block's 3x3 kernel shape and its widest output.
+
+    Cheap (no tracing: `stage_specs` is plain arithmetic), so a conversion error can say which builder some
+    weights belong to: resnet50 weights exported as resnet18 is the usual mistake.
+    """
+    conv = STAGE_CONV3X3[family]
+    blocks: dict[str, set[int]] = {}
+    widest: dict[str, int] = {}
+    for key, shape in shapes.items():
+        match = re.fullmatch(r"([a-z]+\d+)_(\d+)", key[1]) if len(key) > 2 else None
+        if match:
+            stage, block = match.group(1), int(match.group(2))
+            blocks.setdefault(stage, set()).add(block)
+            if block == 0 and key[-1] == "kernel" and len(shape):
+                widest[stage] = max(widest.get(stage, 0), shape[-1])
+    stages = sorted(blocks, key=lambda stage: int(re.sub(r"\D", "", stage)))
+    layout = [(stage, len(blocks[stage]), tuple(shapes.get(("params", f"{stage}_0", conv, "kernel"), ())),
+               widest.get(stage, 0)) for stage in stages]
+    matches = []
+    for builder in list_models():
+        if model_info(builder).family != family:
+            continue
+        expected = [(spec["name"], spec["blocks"], (3, 3, spec["bottleneck_width"] // spec["groups"],
+                                                    spec["bottleneck_width"]), spec["out_channels"])
+                    for spec in create_model(builder).stage_specs()]
+        if layout == expected:
+            matches.append(builder)
+    return matches
+
+
+def _mismatch_error(title: str, name: str, family: str, shapes: Mapping, call: str, *, missing=(), unexpected=(),
+                    mismatched=(), foreign=(), fix: str | None = None) -> ConversionError:
+    """One error naming every problem, with a first line that counts them and says the likely fix."""
+    counts = [f"{len(items)} {label}" for items, label in ((missing, "missing"), (unexpected, "unexpected"),
+                                                           (mismatched, "wrong shape"),
+                                                           (foreign, "without a torchvision counterpart")) if items]
+    if fix is None and not shapes:
+        fix = "there are no weights at all"
+    if fix is None:
+        others = [b for b in _builders_with_layout(family, shapes) if b != name]
+        fix = (f"they look like {' or '.join(others)}'s: {call.format(others[0])}" if others else
+               f"check that they come from torchvision's {name} (built with the same options)")
+    lines = [f"{title}: {', '.join(counts)}; {fix}"]
+    lines += [f"  missing key: {k}" for k in missing]
+    lines += [f"  unexpected key: {k}" for k in unexpected]
+    lines += [f"  wrong shape: {k}" for k in mismatched]
+    lines += [f"  no torchvision counterpart (a non-torchvision option such as se_ratio or norm='group'?): {k}"
+              for k in foreign]
+    return ConversionError("\n".join(lines))
+
+
+def _fresh_head(model, head: str, rng: jax.Array) -> dict[tuple[str, ...], jax.Array]:
+    """The head variables `model.init(rng, ...)` gives, without running the backbone.
+
+    Returning only the head from a jitted init lets XLA drop every other op: about 1.5 s on a CPU instead of
+    15-20 s for an eager or whole-model init of resnet18. The values are the same (Flax derives each module's
+    key from its path, not from the input).
+    """
+    def head_only(key):
+        fresh = traverse_util.flatten_dict(model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
+        return {"/".join(k): v for k, v in fresh.items() if k[1] == head}
+
+    return {tuple(k.split("/")): v for k, v in jax.jit(head_only)(rng).items()}
+
+
 def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, reinit_head: bool = False,
                      rng: jax.Array | None = None, **model_overrides) -> dict:
     """Converts torchvision weights for builder `name` into Flax variables `{'params', 'batch_stats'}`.
 
-    Strict: every missing, unexpected or mis-shaped key is named in one `ConversionError`.
+    Strict: every missing, unexpected or mis-shaped key is named once in one `ConversionError`.
 
     Args:
       name: a torchvision builder name, e.g. "resnext50_32x4d".
-      source: a `torch.nn.Module`, a state_dict, a `.pth`/`.pt` path or a weight tag ("IMAGENET1K_V2").
-      num_classes: the head size you want; default: the checkpoint's.
-      reinit_head: when `num_classes` differs from the checkpoint's head, load the backbone and
+      source: a `torch.nn.Module`, a state_dict, a checkpoint file path or a weight tag ("IMAGENET1K_V2"); see
+        `load_torch_state_dict`.
+      num_classes: the head size you want; default: the checkpoint's. 0 means no head (features only, as
+        `create_model(name, num_classes=0)`): the checkpoint's head is dropped, and a checkpoint without a head
+        loads.
+      reinit_head: when `num_classes` > 0 differs from the checkpoint's head, load the backbone and
         initialize a fresh head (logged). Without it a head mismatch is an error.
       rng: key for a re-initialized head (default `jax.random.key(0)`).
       **model_overrides: other `create_model` fields that do not change the parameter layout (e.g. dtype).
@@ -141,79 +321,129 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
     family = model_info(name).family
     state = load_torch_state_dict(name, source)
     head = HEAD_PREFIX[family]
-    ckpt_classes = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None
-    num_classes = num_classes or ckpt_classes or 1000
-    drop_head = ckpt_classes is not None and num_classes != ckpt_classes
-    if drop_head and not reinit_head:
-        raise ConversionError(
-            f"the checkpoint's head has {ckpt_classes} classes but num_classes={num_classes}; pass "
-            f"reinit_head=True to load the backbone and start a new {num_classes}-class head")
+    head_shape = next((state[k].shape for k in (f"{head}.weight", f"{head}.bias") if k in state), ())
+    ckpt_classes = int(head_shape[0]) if len(head_shape) else 0
+    if num_classes is None and ckpt_classes:
+        num_classes = ckpt_classes
     # Convert in the default (one module per block) layout, which the name map describes; stack at the end.
     scanned = model_overrides.pop("scan_blocks", False)
-    model = create_model(name, num_classes=num_classes, **model_overrides)
+    if num_classes is not None:
+        model_overrides["num_classes"] = num_classes
+    model = create_model(name, **model_overrides)  # checks num_classes >= 0
+    num_classes = model.num_classes
+    # An empty state_dict is not "headless": it falls through to the list of every missing key.
+    replace_head = num_classes != ckpt_classes and bool(state)
+    if replace_head and num_classes > 0 and not reinit_head:
+        if ckpt_classes:
+            raise ConversionError(
+                f"the checkpoint has a {ckpt_classes}-class head but num_classes={num_classes}; pass "
+                f"reinit_head=True to load the backbone and start a new {num_classes}-class head")
+        raise ConversionError(
+            f"the checkpoint has no head ({head}.weight) but num_classes={num_classes}; pass num_classes=0 for "
+            f"features only, or reinit_head=True to start a new {num_classes}-class head")
     expected = _expected_shapes(model)
 
-    converted, unexpected, mismatched = {}, [], []
+    converted, found, unexpected, mismatched = {}, {}, [], {}
     for torch_key, value in state.items():
-        if drop_head and torch_key.startswith(head + "."):
+        if replace_head and isinstance(torch_key, str) and torch_key.startswith(head + "."):
             continue
         mapped = _flax_key(family, torch_key)
         if mapped is None:
-            unexpected.append(torch_key)
+            unexpected.append(str(torch_key))
             continue
         flax_key, kind, tensor_name = mapped
         if flax_key is None:
             continue
+        found[flax_key] = _flax_shape(kind, tensor_name, np.shape(value))
         if flax_key not in expected:
             unexpected.append(torch_key)
-            continue
-        array = _to_flax(kind, tensor_name, np.asarray(value, dtype=np.float32))
-        if array.shape != expected[flax_key]:
-            mismatched.append(f"{torch_key}: checkpoint {tuple(value.shape)} -> {array.shape}, "
-                              f"model wants {expected[flax_key]} at {'/'.join(flax_key)}")
-            continue
-        converted[flax_key] = array
-    missing = [k for k in expected if k not in converted and not (drop_head and k[1] == head)]
+        elif found[flax_key] != expected[flax_key]:
+            mismatched[flax_key] = (f"{torch_key}: checkpoint {tuple(np.shape(value))}, {name} wants "
+                                    f"{_torch_shape(kind, tensor_name, expected[flax_key])}")
+        else:
+            converted[flax_key] = _to_flax(kind, tensor_name, np.asarray(value, dtype=np.float32))
+    missing = [k for k in expected if k not in found and not (replace_head and k[1] == head)]
     if missing or unexpected or mismatched:
-        missing_names = [(_torch_key(family, k) or ("/".join(k),))[0] for k in missing]
-        lines = [f"cannot load this checkpoint into {name}:"]
-        lines += [f"  missing key: {k}" for k in missing_names]
-        lines += [f"  unexpected key: {k}" for k in unexpected]
-        lines += [f"  wrong shape: {k}" for k in mismatched]
-        raise ConversionError("\n".join(lines))
+        raise _mismatch_error(f"cannot load this checkpoint into {name}", name, family, found,
+                              "from_torchvision({!r}, ...)", unexpected=unexpected,
+                              mismatched=list(mismatched.values()),
+                              missing=[_torch_name_and_shape(family, k, expected[k]) for k in missing])
     variables = {k: jnp.asarray(v) for k, v in converted.items()}
-    if drop_head:
-        log.warning("%s: checkpoint head has %d classes; re-initialized a new %d-class head '%s'",
-                    name, ckpt_classes, num_classes, head)
-        fresh = model.init(rng if rng is not None else jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
-        for k, v in traverse_util.flatten_dict(fresh).items():
-            if k[1] == head:
-                variables[k] = v
+    if replace_head and num_classes == 0 and ckpt_classes:
+        log.info("%s: dropped the checkpoint's %d-class head '%s' (num_classes=0: features only)",
+                 name, ckpt_classes, head)
+    elif replace_head:
+        log.warning("%s: checkpoint head has %s classes; re-initialized a new %d-class head '%s'",
+                    name, ckpt_classes or "no", num_classes, head)
+        variables.update(_fresh_head(model, head, rng if rng is not None else jax.random.key(0)))
     variables = traverse_util.unflatten_dict(variables)
     return stack_blocks(variables) if scanned else variables
 
 
-def to_torchvision(name: str, variables: Mapping) -> dict:
+def to_torchvision(name: str, variables: Mapping, **model_overrides) -> dict:
     """Converts Flax variables of builder `name` to a torchvision state_dict (torch tensors).
 
-    torchvision's `load_state_dict(strict=True)` accepts the result. BatchNorm's
-    `num_batches_tracked`, which Flax does not keep, is exported as 0. Variables of a
-    `scan_blocks=True` model (stacked `layer{s}_rest` / `block{s}_rest`) are unstacked first.
+    As strict as `from_torchvision`: the variables must be exactly those of `create_model(name, **model_overrides)`
+    (the head size is read from the variables; pass `num_classes=0` for variables without a head, which a
+    torchvision model whose `fc` is `nn.Identity()` loads), and every missing, unexpected or mis-shaped variable
+    is named in one
+    `ConversionError`, so torchvision's `load_state_dict(strict=True)` accepts every result. BatchNorm's
+    `num_batches_tracked`, which Flax does not keep, is exported as 0. Variables of a `scan_blocks=True` model
+    (stacked `layer{s}_rest` / `block{s}_rest`) are unstacked first.
     """
     import torch
 
     family = model_info(name).family
-    state, unmapped = {}, []
-    for flax_key, value in traverse_util.flatten_dict(unstack_blocks(variables)).items():
+    if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
+        keys = sorted(map(str, variables)) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ConversionError(f"to_torchvision({name!r}, variables) needs the variables dict "
+                              f"{{'params': ..., 'batch_stats': ...}} that model.init returns, not {keys}")
+    if not all(isinstance(tree, Mapping) for tree in variables.values()):
+        raise ConversionError(f"every collection of the variables must be a dict, not "
+                              f"{ {k: type(v).__name__ for k, v in variables.items()} }")
+    flat = traverse_util.flatten_dict(unstack_blocks(variables))
+    head = HEAD_PREFIX[family]
+    head_kernel = flat.get(("params", head, "kernel"))
+    model_overrides.pop("scan_blocks", None)
+    if np.ndim(head_kernel) == 2:
+        model_overrides.setdefault("num_classes", int(np.shape(head_kernel)[-1]))
+    expected = _expected_shapes(create_model(name, **model_overrides))
+
+    fitting, shapes, unexpected, mismatched, foreign = [], {}, [], [], []
+    for flax_key, value in flat.items():
+        path = "/".join(map(str, flax_key))
         mapped = _torch_key(family, flax_key)
         if mapped is None:
-            unmapped.append("/".join(flax_key))
+            foreign.append(path)
             continue
         torch_key, kind, tensor_name = mapped
-        state[torch_key] = torch.from_numpy(np.array(_to_torch(kind, tensor_name, np.asarray(value))))
+        shape = tuple(np.shape(value)) if hasattr(value, "shape") else None
+        shapes[flax_key] = shape or ()
+        if shape is None:
+            mismatched.append(f"{path} ({torch_key}): a {type(value).__name__}, not an array")
+        elif flax_key not in expected:
+            unexpected.append(f"{path} (torchvision {torch_key} {_torch_shape(kind, tensor_name, shape)})")
+        elif shape != expected[flax_key]:
+            mismatched.append(f"{path} ({torch_key}): variables {shape}, {name} wants {expected[flax_key]} "
+                              f"(torchvision {_torch_shape(kind, tensor_name, expected[flax_key])})")
+        else:
+            fitting.append((torch_key, kind, tensor_name, value))
+    missing_keys = [k for k in expected if k not in flat]
+    if missing_keys or unexpected or mismatched or foreign:
+        only_head = flat and all(k[1] == head for k in missing_keys) and not (unexpected or mismatched or foreign)
+        raise _mismatch_error(
+            f"cannot export these variables as torchvision's {name}", name, family, shapes,
+            "to_torchvision({!r}, variables)", missing=[_torch_name_and_shape(family, k, expected[k])
+                                                         for k in missing_keys],
+            unexpected=unexpected, mismatched=mismatched, foreign=foreign,
+            fix=f"the variables have no head '{head}'; pass num_classes=0 to export a state_dict without it (a "
+                f"torchvision model whose {head} is nn.Identity() loads that)" if only_head else None)
+    state = {}
+    for torch_key, kind, tensor_name, value in fitting:
+        array = np.asarray(value)
+        if array.dtype != np.float32:  # torchvision's weights are float32; bf16 has no torch.from_numpy
+            array = array.astype(np.float32)
+        state[torch_key] = torch.from_numpy(np.array(_to_torch(kind, tensor_name, array)))
         for buffer in TORCH_ONLY_BUFFERS.get(kind, ()):
             state[torch_key.rpartition(".")[0] + "." + buffer] = torch.tensor(0, dtype=torch.long)
-    if unmapped:
-        raise ConversionError(f"{name}: these variables have no torchvision counterpart (a non-torchvision "
-                              f"option such as se_ratio or norm='group'?): {unmapped}")
     return state

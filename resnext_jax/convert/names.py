@@ -49,6 +49,9 @@ RULES = {
     ],
 }
 HEAD_PREFIX = {"resnet": "fc", "regnet": "fc"}
+# The 3x3 (grouped) conv of each block, as a Flax module name: its kernel shape and the blocks per stage tell the
+# builders of a family apart, so a conversion error can name the builder some weights came from.
+STAGE_CONV3X3 = {"resnet": "conv2", "regnet": "b_conv"}
 
 
 @functools.cache  # every key of a checkpoint is matched against every rule

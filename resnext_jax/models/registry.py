@@ -7,12 +7,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-from typing import Callable
+import numbers
+from collections.abc import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from resnext_jax.errors import InputError
+from resnext_jax.models.layers import ACTIVATIONS, NORMS
 from resnext_jax.models.regnet import RegNet
 from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from resnext_jax.ops import CONV_IMPLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +50,7 @@ class ModelInfo:
     weights: tuple[str, ...] = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 
 
-_RESNET = dict(block_cls=Bottleneck)
+_RESNET = {"block_cls": Bottleneck}
 _BUILDERS: dict[str, tuple[Callable[..., nn.Module], ModelInfo]] = {}
 
 
@@ -53,7 +58,7 @@ def _register(name: str, family: str, builder, **info):
     _BUILDERS[name] = (builder, ModelInfo(name=name, family=family, **info))
 
 
-_V1_ONLY = dict(resize_v2=None, weights=("IMAGENET1K_V1",))
+_V1_ONLY = {"resize_v2": None, "weights": ("IMAGENET1K_V1",)}
 _register("resnet18", "resnet", functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock), **_V1_ONLY)
 _register("resnet34", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock), **_V1_ONLY)
 _register("resnet50", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), **_RESNET))
@@ -86,7 +91,7 @@ for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_X.items():
     _register(f"regnet_x_{_size}", "regnet",
               functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw))
 for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_Y.items():
-    _extra = dict(resize_v1=None, resize_v2=None, weights=()) if _size == "128gf" else {}
+    _extra = {"resize_v1": None, "resize_v2": None, "weights": ()} if _size == "128gf" else {}
     _register(f"regnet_y_{_size}", "regnet",
               functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=0.25),
               **_extra)
@@ -98,10 +103,10 @@ def list_models() -> list[str]:
 
 
 def _lookup(name: str):
-    if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, _BUILDERS, n=5, cutoff=0.5)
+    if not isinstance(name, str) or name not in _BUILDERS:
+        close = difflib.get_close_matches(name, _BUILDERS, n=5, cutoff=0.5) if isinstance(name, str) else []
         hint = f"; closest: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}. resnext_jax.list_models() lists all {len(_BUILDERS)}.")
+        raise InputError(f"unknown model {name!r}{hint}. resnext_jax.list_models() lists all {len(_BUILDERS)}.")
     return _BUILDERS[name]
 
 
@@ -109,7 +114,9 @@ def create_model(name: str, **overrides) -> nn.Module:
     """Builds the Flax module for torchvision builder `name`, with any module field overridden.
 
     Example: `create_model("resnext50_32x4d", num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1)`.
-    Raises ValueError for an unknown name (listing the closest matches) or an unknown field.
+    Raises `InputError` (a ValueError) for an unknown name (listing the closest matches), an unknown field, or a
+    field value no model can be built with (`cardinality=0`, `dropout_rate=1.0`, `norm="layer"`...), naming the
+    field, the value and the allowed range: such values otherwise fail deep inside a JAX trace, or not at all.
     """
     builder, _ = _lookup(name)
     module_cls = builder.func
@@ -117,8 +124,99 @@ def create_model(name: str, **overrides) -> nn.Module:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         hints = {k: difflib.get_close_matches(k, fields, n=3) for k in unknown}
-        raise ValueError(f"{name} has no field(s) {unknown}; closest: {hints}. Fields: {sorted(fields)}")
-    return builder(**overrides)
+        raise InputError(f"{name} has no field(s) {unknown}; closest: {hints}. Fields: {sorted(fields)}")
+    model = builder(**overrides)
+    problems = _field_problems(model)
+    if problems:
+        raise InputError(f"cannot build {name}: " + "; ".join(problems))
+    return model
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _int_at_least(low: int):
+    return lambda value: _is_int(value) and value >= low
+
+
+def _real_in(low: float, high: float, high_open: bool = True):
+    # `low <= value < high` is False for NaN, so NaN is refused too.
+    return lambda value: _is_real(value) and low <= value and (value < high if high_open else value <= high)
+
+
+def _float_dtype(value) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        return False
+
+
+def _positive_ints(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(_is_int(v) and v >= 1 for v in value))
+
+
+# field -> (accepts the value?, what is allowed). Checked for every model that has the field.
+_FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "num_classes": (_int_at_least(0), "an integer >= 0 (0: no head, the logits are the pooled features)"),
+    "cardinality": (_int_at_least(1), "an integer >= 1 (groups of each 3x3 conv)"),
+    "bottleneck_width": (_int_at_least(1), "an integer >= 1 (channels per group in the first stage)"),
+    "num_filters": (_int_at_least(1), "an integer >= 1 (width of the first stage)"),
+    "stage_sizes": (_positive_ints, "a non-empty list of integers >= 1 (blocks per stage), e.g. (3, 4, 6, 3)"),
+    "stem_width": (_int_at_least(1), "an integer >= 1"),
+    "depth": (_int_at_least(1), "an integer >= 1 (blocks in all)"),
+    "group_width": (_int_at_least(1), "an integer >= 1 (channels per group)"),
+    "w_0": (lambda v: _is_real(v) and v > 0, "a number > 0 (the first block's width)"),
+    "w_a": (_real_in(0, float("inf")), "a number >= 0 (width slope)"),
+    "w_m": (lambda v: _is_real(v) and v > 1, "a number > 1 (width multiplier between stages)"),
+    "bottleneck_multiplier": (lambda v: _is_real(v) and v > 0, "a number > 0"),
+    "norm": (lambda v: v in NORMS, f"one of {list(NORMS)}"),
+    "norm_groups": (_int_at_least(1), "an integer >= 1 (groups of the group norm)"),
+    "activation": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
+    "drop_path_rate": (_real_in(0, 1), "a number in [0, 1) (1 would drop every residual branch)"),
+    "dropout_rate": (_real_in(0, 1), "a number in [0, 1) (1 would drop every feature)"),
+    "se_ratio": (_real_in(0, 1, high_open=False), "a number in [0, 1] (0: no squeeze-excitation)"),
+    "conv_impl": (lambda v: v in CONV_IMPLS, f"one of {list(CONV_IMPLS)}"),
+    "dtype": (_float_dtype, "a floating dtype such as jnp.float32, jnp.bfloat16 or jnp.float16"),
+    "bn_axis_name": (lambda v: v is None or isinstance(v, (str, tuple)), "None or a mesh axis name"),
+    "zero_init_last": (lambda v: isinstance(v, bool) or v in (0, 1), "True or False"),
+    "small_stem": (lambda v: isinstance(v, bool) or v in (0, 1), "True or False"),
+    "scan_blocks": (lambda v: isinstance(v, bool) or v in (0, 1), "True or False"),
+}
+
+
+def _field_problems(model: nn.Module) -> list[str]:
+    """Every field value of `model` that no network can be built with, as "field=value ...; use ..." lines.
+
+    Cheap checks only (no tracing): each field's range, then the few that depend on two fields.
+    """
+    problems = []
+    for field, (accepts, allowed) in _FIELD_RULES.items():
+        if hasattr(model, field):
+            value = getattr(model, field)
+            try:
+                ok = bool(accepts(value))
+            except TypeError:  # e.g. an unhashable value tested for membership
+                ok = False
+            if not ok:
+                problems.append(f"{field}={value!r} is not allowed; use {allowed}")
+    if problems:
+        return problems  # the combined checks below assume each field is valid on its own
+    if isinstance(model, ResNet) and model.block_cls is BasicBlock:
+        for field, default in (("cardinality", 1), ("bottleneck_width", 64)):
+            if getattr(model, field) != default:
+                problems.append(f"{field}={getattr(model, field)!r} is not allowed with basic blocks "
+                                f"(resnet18/34); use {default}, or a bottleneck model such as resnext50_32x4d")
+    elif isinstance(model, ResNet) and model.num_filters * model.bottleneck_width < 64:
+        problems.append(f"bottleneck_width={model.bottleneck_width} with num_filters={model.num_filters} gives "
+                        f"0 channels per group in layer1 (int(num_filters * bottleneck_width / 64)); "
+                        f"use num_filters * bottleneck_width >= 64")
+    return problems
 
 
 def model_info(name: str) -> ModelInfo:
