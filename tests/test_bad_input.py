@@ -85,7 +85,8 @@ def test_basic_blocks_refuse_resnext_fields():
 
 
 def test_zero_channel_bottleneck_is_named():
-    with pytest.raises(InputError, match=r"bottleneck_width=4 with num_filters=8 .*num_filters \* bottleneck_width >= 64"):
+    with pytest.raises(InputError,
+                       match=r"bottleneck_width=4 with num_filters=8 .*num_filters \* bottleneck_width >= 64"):
         resnext_jax.create_model("resnext50_32x4d", num_filters=8, bottleneck_width=4)
 
 
@@ -204,6 +205,14 @@ def test_export_names_missing_and_misshaped_variables_once(resnet18_variables):
     assert "missing key: layer2.1.bn2.weight (128,)" in message and "missing key: layer2.1.bn2.bias" in message
     assert "wrong shape: params/fc/bias (fc.bias): variables (8,), resnet18 wants (7,)" in message
     assert message.count("fc.bias") == 1, message
+
+
+def test_export_casts_half_precision_to_float32(resnet18_variables, resnet18_state):
+    half = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), resnet18_variables)
+    state = to_torchvision("resnet18", half)
+    assert state["conv1.weight"].dtype == torch.float32
+    expected = resnet18_state["conv1.weight"].to(torch.bfloat16).float()
+    assert torch.equal(state["conv1.weight"], expected)
 
 
 def test_export_with_another_option_is_refused():

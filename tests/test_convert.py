@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch_reference import randomized_torchvision, torch_logits, torchvision_skeleton
 
 import resnext_jax
 from resnext_jax.convert import ConversionError, from_torchvision, to_torchvision
 from resnext_jax.summary import summarize
-from torch_reference import randomized_torchvision, torch_logits, torchvision_skeleton
 
 # The fast subset keeps the ResNet and ResNeXt builders here; RegNets (X and Y) are checked against torchvision
 # in the fast subset by tests/test_scan.py (scanned regnet_x_400mf) and here in the slow list.
@@ -162,3 +162,20 @@ def test_non_torchvision_option_cannot_export():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ConversionError, match="se"):
         to_torchvision("resnet18", variables)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("resnext50_32x4d", {"stage_sizes": (1, 1), "num_filters": 16, "cardinality": 4}),
+    ("regnet_x_400mf", {"depth": 4}),
+], ids=["resnet", "regnet"])
+def test_fresh_head_is_the_model_init_head(name, fields):
+    """`reinit_head` initializes only the head (the backbone's ops are dropped): same values as `model.init`."""
+    from resnext_jax.convert import _fresh_head
+
+    model = resnext_jax.create_model(name, num_classes=7, **fields)
+    full = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(3))
+    head = _fresh_head(model, "fc", jax.random.key(3))
+    assert set(head) == {("params", "fc", "kernel"), ("params", "fc", "bias")}
+    for key, value in head.items():
+        np.testing.assert_allclose(value, full["params"]["fc"][key[-1]], rtol=1e-6, atol=1e-9)
+    assert float(np.std(head[("params", "fc", "kernel")])) > 0
