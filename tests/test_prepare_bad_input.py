@@ -1,0 +1,248 @@
+"""Bad input to `python -m resnext_jax.data.prepare` and damaged datasets: each case is one line that names the
+fix, or a listed skip, and nothing half-written ever loads."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from prepared_data import (
+    CLASSES,
+    REPO,
+    assert_nothing_loads,
+    cifar_archive,
+    encoded,
+    make_folder,
+    read_split,
+)
+
+from resnext_jax.data import dataset_info, datasets
+from resnext_jax.data.prepare.archives import prepare_cifar, prepare_imagenette
+from resnext_jax.data.prepare.folder import prepare_folder
+from resnext_jax.data.prepare.imagenet import prepare_imagenet
+from resnext_jax.errors import UserError
+
+
+def test_empty_folder_one_class_and_empty_class_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class subfolders.*<class>/<image>"):
+        prepare_folder(str(tmp_path / "empty"), "x", data_dir=str(tmp_path / "d"), quiet=True)
+    make_folder(str(tmp_path / "one"), per_class=2)
+    for name in CLASSES[1:]:
+        for file in os.listdir(tmp_path / "one" / name):
+            os.remove(tmp_path / "one" / name / file)
+        os.rmdir(tmp_path / "one" / name)
+    with pytest.raises(UserError, match="only one class folder .'circle'.*at least two"):
+        prepare_folder(str(tmp_path / "one"), "x", data_dir=str(tmp_path / "d"), quiet=True)
+    make_folder(str(tmp_path / "hole"), per_class=2)
+    (tmp_path / "hole" / "zebra").mkdir()
+    (tmp_path / "hole" / "zebra" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="class folder .*zebra has no images.*remove the folder"):
+        prepare_folder(str(tmp_path / "hole"), "x", data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="not a directory"):
+        prepare_folder(str(tmp_path / "missing"), "x", data_dir=str(tmp_path / "d"), quiet=True)
+    assert_nothing_loads("x", tmp_path / "d")
+
+
+def test_truncated_zero_byte_unreadable_and_looping_files_are_skipped_and_listed(tmp_path, monkeypatch):
+    root = tmp_path / "f"
+    files = make_folder(str(root), per_class=6)
+    (root / "square" / "truncated.jpg").write_bytes(files["square/001.jpg"][1][:200])
+    (root / "square" / "zero.png").write_bytes(b"")
+    (root / "circle" / "text.jpg").write_bytes(b"hello, not a jpeg")
+    (root / "triangle" / "unreadable.png").write_bytes(files["triangle/000.png"][1])
+    os.symlink(root / "triangle", root / "triangle" / "loop")  # a directory that contains itself
+    os.symlink(root / "gone.png", root / "circle" / "dangling.png")
+    unreadable = str(root / "triangle" / "unreadable.png")
+    if os.geteuid() == 0:  # root reads a chmod 000 file; make open() fail as it would for a user
+        real_open = open
+
+        def deny(path, *args, **kwargs):
+            if path == unreadable:
+                raise PermissionError(13, "Permission denied", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", deny)
+    else:
+        os.chmod(unreadable, 0)
+    report = prepare_folder(str(root), "bad", data_dir=str(tmp_path / "d"), quiet=True)
+    monkeypatch.undo()
+    skipped = dict(report.skipped)
+    assert skipped[str(root / "square" / "truncated.jpg")].startswith("cannot be decoded")
+    assert skipped[str(root / "square" / "zero.png")] == "empty file (0 bytes)"
+    assert skipped[str(root / "circle" / "text.jpg")] == "not an image PIL can read"
+    assert skipped[unreadable].startswith("unreadable (Permission denied")
+    assert skipped[str(root / "circle" / "dangling.png")] == "broken symbolic link"
+    assert skipped[str(root / "triangle" / "loop")].startswith("symlink loop")
+    assert len(report.skipped) == 6
+    stored = {r["file_name"].decode() for split in ("train", "validation")
+              for r in read_split("bad", str(tmp_path / "d"), split)}
+    assert stored == set(files)  # every good file once, nothing through the loop twice
+    summary = report.summary(report.target)
+    assert "skipped 6 unusable file(s)" in summary and "truncated.jpg: cannot be decoded" in summary
+
+
+def test_a_class_whose_images_are_all_broken_is_refused(tmp_path):
+    root = tmp_path / "f"
+    make_folder(str(root), per_class=2)
+    for file in os.listdir(root / "square"):
+        (root / "square" / file).write_bytes(b"\xff\xd8\xff broken")
+    with pytest.raises(UserError, match=r"no usable training image in class folder\(s\) \['square'\]"):
+        prepare_folder(str(root), "x", data_dir=str(tmp_path / "d"), quiet=True)
+    assert_nothing_loads("x", tmp_path / "d")
+
+
+def test_existing_dataset_is_refused_unless_overwrite(tmp_path):
+    make_folder(str(tmp_path / "a"), per_class=2, seed=0)
+    make_folder(str(tmp_path / "b"), per_class=3, seed=1)
+    prepare_folder(str(tmp_path / "a"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, quiet=True)
+    with pytest.raises(UserError, match="already holds a prepared same; pass --overwrite"):
+        prepare_folder(str(tmp_path / "b"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, quiet=True)
+    assert dataset_info("same", str(tmp_path / "d")).num_train == 3  # untouched
+    prepare_folder(str(tmp_path / "b"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, overwrite=True,
+                   quiet=True)
+    assert dataset_info("same", str(tmp_path / "d")).num_train == 6
+    assert sorted(os.listdir(tmp_path / "d" / "same")) == ["1.0.0"]
+    with pytest.raises(UserError, match="built-in dataset"):
+        prepare_folder(str(tmp_path / "a"), "cifar10", data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="not a valid dataset name"):
+        prepare_folder(str(tmp_path / "a"), "My Photos", data_dir=str(tmp_path / "d"), quiet=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs (needs root and mount permission; the test is skipped, with the reason, without them)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False,
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the full-disk "
+                    f"path needs one")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_removes_the_partial_output_and_says_so(tmp_path, small_tmpfs):
+    root = tmp_path / "noise"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for index in range(12):  # 12 x 3 incompressible 100 KB PNGs: 3.6 MB for a 3 MiB disk
+            pixels = rng.integers(0, 256, (190, 180, 3), dtype=np.uint8)
+            (root / name / f"{index}.png").write_bytes(encoded(Image.fromarray(pixels), "PNG"))
+    with pytest.raises(UserError, match=r"is full \(.* MiB free\).*partial shapes? was removed|is full.*removed"):
+        prepare_folder(str(root), "noise", data_dir=str(small_tmpfs), quiet=True)
+    assert os.listdir(small_tmpfs) == []  # not even an empty noise/ folder
+    assert_nothing_loads("noise", small_tmpfs)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_leaves_nothing_that_loads(tmp_path, workers):
+    make_folder(str(tmp_path / "f"), per_class=40)
+    data_dir = tmp_path / "d"
+    # Each image takes 50 ms to check (6 s in all), so the run is surely mid-write when Ctrl-C arrives.
+    code = ("import sys, time; from resnext_jax.data.prepare import images, __main__ as cli; real = images.load_item\n"
+            "images.load_item = lambda source: (time.sleep(0.05), real(source))[1]\n"
+            "from resnext_jax.errors import run_cli\n"
+            f"sys.exit(run_cli(cli.main, ['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', "
+            f"{str(data_dir)!r}, '--workers', '{workers}', '--quiet']))")
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".incomplete-" in p for p, _, _ in os.walk(data_dir)):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert_nothing_loads("f", data_dir)
+
+
+def test_cli_help_and_errors_are_one_line(tmp_path):
+    run = [sys.executable, "-m", "resnext_jax.data.prepare"]
+    helped = subprocess.run(run + ["folder", "--help"], check=False, capture_output=True, text=True, cwd=REPO)
+    assert helped.returncode == 0 and "--val-fraction" in helped.stdout and "--overwrite" in helped.stdout
+    failed = subprocess.run(run + ["folder", str(tmp_path / "nope"), "--name", "x", "--data-dir", str(tmp_path)],
+                            check=False, capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines() == [
+        f"error: DIR {tmp_path / 'nope'} is not a directory; pass a folder laid out as DIR/<class>/<image>.jpg"]
+
+
+def test_corrupt_array_record_file_names_the_file_and_the_fix(tmp_path):
+    make_folder(str(tmp_path / "shapes"), per_class=10)
+    copy = tmp_path / "d"
+    prepare_folder(str(tmp_path / "shapes"), "shapes", data_dir=str(copy), quiet=True)
+    shard = next(p for p in (copy / "shapes" / "1.0.0").iterdir() if "-train.array_record" in p.name)
+    data = bytearray(shard.read_bytes())
+    for offset in range(200, len(data) - 200, 97):  # flip bytes all through the file (padding included)
+        data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError) as caught:
+        source = datasets.open_source("shapes", "train", str(copy))
+        for index in range(len(source)):
+            source[index]
+    message = str(caught.value)
+    assert str(shard) in message and "damaged" in message
+    assert "python -m resnext_jax.data.prepare folder" in message and "--overwrite" in message
+    shard.write_bytes(bytes(data[:len(data) // 4]))  # cut short: fails when the source opens
+    with pytest.raises(UserError, match="damaged"):
+        datasets.open_source("shapes", "train", str(copy))
+
+
+def test_read_only_data_dir_for_digits_names_the_fix(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=False,
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({result.stderr.strip() or 'mount failed'})")
+    try:
+        with pytest.raises(UserError, match=r"is not writable \(Read-only file system\).*use a writable directory"):
+            dataset_info("digits", str(mount))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_first_digits_build_prints_one_line(tmp_path):
+    code = f"from resnext_jax.data import dataset_info; dataset_info('digits', {str(tmp_path)!r})"
+    run = [sys.executable, "-c", code]
+    result = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Building the digits dataset once (offline, from scikit-learn) in {tmp_path}"]
+    again = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.stderr.strip() == ""
+
+
+def test_cut_off_or_wrong_archives_are_refused(tmp_path):
+    cifar_archive(str(tmp_path / "c.tar.gz"), "cifar10", 20, 5)
+    data = (tmp_path / "c.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="ends early or is damaged.*download it again"):
+        prepare_cifar("cifar10", str(tmp_path / "cut.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="lacks.*not cifar100's binary archive.*cifar-100-binary.tar.gz"):
+        prepare_cifar("cifar100", str(tmp_path / "c.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="holds cifar-10-batches-bin/, not imagenette2"):
+        prepare_imagenette(str(tmp_path / "c.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
+    with pytest.raises(UserError, match="lacks ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar; download them"):
+        prepare_imagenet(str(tmp_path), data_dir=str(tmp_path / "d"), quiet=True)
+    assert not os.path.exists(tmp_path / "d" / "cifar10") and not os.path.exists(tmp_path / "d" / "cifar100")
+
+
+def test_a_killed_run_s_temporary_directory_is_removed_by_the_next_run(tmp_path):
+    make_folder(str(tmp_path / "f"), per_class=2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / "d" / "f" / f".incomplete-1.0.0-{dead.pid}"
+    stale.mkdir(parents=True)
+    (stale / "f-train.array_record-00000-of-00001").write_bytes(b"half")
+    assert_raises_unknown = pytest.raises(UserError, match="Unknown dataset 'f'")
+    with assert_raises_unknown:  # a killed run's leftovers never load
+        dataset_info("f", str(tmp_path / "d"))
+    prepare_folder(str(tmp_path / "f"), "f", data_dir=str(tmp_path / "d"), val_fraction=0.5, quiet=True)
+    assert sorted(os.listdir(tmp_path / "d" / "f")) == ["1.0.0"]
