@@ -132,12 +132,14 @@ def test_cifar_binary_archive_round_trips(name, tmp_path):
                 assert int(record["coarse_label"]) == coarse[index]
 
 
-def test_cifar_pickled_python_version_is_refused(tmp_path):
-    archive = str(tmp_path / "cifar-10-python.tar.gz")
-    write_tar(archive, {"cifar-10-batches-py/data_batch_1": b"\x80\x04pickle"}, "w:gz")
+@pytest.mark.parametrize("name,member", [("cifar10", "cifar-10-batches-py/data_batch_1"),
+                                         ("cifar100", "cifar-100-python/train")])
+def test_cifar_pickled_python_version_is_refused(name, member, tmp_path):
+    archive = str(tmp_path / "python.tar.gz")
+    write_tar(archive, {member: b"\x80\x04pickle"}, "w:gz")
     with pytest.raises(UserError, match="pickled Python version.*binary version"):
-        prepare_cifar("cifar10", archive, data_dir=str(tmp_path / "d"), quiet=True)
-    assert not os.path.exists(tmp_path / "d" / "cifar10")
+        prepare_cifar(name, archive, data_dir=str(tmp_path / "d"), quiet=True)
+    assert not os.path.exists(tmp_path / "d" / name)
 
 
 def test_imagenette_archive_round_trips(tmp_path):

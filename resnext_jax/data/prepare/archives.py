@@ -72,7 +72,7 @@ def prepare_cifar(name: str, archive_path: str, *, data_dir: str, workers: int =
         for member, data in _members(archive, archive_path):
             if member in wanted:
                 contents[member] = data
-            elif member.endswith(("data_batch_1", "/train")) and "-py" in member or member.endswith("python/train"):
+            elif member.startswith(("cifar-10-batches-py/", "cifar-100-python/")):
                 raise UserError(f"{archive_path} is CIFAR's pickled Python version, which we never unpickle (it "
                                 f"can run code); download the binary version, cifar-10-binary.tar.gz or "
                                 f"cifar-100-binary.tar.gz")
