@@ -13,12 +13,12 @@ import sys
 
 from resnext_jax.errors import run_cli
 
-_EPILOG = """examples:
-  %(prog)s folder ~/photos --name my_photos                 # 10%% of each class becomes validation
-  %(prog)s folder ~/photos/train --val-dir ~/photos/val --name my_photos
-  %(prog)s cifar10 --from cifar-10-binary.tar.gz
-  %(prog)s imagenette --from imagenette2-320.tgz
-  %(prog)s imagenet2012 --from DIR                          # DIR holds ILSVRC2012_img_{train,val}.tar
+_EPILOG = """examples (PREPARE = python -m resnext_jax.data.prepare):
+  PREPARE folder ~/photos --name my_photos             # 10% of each class becomes validation
+  PREPARE folder ~/photos/train --val-dir ~/photos/val --name my_photos
+  PREPARE cifar10 --from cifar-10-binary.tar.gz
+  PREPARE imagenette --from imagenette2-320.tgz
+  PREPARE imagenet2012 --from DIR                      # DIR holds ILSVRC2012_img_{train,val}.tar
 
 The dataset is written to DATA_DIR/NAME (DATA_DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets); train
 on it with --config.dataset=NAME (and --config.data_dir=DATA_DIR if you passed --data-dir)."""
