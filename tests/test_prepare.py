@@ -158,7 +158,7 @@ def test_imagenette_archive_round_trips(tmp_path):
     members["imagenette2-160/noisy_imagenette.csv"] = b"path,noisy_labels_0\n"
     archive = str(tmp_path / "imagenette2-160.tgz")
     write_tar(archive, members, "w:gz")
-    report = prepare_imagenette(archive, data_dir=str(tmp_path / "d"), quiet=True)
+    report = prepare_imagenette(archive, data_dir=str(tmp_path / "d"), workers=2, quiet=True)  # bytes to workers
     assert report.target.endswith(os.path.join("imagenette", "160px-v2", "1.0.0"))
     info = dataset_info("imagenette/160px-v2", str(tmp_path / "d"))
     assert (info.num_train, info.num_eval, info.class_names) == (20, 10, IMAGENETTE_CLASSES)

@@ -121,15 +121,21 @@ def _loaded(items: Iterable[Item], workers: int) -> Iterator[tuple[Item, tuple]]
         for chunk in _chunks(items):
             pending.append((chunk, pool.apply_async(images.load_items, ([item.source for item in chunk],))))
             if len(pending) >= 2 * workers:
-                chunk, result = pending.popleft()
-                yield from zip(chunk, result.get())
+                yield from _with_bytes(*pending.popleft())
         while pending:
-            chunk, result = pending.popleft()
-            yield from zip(chunk, result.get())
+            yield from _with_bytes(*pending.popleft())
         pool.close()
     finally:
         pool.terminate()
         pool.join()
+
+
+def _with_bytes(chunk: list[Item], result) -> Iterator[tuple[Item, tuple]]:
+    """Pairs a chunk with its workers' results, restoring the encoded bytes `images.load_items` did not send back."""
+    for item, (data, problem, stats) in zip(chunk, result.get()):
+        if data is None and problem is None:
+            data = item.source
+        yield item, (data, problem, stats)
 
 
 def write_items(writer, items: Iterable[Item], report: Report, *, workers: int, total: int | None = None,
