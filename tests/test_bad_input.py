@@ -46,7 +46,7 @@ IMPOSSIBLE_FIELDS = [
     ("resnet50", "drop_path_rate", -0.1, "[0, 1)"),
     ("resnet50", "dropout_rate", 1.5, "[0, 1)"),
     ("resnet50", "dropout_rate", float("nan"), "[0, 1)"),
-    ("resnet50", "se_ratio", -0.25, "[0, 1]"),
+    ("resnet50", "se_ratio", -0.25, "number >= 0"),
     ("resnet50", "norm", "layer", "'batch', 'group'"),
     ("resnet50", "norm_groups", 0, "integer >= 1"),
     ("resnet50", "activation", "swish", "'gelu', 'relu', 'silu'"),
@@ -205,6 +205,14 @@ def test_export_names_missing_and_misshaped_variables_once(resnet18_variables):
     assert "missing key: layer2.1.bn2.weight (128,)" in message and "missing key: layer2.1.bn2.bias" in message
     assert "wrong shape: params/fc/bias (fc.bias): variables (8,), resnet18 wants (7,)" in message
     assert message.count("fc.bias") == 1, message
+
+
+def test_half_precision_checkpoint_loads(resnet18_state, resnet18_variables):
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in resnet18_state.items()}
+    variables = from_torchvision("resnet18", half)
+    expected = resnet18_state["conv1.weight"].to(torch.bfloat16).float().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"], expected)
+    assert variables["params"]["conv1"]["kernel"].dtype == jnp.float32
 
 
 def test_export_casts_half_precision_to_float32(resnet18_variables, resnet18_state):

@@ -138,7 +138,15 @@ def load_torch_state_dict(name: str, source: Any) -> dict[str, np.ndarray]:
             f"this is not a state_dict: {not_arrays[:8]} are not tensors. Pass the entry that holds the model's "
             f"weights (e.g. checkpoint[{not_arrays[0]!r}]); entries named {list(WRAPPER_KEYS)} are found "
             f"automatically")
-    return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state.items()}
+    return {k: _numpy(v) for k, v in state.items()}
+
+
+def _numpy(value) -> np.ndarray:
+    """A torch tensor or array as numpy; half-precision tensors as float32 (numpy has no bfloat16 for torch)."""
+    if not hasattr(value, "detach"):
+        return np.asarray(value)
+    tensor = value.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
 def _read_file_or_tag(name: str, source: str | os.PathLike):

@@ -144,9 +144,9 @@ def _int_at_least(low: int):
     return lambda value: _is_int(value) and value >= low
 
 
-def _real_in(low: float, high: float, high_open: bool = True):
+def _real_in(low: float, high: float):
     # `low <= value < high` is False for NaN, so NaN is refused too.
-    return lambda value: _is_real(value) and low <= value and (value < high if high_open else value <= high)
+    return lambda value: _is_real(value) and low <= value < high
 
 
 def _float_dtype(value) -> bool:
@@ -180,7 +180,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "activation": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
     "drop_path_rate": (_real_in(0, 1), "a number in [0, 1) (1 would drop every residual branch)"),
     "dropout_rate": (_real_in(0, 1), "a number in [0, 1) (1 would drop every feature)"),
-    "se_ratio": (_real_in(0, 1, high_open=False), "a number in [0, 1] (0: no squeeze-excitation)"),
+    "se_ratio": (_real_in(0, float("inf")), "a number >= 0 (0: no squeeze-excitation; RegNetY has 0.25)"),
     "conv_impl": (lambda v: v in CONV_IMPLS, f"one of {list(CONV_IMPLS)}"),
     "dtype": (_float_dtype, "a floating dtype such as jnp.float32, jnp.bfloat16 or jnp.float16"),
     "bn_axis_name": (lambda v: v is None or isinstance(v, (str, tuple)), "None or a mesh axis name"),
