@@ -1,0 +1,56 @@
+"""Errors whose message names the fix, and the one way every command line prints them.
+
+A `UserError` is a problem with what the user gave (a path, a config field, an input shape, a full disk), so its
+message is the whole story: the command-line tools print it as one line, and the traceback only with `--verbose`.
+Anything else is a bug of ours and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+import traceback
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; the message says what is wrong and how to fix it."""
+
+
+class InputError(UserError, ValueError):
+    """A bad value or array given to a public function (a wrong shape, an impossible model field)."""
+
+
+def disk_error(error: OSError, path: str, what: str) -> UserError | OSError:
+    """A one-line `UserError` for a full disk (with the free space) or a read-only filesystem met while writing
+    `what` under `path`; other OS errors come back unchanged."""
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        try:
+            free = shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(path) or ".").free
+            space = f"{free / 2**20:.1f} MiB free"
+        except OSError:
+            space = "free space unknown"
+        return UserError(f"the disk holding {path} is full ({space}) while writing {what}; free some space or "
+                         f"use another directory, then rerun")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{path} is not writable ({os.strerror(error.errno)}) while writing {what}; "
+                         f"use a writable directory, then rerun")
+    return error
+
+
+def run_cli(main, argv: list[str] | None = None, *, verbose: bool | None = None) -> int:
+    """Runs `main(argv)` and turns a `UserError` (or a disk error) into one `error: ...` line on stderr and exit
+    code 2; with `verbose` (default: `--verbose` in argv) the traceback is printed too. Returns main's exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if verbose is None:
+        verbose = "--verbose" in argv
+    try:
+        return main(argv) or 0
+    except UserError as error:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
