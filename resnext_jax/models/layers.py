@@ -747,5 +747,12 @@ def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, C), averaged in float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    """(N, H, W, C) -> (N, C), averaged in float32.
+
+    A contraction with `1 / (H W)`, not a reduce: XLA:CPU (jax 0.10.2) drops NaN from a reduction into which
+    the last block's ReLU (a max) is fused, which returned finite logits for an image with one NaN pixel and
+    blinded the non-finite-loss guard (tests/test_nonfinite.py).
+    """
+    h, w = x.shape[1:3]
+    weights = jnp.full((h, w), 1.0 / (h * w), jnp.float32)
+    return jnp.einsum("nhwc,hw->nc", x.astype(jnp.float32), weights, precision=lax.Precision.HIGHEST)

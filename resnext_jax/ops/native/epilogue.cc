@@ -52,7 +52,7 @@ ffi::Error AffineAddRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buf
         const __m512 t = _mm512_fmadd_ps(_mm512_sub_ps(load(yp + at), load(mp + ch)), load(sp + ch), load(bp + ch));
         const __m512 rt = _mm512_fmadd_ps(_mm512_sub_ps(load(rp + at), load(rmp + ch)), load(rsp + ch), load(rbp + ch));
         __m512 v = _mm512_add_ps(t, rt);
-        if (relu) v = _mm512_max_ps(v, zero);
+        if (relu) v = _mm512_max_ps(zero, v);  // zero first: a NaN in v is kept (MAXPS returns its second operand on NaN)
         _mm512_mask_storeu_ps(op + at, m, v);
       }
     }
@@ -71,7 +71,7 @@ ffi::Error AffineAddRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buf
         const __m256 t = _mm256_fmadd_ps(_mm256_sub_ps(load(yp + at), load(mp + ch)), load(sp + ch), load(bp + ch));
         const __m256 rt = _mm256_fmadd_ps(_mm256_sub_ps(load(rp + at), load(rmp + ch)), load(rsp + ch), load(rbp + ch));
         __m256 v = _mm256_add_ps(t, rt);
-        if (relu) v = _mm256_max_ps(v, zero);
+        if (relu) v = _mm256_max_ps(zero, v);  // zero first: a NaN in v is kept, as XLA keeps it
         if (full) _mm256_storeu_ps(op + at, v);
         else _mm256_maskstore_ps(op + at, tail, v);
       }

@@ -58,7 +58,7 @@ __attribute__((noinline)) void ApplyEpilogue(float* c, int64_t ldc, const Epilog
       float* out = c + p * ldc + 8 * v;
       __m256 x = _mm256_fmadd_ps(_mm256_loadu_ps(out), s, h);
       if (e.residual) x = _mm256_add_ps(x, _mm256_loadu_ps(e.residual + p * e.ldr + 8 * v));
-      _mm256_storeu_ps(out, e.relu ? _mm256_max_ps(x, zero) : x);
+      _mm256_storeu_ps(out, e.relu ? _mm256_max_ps(zero, x) : x);  // zero first: NaN is kept
     }
   }
 }
@@ -178,7 +178,7 @@ void StageRows(const float* a, int64_t k, const float* scale, const float* shift
       __m256 v = _mm256_fmadd_ps(resnext_jax::LoadOrTail(src + t, full, tail),
                                  resnext_jax::LoadOrTail(scale + t, full, tail),
                                  resnext_jax::LoadOrTail(shift + t, full, tail));
-      if (relu) v = _mm256_max_ps(v, zero);
+      if (relu) v = _mm256_max_ps(zero, v);  // zero first: a NaN in v is kept, as XLA keeps it
       if (full) _mm256_storeu_ps(dst + t, v);
       else _mm256_maskstore_ps(dst + t, tail, v);
     }

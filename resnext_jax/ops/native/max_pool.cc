@@ -59,7 +59,11 @@ ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
           __m256 best = minus_inf, which = _mm256_set1_ps(-1.0f);
           for (int t = 0; t < taps; ++t) {
             const __m256 v = _mm256_loadu_ps(xi + at[t] + ch);
-            const __m256 greater = _mm256_cmp_ps(v, best, _CMP_GT_OQ);  // strictly: the first maximum stays
+            // Strictly greater, so the first maximum stays; a NaN beats every number and the first NaN stays,
+            // so that a NaN the forward pool passed on gets its gradient too.
+            const __m256 nan_over_number = _mm256_andnot_ps(_mm256_cmp_ps(best, best, _CMP_UNORD_Q),
+                                                            _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            const __m256 greater = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), nan_over_number);
             best = _mm256_blendv_ps(best, v, greater);
             which = _mm256_blendv_ps(which, _mm256_set1_ps(static_cast<float>(t)), greater);
           }
