@@ -115,7 +115,7 @@ def test_bad_values_name_the_field():
 def test_workdir_with_other_config_is_refused(tmp_path):
     saved = json.loads(tiny_config().to_json())
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    assert check_compatible(str(tmp_path), dict(saved, num_epochs=5))  # extending a run is a resume
+    assert check_compatible(str(tmp_path), dict(saved, num_epochs=5)) == {}  # extending a run is a resume
     with pytest.raises(ValueError, match=r"(?s)different config.*learning_rate: 0.005 -> 0.1.*new --workdir"):
         check_compatible(str(tmp_path), dict(saved, learning_rate=0.1))
 

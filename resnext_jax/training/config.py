@@ -10,6 +10,8 @@ import json
 
 import ml_collections
 
+from resnext_jax.errors import UserError
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Returns the full schema with defaults (ImageNet-style ResNeXt-50 training). All fields are documented here."""
@@ -71,6 +73,13 @@ def default_config() -> ml_collections.ConfigDict:
 RESUMABLE_FIELDS = ("num_epochs", "eval_every_epochs", "log_every_steps", "checkpoint_every_steps",
                     "keep_checkpoints", "progress_bar", "worker_count", "prefetch", "data_dir", "eval_batch_size")
 
+# Fields a run may change when resumed with `--allow_changes` (recorded in config_changes.jsonl): they change
+# the schedule and the update, not the shapes of the state. grad_clip_norm may not switch between 0 (off) and on,
+# which changes the optimizer state's structure.
+CHANGEABLE_FIELDS = ("learning_rate", "end_learning_rate_ratio", "warmup_epochs", "num_epochs", "weight_decay",
+                     "grad_clip_norm", "label_smoothing", "mixup_alpha", "cutmix_alpha", "momentum", "adam_b1",
+                     "adam_b2")
+
 _CHOICES = {
     "optimizer": ("adamw", "sgd"),
     "transform": ("imagenet", "cifar", "resize_crop", "none"),
@@ -79,7 +88,7 @@ _CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names the field and the fix."""
 
 

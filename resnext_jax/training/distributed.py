@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from resnext_jax.training.config import ConfigError
 from resnext_jax.training.step import AXIS
 
 _CLUSTER_ENV = {
@@ -78,13 +79,13 @@ def create_mesh(devices=None) -> Mesh:
 
 
 def check_batch_size(batch_size: int, num_devices: int, name: str = "batch_size", grad_accum_steps: int = 1) -> int:
-    """Returns the per-process batch size; raises ValueError naming valid sizes if the batch does not split evenly."""
+    """Returns the per-process batch size; raises ConfigError (a ValueError) naming valid sizes if the batch does not split evenly."""
     unit = num_devices * grad_accum_steps
     if batch_size % unit:
         lower, upper = (batch_size // unit) * unit, (batch_size // unit + 1) * unit
         what = f"{num_devices} devices" + (f" x {grad_accum_steps} grad_accum_steps" if grad_accum_steps > 1 else "")
         options = " or ".join(str(s) for s in (lower, upper) if s > 0)
-        raise ValueError(f"{name}={batch_size} is not divisible by {what}; use a multiple of {unit} "
+        raise ConfigError(f"{name}={batch_size} is not divisible by {what}; use a multiple of {unit} "
                          f"(e.g. --config.{name}={options})")
     return batch_size // jax.process_count()
 

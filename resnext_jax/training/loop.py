@@ -6,6 +6,7 @@ uninterrupted one. All hyperparameters come from the config (see `resnext_jax.tr
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 
 import resnext_jax
 from resnext_jax import data
+from resnext_jax.errors import UserError, disk_error
 from resnext_jax.training import distributed, workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
@@ -116,38 +118,91 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer) -> None:
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss went non-finite; the message gives the command that resumes with a lower learning rate."""
+
+
+def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, learning_rate: float) -> None:
     if not math.isfinite(metrics["loss"]):
         checkpointer.wait()
         last = checkpointer.latest_step()
-        where = (f"The last good checkpoint (step {last}) in {checkpointer.directory} is intact"
-                 if last is not None else "No checkpoint was saved yet")
-        raise FloatingPointError(
-            f"training diverged: the loss is {metrics['loss']} at step {step}. {where}. Lower "
-            f"config.learning_rate, lengthen warmup_epochs or set grad_clip_norm, then rerun to resume.")
+        lower = f"{learning_rate / 4:.3g}"
+        if last is None:
+            where, how = ("No checkpoint was saved yet", f"Rerun with --config.learning_rate={lower} (and a new "
+                          f"--workdir, or the same one with --allow_changes), a longer warmup_epochs or a positive "
+                          f"grad_clip_norm")
+        else:
+            where = f"The last good checkpoint (step {last}) in {checkpointer.directory} is intact"
+            how = (f"To resume from it with a lower learning rate, rerun the same command with "
+                   f"--config.learning_rate={lower} --allow_changes (longer warmup_epochs or a positive "
+                   f"grad_clip_norm can change the same way)")
+        raise TrainingDiverged(f"training diverged: the loss is {metrics['loss']} at step {step}. {where}. {how}.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns a summary.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
+                       allow_changes: bool = False) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint that verifies; returns a summary.
 
     Args:
       config: a validated schema from `resnext_jax.training.config.default_config()`.
-      workdir: holds config.json, environment.json, metrics.jsonl, tensorboard/ and checkpoints/.
+      workdir: holds config.json, environment.json, metrics.jsonl, tensorboard/ and checkpoints/. One run at a time
+        writes to it (`workdir.WorkdirLock`).
       stop_at_step: stop (after saving) once this step is reached, as a preemption would; for tests.
+      allow_changes: resume a run whose config differs from the saved one in `config.CHANGEABLE_FIELDS` (e.g. a
+        lower learning rate after a divergence); the change is recorded in `config_changes.jsonl`.
 
     Returns:
       {'step', 'epoch', 'train': last train metrics, 'eval': last eval metrics, 'best_top1', 'best_step',
        'stopped_early': bool}.
+
+    Raises:
+      UserError (ConfigError, TrainingDiverged, ...) for problems whose message names the fix, including a full
+      disk or a read-only workdir.
     """
     validate_config(config)
     distributed.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = workdir_lib.WorkdirLock(workdir) if primary else None
+        if lock is not None:
+            lock.acquire()
+    except OSError as error:
+        raise disk_error(error, workdir, "the workdir") from error
+    try:
+        return _train_and_evaluate(config, workdir, primary, stop_at_step, allow_changes)
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 (Orbax and TensorBoard wrap the OSError of a full or read-only disk)
+        cause = disk_error_in(error, workdir)
+        if cause is not None:
+            raise cause from error
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def disk_error_in(error: BaseException, workdir: str) -> UserError | None:
+    """The one-line UserError for a full or read-only disk found anywhere in `error`'s chain, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            converted = disk_error(error, workdir, "checkpoints and logs")
+            if isinstance(converted, UserError):
+                return converted
+        for text, code in (("No space left on device", errno.ENOSPC), ("Read-only file system", errno.EROFS)):
+            if text in str(error):  # tensorstore reports the OS error as text
+                return disk_error(OSError(code, text), workdir, "checkpoints and logs")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow_changes: bool) -> dict:
     config_dict = config_to_dict(config)
-    os.makedirs(workdir, exist_ok=True)
-    workdir_lib.check_compatible(workdir, config_dict)
-    if primary:
-        workdir_lib.write_run_records(workdir, config_dict)
+    changes = workdir_lib.check_compatible(workdir, config_dict, allow_changes)
 
     mesh = distributed.create_mesh()
     local_batch = distributed.check_batch_size(config.batch_size, mesh.size, "batch_size", config.grad_accum_steps)
@@ -179,18 +234,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     distributed.barrier("state-ready")  # before the first cross-process collective (see `barrier`)
     state = jax.device_put(state, distributed.replicated(mesh))
 
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
+    # The config is valid, the model built and the data found: only now does the workdir record this run, so a
+    # failed start (a typo, a missing dataset) never ties the workdir to a config that cannot run.
+    if primary:
+        workdir_lib.write_run_records(workdir, config_dict)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints, primary=primary)
     data_iterator = iter(train_loader)
     logger = MetricsLogger(workdir, enabled=primary)
     best_top1, best_step = -1.0, None
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state, data_iterator)
-        logger.truncate_after(int(state.step))
-        if primary and os.path.exists(logger.path):
-            for record in read_metrics(workdir):
-                if record["split"] == "eval" and record["top1"] > best_top1:
-                    best_top1, best_step = record["top1"], record["step"]
+    restored = checkpointer.restore(state, data_iterator)
+    if restored is not None:
+        state = restored[1]
     start_step = int(state.step)
+    # Records past the restart point were written after its checkpoint (or before any, for step 0): drop them,
+    # so that the resumed run logs each step once.
+    logger.truncate_after(start_step)
+    if primary and os.path.exists(logger.path):
+        for record in read_metrics(workdir):
+            if record["split"] == "eval" and record["top1"] > best_top1:
+                best_top1, best_step = record["top1"], record["step"]
+    if primary:
+        workdir_lib.record_changes(workdir, start_step, changes)
 
     train_step = make_train_step(
         model, tx, schedule, mesh, num_classes=num_classes, label_smoothing=config.label_smoothing,
@@ -214,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if step % config.log_every_steps == 0 or epoch_end:
                 train_metrics = _mean_metrics(pending)
-                _check_finite(train_metrics, step, checkpointer)
+                _check_finite(train_metrics, step, checkpointer, config.learning_rate)
                 epoch_metrics.append((len(pending), train_metrics))
                 pending = []
                 logger.write(step, "train", {"epoch": step / steps_per_epoch, **train_metrics})
@@ -249,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             stopping = (stop_at_step is not None and step >= stop_at_step) or stop.should_stop(sync_point)
             if epoch_end or step % config.checkpoint_every_steps == 0 or stopping:
                 if pending:  # never save a state whose loss we have not checked
-                    _check_finite(_mean_metrics(pending), step, checkpointer)
+                    _check_finite(_mean_metrics(pending), step, checkpointer, config.learning_rate)
                 checkpointer.save(step, state, data_iterator, eval_metrics, force=stopping)
             summary["step"] = step
             if stopping:

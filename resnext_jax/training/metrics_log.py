@@ -5,6 +5,7 @@ Only process 0 writes; the others get a logger whose methods do nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -39,13 +40,15 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
 
     def truncate_after(self, step: int) -> None:
-        """Drops records past `step` (written after the checkpoint a resumed run restarts from)."""
+        """Drops records past `step` (written after the checkpoint a resumed run restarts from, or before the first
+        checkpoint when it restarts from step 0), and a torn last line, with a warning."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            records = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(records)
+        records = read_metrics(os.path.dirname(self.path))
+        kept = [record for record in records if record["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def close(self) -> None:
         """Flushes TensorBoard."""
@@ -54,9 +57,23 @@ class MetricsLogger:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of `<workdir>/metrics.jsonl`, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of `<workdir>/metrics.jsonl`, in order. A line that is not a whole JSON record (the torn last line
+    a crash or a full disk can leave) is dropped with a warning."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record or "split" not in record:
+                    raise ValueError("not a metrics record")
+            except ValueError:
+                logging.warning("%s line %d is not a whole record (%r...); dropping it", path, number, line[:60])
+                continue
+            records.append(record)
+    return records
 
 
 def _plain(value):

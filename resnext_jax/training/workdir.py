@@ -1,37 +1,118 @@
-"""The workdir's run records: the resolved config, package versions and devices, and the incompatible-run guard."""
+"""The workdir's run records (the resolved config, package versions and devices), the incompatible-run guard,
+the record of resumed-with-changes runs, and the one-writer lock."""
 from __future__ import annotations
 
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import os
 import platform
+import socket
 
 import jax
 
-from resnext_jax.training.config import ConfigError, config_differences
+from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
 
 _PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
              "ml-collections", "tensorflow-datasets")
 
 
-def check_compatible(workdir: str, config_dict: dict) -> bool:
+def check_compatible(workdir: str, config_dict: dict, allow_changes: bool = False) -> dict[str, tuple]:
     """Raises ConfigError if `workdir` holds a run whose config differs (outside the resumable fields).
 
-    Returns True when an earlier run of the same config is there (so this run resumes it).
+    With `allow_changes`, differences in `CHANGEABLE_FIELDS` (learning rate, schedule, clipping, regularization)
+    are allowed and returned as `{field: (saved, new)}`, for `record_changes`; any other difference is still
+    refused. Returns {} for a new workdir or an identical config.
     """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        saved = json.load(f)
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read ({error}); restore it, or use a new --workdir") from None
     diffs = config_differences(saved, config_dict)
-    if diffs:
+    changes = {key: (saved.get(key), config_dict.get(key)) for key in CHANGEABLE_FIELDS
+               if saved.get(key) != config_dict.get(key)}
+    clip = changes.get("grad_clip_norm")
+    if allow_changes and clip and (not clip[0]) != (not clip[1]):
+        raise ConfigError(f"config.grad_clip_norm cannot switch between 0 (off) and on when resuming ({clip[0]} -> "
+                          f"{clip[1]}): that changes the optimizer state. Keep it {'off' if not clip[0] else 'on'}, "
+                          f"or start a new --workdir.")
+    refused = [line for line in diffs if not (allow_changes and line.split(":", 1)[0] in changes)]
+    if refused:
+        hint = ""
+        if not allow_changes and all(line.split(":", 1)[0] in CHANGEABLE_FIELDS for line in refused):
+            hint = ("\nThese fields may change on resume: rerun with --allow_changes to continue this run with "
+                    "them (the change is recorded in config_changes.jsonl).")
         raise ConfigError(
             f"{workdir} holds a run with a different config, which this run would overwrite:\n  "
-            + "\n  ".join(diffs)
-            + f"\nUse a new --workdir for the new config, or rerun with the saved config ({path}) to resume it.")
-    return True
+            + "\n  ".join(refused)
+            + f"\nUse a new --workdir for the new config, or rerun with the saved config ({path}) to resume it."
+            + hint)
+    return changes if allow_changes else {}
+
+
+def record_changes(workdir: str, step: int, changes: dict[str, tuple]) -> None:
+    """Appends `{time, step, changes}` to `<workdir>/config_changes.jsonl`: what a resumed run changed, and where."""
+    if not changes:
+        return
+    record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": int(step),
+              "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}
+    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class WorkdirLock:
+    """One writer per workdir: an exclusive `flock` on `<workdir>/LOCK`, which holds the holder's pid, host and
+    start time for the message a second run gets.
+
+    The kernel releases a flock when its process dies (kill -9 included), so a lock left by a dead run on this
+    machine is stale by construction and is simply taken over. Taken by process 0 only.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "LOCK")
+        self._file = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            f.close()
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                   if holder else "another process")
+            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another run ({who}). Wait for it to "
+                              f"finish or stop it (Ctrl-C saves and exits), or use another --workdir.") from None
+        f.seek(0)
+        f.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds")}, f)
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def write_run_records(workdir: str, config_dict: dict) -> None:
