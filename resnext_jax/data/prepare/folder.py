@@ -13,7 +13,7 @@ import time
 
 from resnext_jax.data.prepare import images
 from resnext_jax.data.prepare.pipeline import Item, Report, rerun_command, write_items
-from resnext_jax.data.prepare.writer import DatasetWriter
+from resnext_jax.data.prepare.writer import DatasetWriter, md5_key
 from resnext_jax.errors import UserError
 
 VERSION = "1.0.0"
@@ -145,10 +145,12 @@ def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None =
                 "image_size": DEFAULT_IMAGE_SIZE, "class_names": class_names, "command": command}
     with DatasetWriter(data_dir, name, VERSION, features, description=f"Images from {root}.", metadata=metadata,
                        overwrite=overwrite) as writer:
-        items = [Item(split=split, key=relative, label=label, source=path, name=path,
-                      extra={"file_name": relative})
-                 for split, by_label in (("train", train), ("validation", validation))
-                 for label, found in by_label.items() for relative, path in found]
+        # In the order the writer stores them, so it writes each split once instead of copying it into order.
+        items = sorted((Item(split=split, key=relative, label=label, source=path, name=path,
+                             extra={"file_name": relative})
+                        for split, by_label in (("train", train), ("validation", validation))
+                        for label, found in by_label.items() for relative, path in found),
+                       key=lambda item: (item.split, md5_key(item.split, item.key)))
         write_items(writer, items, report, workers=workers, total=len(items), stats_split="train", quiet=quiet)
         _check_every_class_written(report, class_names)
         writer.metadata["mean"], writer.metadata["std"] = report.mean_std()

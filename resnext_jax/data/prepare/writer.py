@@ -42,7 +42,7 @@ METADATA_FILE = "resnext_jax.json"
 _INCOMPLETE = ".incomplete-"
 
 
-def _md5_key(salt: str, key: str) -> tuple[int, int]:
+def md5_key(salt: str, key: str) -> tuple[int, int]:
     """TFDS's `hashing.Hasher(salt).hash_key(key)` as (high, low) 64-bit halves, so numpy can sort it."""
     import hashlib
 
@@ -76,11 +76,14 @@ class SplitWriter:
         proto = self._serializer.get_tf_example(self.features.encode_example(example))
         record = proto.SerializeToString(deterministic=True)
         _write(self._staging, record, self._staging_path)
-        high, low = _md5_key(self.split, key)
+        high, low = md5_key(self.split, key)
         self._high.append(high)
         self._low.append(low)
         self._sizes.append(len(record))
         return len(record)
+
+    def _shard_path(self, shard: int, num_shards: int) -> str:
+        return os.path.join(self.directory, f"{self.dataset}-{self.split}.array_record-{shard:05d}-of-{num_shards:05d}")
 
     def close(self) -> None:
         """Writes the shards in hash order and removes the staging file."""
@@ -96,10 +99,13 @@ class SplitWriter:
         self.num_bytes = int(sizes.sum())
         num_shards = max(1, math.ceil(self.num_bytes / MAX_SHARD_BYTES))
         bounds = np.linspace(0, len(order), num_shards + 1).round().astype(int)
+        if num_shards == 1 and np.array_equal(order, np.arange(len(order))):  # came in stored order (folders do)
+            os.rename(self._staging_path, self._shard_path(0, 1))
+            self.shard_lengths.append(len(order))
+            return
         reader = array_record_module.ArrayRecordReader(self._staging_path, "readahead_buffer_size:0,max_parallelism:1")
         for shard in range(num_shards):
-            path = os.path.join(self.directory, f"{self.dataset}-{self.split}.array_record-"
-                                                f"{shard:05d}-of-{num_shards:05d}")
+            path = self._shard_path(shard, num_shards)
             writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
             for start in range(bounds[shard], bounds[shard + 1], 64):
                 indices = order[start:min(start + 64, bounds[shard + 1])].tolist()
