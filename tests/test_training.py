@@ -41,6 +41,7 @@ def tiny_config(**changes):
     config.log_every_steps = 10
     config.checkpoint_every_steps = 1000
     config.progress_bar = False
+    config.write_report = False  # test_short_quickstart_learns_and_writes_workdir checks the report
     for key, value in changes.items():
         config[key] = value
     return config
@@ -74,6 +75,10 @@ def test_short_quickstart_learns_and_writes_workdir(tmp_path):
     assert json.loads((tmp_path / "environment.json").read_text())["devices"]
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
     assert Checkpointer(str(tmp_path), 3).latest_step() == 44
+    # Per-stage diagnostics on every logged point, and the end-of-run report of the best checkpoint.
+    assert {"grad_norm/stem", "param_norm/layer2", "dead_relu/layer1"} <= set(train[-1])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["accuracy"]["top1"] == pytest.approx(max(r["top1"] for r in evals), abs=1e-6)  # logs round to 6
 
 
 @pytest.mark.slow  # 20 s; CI runs it

@@ -65,13 +65,18 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # plus one at every epoch end
     config.keep_checkpoints = 3  # the latest K; the best (eval top-1) one is kept as well
     config.progress_bar = True
+    # Per-stage (stem, layer1..4, head) gradient and parameter norms every step, and the fraction of dead ReLU
+    # units per stage on each logged batch (one extra forward pass per log step).
+    config.stage_diagnostics = True
+    config.write_report = True  # the evaluation report (resnext_jax.evaluate) in <workdir>/report at the end
     config.seed = 0
     return config
 
 
 # Fields that may differ between the run that wrote a workdir and the run that resumes it.
 RESUMABLE_FIELDS = ("num_epochs", "eval_every_epochs", "log_every_steps", "checkpoint_every_steps",
-                    "keep_checkpoints", "progress_bar", "worker_count", "prefetch", "data_dir", "eval_batch_size")
+                    "keep_checkpoints", "progress_bar", "worker_count", "prefetch", "data_dir", "eval_batch_size",
+                    "stage_diagnostics", "write_report")
 
 # Fields a run may change when resumed with `--allow_changes` (recorded in config_changes.jsonl): they change
 # the schedule and the update, not the shapes of the state. grad_clip_norm may not switch between 0 (off) and on,

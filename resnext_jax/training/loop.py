@@ -27,7 +27,8 @@ from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
 from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
-from resnext_jax.training.step import AXIS, create_train_state, init_variables, make_eval_step, make_train_step
+from resnext_jax.training.step import (AXIS, create_train_state, init_variables, make_dead_relu_step, make_eval_step,
+                                       make_train_step)
 
 
 class StopRequested:
@@ -259,7 +260,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     train_step = make_train_step(
         model, tx, schedule, mesh, num_classes=num_classes, label_smoothing=config.label_smoothing,
         mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, grad_accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay, freeze_bn=config.freeze_bn)
+        ema_decay=config.ema_decay, freeze_bn=config.freeze_bn, stage_diagnostics=config.stage_diagnostics)
+    dead_relu = make_dead_relu_step(model, mesh) if config.stage_diagnostics else None
     eval_step = make_eval_step(model, mesh)
     progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
     progress.write(f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "
@@ -279,6 +281,9 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
             if step % config.log_every_steps == 0 or epoch_end:
                 train_metrics = _mean_metrics(pending)
                 _check_finite(train_metrics, step, checkpointer, config.learning_rate)
+                if dead_relu is not None:
+                    fractions = dead_relu({"params": state.params, "batch_stats": state.batch_stats}, batch)
+                    train_metrics.update({k: float(v) for k, v in jax.device_get(fractions).items()})
                 epoch_metrics.append((len(pending), train_metrics))
                 pending = []
                 logger.write(step, "train", {"epoch": step / steps_per_epoch, **train_metrics})
@@ -325,6 +330,10 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     checkpointer.close()
     logger.close()
     summary.update(best_top1=best_top1, best_step=best_step)
+    if primary and not summary["stopped_early"] and config.write_report and jax.process_count() == 1:
+        from resnext_jax.inference.report import write_run_report
+        report = write_run_report(workdir, which="best", speed_batch_sizes=(1, local_eval_batch), min_seconds=1.0)
+        summary["report"] = os.path.join(report["report_dir"], "report.md")
     if primary and not summary["stopped_early"]:
         progress.write(f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
                        f"workdir {workdir}")
