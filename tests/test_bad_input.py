@@ -330,3 +330,36 @@ def test_wrapped_state_dict_loads_the_same_from_memory_and_file(resnet18_state, 
 def test_unknown_wrapper_names_the_entry(resnet18_state):
     with pytest.raises(ConversionError, match=r"not a state_dict: \['weights'\].*checkpoint\['weights'\]"):
         from_torchvision("resnet18", {"weights": resnet18_state, "epoch": 3})
+
+
+# The model's input check (resnext_jax/models/checks.py): a wrong layout or an empty training batch is one InputError.
+
+@pytest.fixture(scope="module")
+def small_resnet():
+    model = resnext_jax.create_model("resnet18", stage_sizes=(1, 1, 1, 1), num_classes=4)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+@pytest.mark.parametrize("shape,fix", [
+    ((2, 3, 32, 32), r"channels-first \(NCHW\): pass x.transpose\(0, 2, 3, 1\)"),
+    ((2, 32, 32, 1), r"grayscale .* jnp.repeat\(x, 3, axis=-1\)"),
+    ((32, 32, 3), r"4-D NHWC .* x\[None\]"),
+    ((2, 32, 32, 4), r"with 3 channels; got shape \(2, 32, 32, 4\)"),
+])
+def test_a_wrong_image_layout_is_one_error_naming_the_fix(small_resnet, shape, fix):
+    model, variables = small_resnet
+    with pytest.raises(InputError, match=fix):
+        model.apply(variables, jnp.zeros(shape), train=False)
+
+
+def test_init_refuses_channels_first_images():
+    model = resnext_jax.create_model("regnet_x_400mf")
+    with pytest.raises(InputError, match="NCHW"):
+        model.init(jax.random.key(0), jnp.zeros((1, 3, 64, 64)), train=False)
+
+
+def test_an_empty_training_batch_is_refused_before_it_poisons_batch_norm(small_resnet):
+    model, variables = small_resnet
+    with pytest.raises(InputError, match="empty batch .* NaN"):
+        model.apply(variables, jnp.zeros((0, 32, 32, 3)), train=True, mutable=["batch_stats"])
+    assert model.apply(variables, jnp.zeros((0, 32, 32, 3)), train=False).shape == (0, 4)  # inference: fine

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnext_jax.models.checks import check_images
 from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, materialize,
                                        run_stage, stem_and_block_factories)
 
@@ -128,6 +129,7 @@ class RegNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        check_images(self, x, train, stem="stem_conv")
         conv, norm, act = stem_and_block_factories(self, train)
         x = x.astype(self.dtype)
         stem_stride = 1 if self.small_stem else 2

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnext_jax.models.checks import check_images
 from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, run_stage,
                                        materialize, stem_and_block_factories, stem_max_pool)
 
@@ -154,6 +155,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        check_images(self, x, train, stem="conv1")
         conv, norm, act = stem_and_block_factories(self, train)
         x = x.astype(self.dtype)
         if self.small_stem:
