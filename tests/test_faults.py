@@ -261,3 +261,42 @@ def test_cli_prints_known_errors_as_one_line_and_takes_model_kwargs_overrides(tm
     ok = train("--config.model_kwargs.drop_path_rate=0.1", "--config.num_epochs=0.05", "--config.progress_bar=False")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.load(open(tmp_path / "config.json"))["model_kwargs"]["drop_path_rate"] == 0.1
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path):
+    """Three kill -9s at random moments (saves every 5 steps, so some land inside one), then a rerun to the end:
+    the final checkpoint is bit-identical to an uninterrupted run's (their checksums are equal)."""
+    import random
+    import time
+
+    def command(workdir):
+        return [sys.executable, "-m", "train", "--config", "configs/quickstart.py", "--workdir", str(workdir),
+                "--config.num_epochs=1", "--config.checkpoint_every_steps=5", "--config.progress_bar=False",
+                "--config.write_report=False"]
+
+    env = dict(os.environ, RESNEXT_JAX_HUGEPAGES="0")
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(reference), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = []
+    for attempt in range(3):
+        process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        # Start-up takes seconds; kill somewhere between the first steps and the end of the epoch.
+        records = len(open(killed / "metrics.jsonl").readlines()) if (killed / "metrics.jsonl").exists() else 0
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None and not (
+                (killed / "metrics.jsonl").exists() and len(open(killed / "metrics.jsonl").readlines()) > records):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 2.0))
+        process.kill()
+        process.wait()
+        kills.append(sorted(os.listdir(killed / "checkpoints")) if (killed / "checkpoints").exists() else [])
+    rerun = subprocess.run(command(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, (kills, rerun.stderr[-3000:])
+    assert _checksums(killed, 44) == _checksums(reference, 44), kills
+    steps = [r["step"] for r in read_metrics(str(killed)) if r["split"] == "train"]
+    assert steps == [r["step"] for r in read_metrics(str(reference)) if r["split"] == "train"]
