@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -35,6 +36,8 @@ def _run(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with --config.field=value")
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console to the bar and epochs
         logging.set_verbosity(logging.WARNING)
+    if not FLAGS.verbose:  # Orbax's async writes report a full disk once per array as asyncio task errors
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     from resnext_jax.errors import UserError
     from resnext_jax.training.loop import train_and_evaluate
     if FLAGS.config is None:

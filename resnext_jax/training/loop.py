@@ -335,6 +335,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         report = write_run_report(workdir, which="best", speed_batch_sizes=(1, local_eval_batch), min_seconds=1.0)
         summary["report"] = os.path.join(report["report_dir"], "report.md")
     if primary and not summary["stopped_early"]:
+        report = f"; report {summary['report']}" if "report" in summary else ""
         progress.write(f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
-                       f"workdir {workdir}")
+                       f"workdir {workdir}{report}")
     return summary
