@@ -24,7 +24,11 @@ FORMAT_VERSION = 1
 SIDECAR_SUFFIX = ".json"
 # float32 artifacts must reproduce JAX's logits to this max-abs error, scaled by max(1, std of the logits): random
 # weights can give logits of std 100, where float32 summation order alone moves a logit by more than 1e-4.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+# bfloat16 logits are not reproducible to better than a few percent of their std: where XLA rounds intermediates
+# to bfloat16 depends on its fusion choices, which differ between two compilations of the same program (measured
+# 1.5-3% on resnet18, the same for the native kernels against XLA). That bound still catches wrong weights or a
+# wrong normalization (errors of the logits' own size); float32 is the precision-verified format.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 OUR_CUSTOM_CALL_PREFIX = "resnext_jax_"
 
 
@@ -88,13 +92,18 @@ def check_inputs(preprocessing, resolution: int, batch: int | None, with_preproc
             "photos": image_io.normalize(photos, preprocessing.mean, preprocessing.std)}
 
 
-def reference_logits(loaded, dtype: str, images: np.ndarray, with_preprocessing: bool) -> np.ndarray:
-    """`model.apply` of the loaded module itself (its own conv_impl, in `dtype`): what the artifact must match."""
+def reference_function(loaded, dtype: str, with_preprocessing: bool):
+    """`model.apply` of the loaded module itself (its own conv_impl, in `dtype`), jitted: what the artifact must
+    match. Takes what the artifact takes."""
     module = loaded.module.clone(dtype=jnp.dtype(dtype))
-    if with_preprocessing:
-        mean, inv_std = normalization_constants(loaded.preprocessing)
-        images = (images.astype(np.float32) - mean) * inv_std
-    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(loaded.variables, images), np.float32)
+    mean, inv_std = normalization_constants(loaded.preprocessing)
+
+    @jax.jit
+    def apply(variables, images):
+        if with_preprocessing:
+            images = (images.astype(jnp.float32) - mean) * inv_std
+        return module.apply(variables, images, train=False).astype(jnp.float32)
+    return lambda images: np.asarray(apply(loaded.variables, images))
 
 
 def parity(loaded, dtype: str, inputs: dict, run, with_preprocessing: bool, what: str) -> dict:
@@ -103,8 +112,9 @@ def parity(loaded, dtype: str, inputs: dict, run, with_preprocessing: bool, what
     Returns {'max_abs_error', 'tolerance', 'logit_std', 'inputs'} for the sidecar.
     """
     errors, scale = {}, 1.0
+    reference = reference_function(loaded, dtype, with_preprocessing)
     for name, images in inputs.items():
-        expected = reference_logits(loaded, dtype, images, with_preprocessing)
+        expected = reference(images)
         got = np.asarray(run(images), np.float32)
         if got.shape != expected.shape:
             raise RuntimeError(f"{what} gives logits of shape {got.shape}, JAX {expected.shape}")
