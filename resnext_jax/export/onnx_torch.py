@@ -55,11 +55,12 @@ def export_onnx(loaded, out: str, *, batch: int | None = None, resolution: int |
         raise UserError(f"ONNX export goes through torchvision's {loaded.name}, which has no "
                         f"{', '.join(differences)}; export this model with --format stablehlo")
     try:
+        import onnx  # noqa: F401  torch.onnx.export needs it, and says so only after tracing the model
         import onnxruntime
         import torch
         import torchvision
     except ImportError as error:
-        raise UserError(f"ONNX export needs torch, torchvision and onnxruntime ({error}); "
+        raise UserError(f"ONNX export needs torch, torchvision, onnx and onnxruntime ({error}); "
                         f"pip install -e '.[torch,export]'") from error
 
     resolution = resolution or loaded.preprocessing.crop_size
