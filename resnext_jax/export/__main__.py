@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     from resnext_jax.export import export
     from resnext_jax.inference import load_model
 
+    if args.format == "onnx":  # before minutes of loading
+        from resnext_jax.export.onnx_torch import check_dtype
+        check_dtype(args.dtype)
     start = time.perf_counter()
     loaded = load_model(args.source, model=args.model, which=args.which)
     print(f"exporting {loaded.name} as {args.format} (lowering, then verifying the file against JAX; a minute "

@@ -40,6 +40,13 @@ def torchvision_differences(loaded) -> list[str]:
     return differences
 
 
+def check_dtype(dtype: str) -> None:
+    """ONNX files are float32: onnxruntime's CPU provider has no bfloat16 convolutions to check them with."""
+    if dtype != "float32":
+        raise UserError(f"ONNX export is float32 only (onnxruntime's CPU provider has no {dtype} convolutions); "
+                        f"drop --dtype, or use --format stablehlo --dtype {dtype}")
+
+
 def export_onnx(loaded, out: str, *, batch: int | None = None, resolution: int | None = None,
                 with_preprocessing: bool = False, dtype: str = "float32") -> dict:
     """Exports `loaded` (a `LoadedModel`) to the ONNX file `out` and its sidecar `out + '.json'`.
@@ -47,9 +54,7 @@ def export_onnx(loaded, out: str, *, batch: int | None = None, resolution: int |
     Arguments as in `export_stablehlo`; `dtype` must be float32. The file is run once in onnxruntime on a random
     batch and on two photos, and written only if it reproduces `model.apply` (see `common.parity`).
     """
-    if dtype != "float32":
-        raise UserError(f"ONNX export is float32 only (onnxruntime's CPU provider has no {dtype} convolutions); "
-                        f"drop --dtype, or use --format stablehlo --dtype {dtype}")
+    check_dtype(dtype)
     differences = torchvision_differences(loaded)
     if differences:
         raise UserError(f"ONNX export goes through torchvision's {loaded.name}, which has no "
@@ -93,11 +98,10 @@ def _torch_model(loaded, torch, torchvision, with_preprocessing: bool):
 
     head_size = loaded.module.num_classes
     state = to_torchvision(loaded.name, loaded.variables, num_classes=head_size)
-    with torch.device("meta"):  # no seconds of random init: load_state_dict(assign=True) brings every tensor
-        model = getattr(torchvision.models, loaded.name)(num_classes=head_size or 1)
-    if not head_size:
+    model = getattr(torchvision.models, loaded.name)(num_classes=head_size or 1)  # not on "meta": RegNets compute
+    if not head_size:                                                             # their widths with tensors
         model.fc = torch.nn.Identity()
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True)
     model.eval()
     mean, inv_std = common.normalization_constants(loaded.preprocessing)
 
