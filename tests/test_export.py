@@ -263,3 +263,11 @@ def test_cli_exports_torchvision_weights_with_a_fixed_batch(tmp_path, capsys):
     assert run_cli(cli.main, argv + ["--dtype", "bfloat16"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error == [error[0]] and error[0].startswith("error: ONNX export is float32 only (")  # one line
+
+
+def test_load_model_points_an_artifact_to_export_load(small_artifacts):
+    from resnext_jax import load_model
+    _, paths = small_artifacts
+    for path in paths.values():
+        with pytest.raises(UserError, match=r"is an exported model .* resnext_jax\.export\.load\("):
+            load_model(str(path), model="resnet18")

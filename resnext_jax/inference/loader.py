@@ -103,6 +103,7 @@ def load_model(source: str, *, model: str | None = None, which: str | int = "bes
       UserError: with the fix in its message (no checkpoint, unknown model, missing `model=`, incomplete step...).
     """
     source = os.fspath(source)
+    _refuse_exported(source)
     if os.path.isdir(source):
         loaded = _load_workdir(source, model, which)
     else:
@@ -121,6 +122,27 @@ def _check_model_name(name, what: str) -> None:
         close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
         hint = f" (closest: {', '.join(close)})" if close else ""
         raise UserError(f"{what} names unknown model {name!r}{hint}; use one of resnext_jax.list_models()")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exported artifacts (resnext_jax.export)
+
+
+def _refuse_exported(source: str) -> None:
+    """An exported artifact holds a compiled program, not the module and variables `LoadedModel` promises; rather
+    than failing as a bad torch file, point to `resnext_jax.export.load`, which runs it."""
+    if not os.path.isfile(source):
+        return
+    exported = source.endswith((".stablehlo", ".onnx"))
+    try:
+        with open(source + ".json") as f:
+            exported = exported or json.load(f).get("format") == "resnext_jax.export"
+    except (OSError, ValueError, AttributeError):
+        pass
+    if exported:
+        raise UserError(f"{source} is an exported model (python -m resnext_jax.export): it holds a compiled program, "
+                        f"not the Flax module and variables load_model returns; run it with "
+                        f"resnext_jax.export.load({source!r}), or pass the workdir or weights it was exported from")
 
 
 # ---------------------------------------------------------------------------------------------------------------
