@@ -26,9 +26,10 @@ SIDECAR_SUFFIX = ".json"
 # weights can give logits of std 100, where float32 summation order alone moves a logit by more than 1e-4.
 # bfloat16 logits are not reproducible to better than a few percent of their std: where XLA rounds intermediates
 # to bfloat16 depends on its fusion choices, which differ between two compilations of the same program (measured
-# 1.5-3% on resnet18, the same for the native kernels against XLA). That bound still catches wrong weights or a
-# wrong normalization (errors of the logits' own size); float32 is the precision-verified format.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+# 1.5-3% on resnet18, once 4.1% in a full test run, the same for the native kernels against XLA). 10% still
+# catches wrong weights or a wrong normalization (errors of the logits' own size); float32 is the precision-verified
+# format.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1}
 OUR_CUSTOM_CALL_PREFIX = "resnext_jax_"
 
 
