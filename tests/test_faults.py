@@ -169,6 +169,7 @@ def test_a_failed_start_leaves_the_workdir_free_for_the_fixed_config(tmp_path, t
     assert not (tmp_path / "config.json").exists()
 
 
+@pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run, caplog):
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write('{"step": 23, "split": "tra')
@@ -178,6 +179,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run, caplog):
     assert all(line.endswith("}") for line in open(os.path.join(run, "metrics.jsonl")).read().splitlines())
 
 
+@pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_a_restart_from_step_0_drops_the_records_of_the_killed_attempt(tmp_path):
     """A run killed before its first checkpoint left records; the restart logs each step once."""
     with open(tmp_path / "metrics.jsonl", "w") as f:
@@ -188,6 +190,7 @@ def test_a_restart_from_step_0_drops_the_records_of_the_killed_attempt(tmp_path)
     assert steps == sorted(set(steps)) and 9.0 not in [r["loss"] for r in read_metrics(str(tmp_path))]
 
 
+@pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_the_divergence_message_gives_a_command_the_guard_accepts(tmp_path):
     sane = _config(optimizer="sgd", learning_rate=1e-3, grad_clip_norm=0.0, warmup_epochs=0, log_every_steps=1)
     train_and_evaluate(sane, str(tmp_path), stop_at_step=10)
@@ -221,6 +224,7 @@ def _mount_tmpfs(path, options):
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}); the case needs one")
 
 
+@pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_a_full_disk_is_one_line_with_the_free_space(tmp_path):
     mount = tmp_path / "small"
     _mount_tmpfs(mount, "size=2m")
@@ -244,6 +248,7 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_cli_prints_known_errors_as_one_line_and_takes_model_kwargs_overrides(tmp_path):
     """A typo'd model is one line (traceback behind --verbose); a documented model_kwargs field overrides."""
     def train(*args):

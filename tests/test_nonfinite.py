@@ -189,7 +189,8 @@ def test_matmul_affine_keeps_nonfinite(prologue_relu, with_residual):
 
 
 MODELS = [
-    pytest.param("resnext50_32x4d", dict(stage_sizes=(1, 1, 1, 1), num_filters=16), id="resnext50_32x4d"),
+    pytest.param("resnext50_32x4d", dict(stage_sizes=(1, 1, 1, 1), num_filters=16), id="resnext50_32x4d",
+                 marks=pytest.mark.slow),
     pytest.param("resnet18", dict(stage_sizes=(1, 1, 1, 1)), id="resnet18"),
     pytest.param("regnet_y_400mf", dict(depth=4), id="regnet_y_400mf", marks=pytest.mark.slow),
 ]
