@@ -9,7 +9,6 @@ enough: accuracy means little without the speed, memory and exact configuration 
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -23,8 +22,6 @@ from resnext_jax.inference import evaluation
 from resnext_jax.inference.loader import LoadedModel, load_model
 
 SCHEMA_VERSION = 1
-PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow",
-            "tensorflow-datasets", "torch", "torchvision")
 DEFAULT_BATCH_SIZES = (1, 8, 64)
 CONFUSION_PNG, CONFUSION_CSV = "confusion_matrix.png", "confusion_matrix.csv"
 # Up to this many classes the matrix is also inlined in report.json and drawn with names and counts.
@@ -82,12 +79,9 @@ def provenance() -> dict:
     """Package versions, Python, platform, devices, the git commit, and the native CPU kernels' state."""
     from resnext_jax.ops import native
 
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
+    from resnext_jax.training.workdir import package_versions
+
+    versions = package_versions()
     backend = jax.default_backend()
     if backend == "cpu":
         kernels = {"available": native.available(), "isa": native.isa(),

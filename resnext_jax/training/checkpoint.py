@@ -44,9 +44,9 @@ def checksums(state: TrainState, iterator_state) -> dict[str, str]:
             array = jax.random.key_data(array)
         array = np.ascontiguousarray(np.asarray(array))
         sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(array.view(np.uint8)):08x} {array.dtype} {list(array.shape)}"
-    data = json.dumps(iterator_state, sort_keys=True, default=str) if not isinstance(iterator_state, bytes) \
-        else iterator_state.decode("latin-1")
-    sums["data_iterator"] = f"{zlib.crc32(data.encode('latin-1', 'replace')):08x}"
+    if not isinstance(iterator_state, bytes):  # grain gives bytes; other iterators a JSON-able state
+        iterator_state = json.dumps(iterator_state, sort_keys=True, default=str).encode()
+    sums["data_iterator"] = f"{zlib.crc32(iterator_state):08x}"
     return sums
 
 

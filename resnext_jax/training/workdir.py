@@ -14,8 +14,19 @@ import jax
 
 from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
 
-_PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
-             "ml-collections", "tensorflow-datasets")
+PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections",
+            "pillow", "tensorflow-datasets", "torch", "torchvision")
+
+
+def package_versions() -> dict[str, str | None]:
+    """`{package: installed version or None}` for `PACKAGES`: the versions a run's records and reports carry."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def check_compatible(workdir: str, config_dict: dict, allow_changes: bool = False) -> dict[str, tuple]:
@@ -119,12 +130,7 @@ def write_run_records(workdir: str, config_dict: dict) -> None:
     """Writes `config.json` (the resolved config) and `environment.json` (versions, devices, time)."""
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2, sort_keys=True)
-    versions = {}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions()
     environment = {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": platform.python_version(),
