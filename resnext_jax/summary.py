@@ -16,12 +16,23 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from resnext_jax.errors import InputError, run_cli
+from resnext_jax.models.init import variable_shapes
 from resnext_jax.models.registry import create_model, list_models
 
 
 def count_macs(fn, *args) -> int:
     """Multiply-adds of every convolution and matmul in `fn(*args)` (args may be ShapeDtypeStructs)."""
     return _jaxpr_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def forward_macs(model, variables, images) -> int:
+    """Multiply-adds of the model's inference forward on `images` (a (B, H, W, 3) array or ShapeDtypeStruct).
+
+    Counted with XLA's convolutions (`conv_impl='xla'`): the model's FLOPs, not an implementation's, since
+    'auto' may pick block-diagonal chunks that multiply extra zeros.
+    """
+    nominal = model.clone(conv_impl="xla")
+    return count_macs(lambda v, x: nominal.apply(v, x, train=False), variables, images)
 
 
 def _jaxpr_macs(jaxpr) -> int:
@@ -66,7 +77,7 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
                          f"(any size >= 1 runs, but below 32 the last stage of these stride-32 models is 1x1)")
     model = create_model(name, **overrides)
     images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    variables = variable_shapes(model, resolution)
     features = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, return_features=True), variables, images)
     params = traverse_util.flatten_dict(variables["params"])
     rows = []
@@ -77,9 +88,7 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     total_params = sum(math.prod(v.shape) for v in params.values())
     staged = sum(r["params"] for r in rows)
     head_params = sum(math.prod(v.shape) for k, v in params.items() if k[0] == "fc")
-    # The model's own FLOPs, not an implementation's: 'auto' may pick block-diagonal chunks with extra zeros.
-    nominal = model.clone(conv_impl="xla")
-    macs = count_macs(lambda v, x: nominal.apply(v, x, train=False), variables, images)
+    macs = forward_macs(model, variables, images)
     return {"name": name, "resolution": resolution, "stages": rows, "stem_params": total_params - staged - head_params,
             "head_params": head_params, "params": total_params, "gflops": macs / 1e9}
 

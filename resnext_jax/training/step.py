@@ -9,7 +9,7 @@ around every grouped conv (openxla/xla#47945), which is why the steps use shard_
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from resnext_jax.models.init import init_variables  # noqa: F401  (loop.py and the tests import it from here)
 from resnext_jax.models.layers import BatchNorm
 from resnext_jax.ops import inference_compiler_options, step_compiler_options
 
@@ -43,11 +44,6 @@ class TrainState:
     rng: jax.Array
     ema_params: Any
     ema_batch_stats: Any
-
-
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
-    """Random-initializes the model's {'params', 'batch_stats'} for (1, image_size, image_size, 3) NHWC input."""
-    return jax.jit(lambda r: model.init(r, jnp.zeros((1, image_size, image_size, 3)), train=False))(rng)
 
 
 def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: jax.Array,
@@ -78,6 +74,41 @@ def cross_entropy_top1(logits: jax.Array, targets: jax.Array, labels: jax.Array)
     loss = optax.softmax_cross_entropy(logits, targets).mean()
     top1 = (jnp.argmax(logits, -1) == labels).mean()
     return loss, top1
+
+
+class LossAndGrads(NamedTuple):
+    """What `loss_and_grads` returns for one device's batch."""
+    loss: jax.Array  # mean softmax cross-entropy (float32 scalar)
+    top1: jax.Array  # fraction of the batch whose top logit is the label (float32 scalar)
+    batch_stats: Any  # the BatchNorm statistics updated by this batch (unchanged under freeze_bn; {} for group norm)
+    grads: Any  # d loss / d params, a params-shaped tree
+
+
+def loss_and_grads(model: nn.Module, params, batch_stats, images: jax.Array, targets: jax.Array, labels: jax.Array,
+                   dropout_rng: jax.Array, *, freeze_bn: bool = False) -> LossAndGrads:
+    """The training forward and backward on one device's batch: the loss, top-1 and gradients of every train step.
+
+    `images` is (B, H, W, 3), `targets` (B, num_classes) probabilities (one-hot, smoothed or mixed) and `labels`
+    (B,) int32 for top-1. BatchNorm normalizes with the batch's statistics and updates its running ones; with
+    `freeze_bn` it uses the running statistics and leaves them as they are. Nothing is averaged across devices
+    here: the caller's step does that (`make_train_step`), or runs on one device (the step benchmark).
+    """
+    def per_device_loss(params):
+        def forward():
+            return model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        if freeze_bn:
+            with nn.intercept_methods(_freeze_batch_norm):
+                logits, _ = forward()
+            new_stats = batch_stats
+        else:
+            logits, updates = forward()
+            new_stats = updates.get("batch_stats", batch_stats)
+        loss, top1 = cross_entropy_top1(logits, targets, labels)
+        return loss, (new_stats, top1)
+
+    (loss, (new_stats, top1)), grads = jax.value_and_grad(per_device_loss, has_aux=True)(params)
+    return LossAndGrads(loss, top1, new_stats, grads)
 
 
 _STAGE_PREFIX = re.compile(r"^((?:layer|block)\d+)_")
@@ -116,22 +147,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     `param_norm/<stage>` for stem, each stage and head (see `stage_name`): a few reductions over trees the step
     already holds.
     """
-    def per_device_loss(params, batch_stats, images, targets, labels, dropout_rng):
-        def forward():
-            return model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        if freeze_bn:
-            with nn.intercept_methods(_freeze_batch_norm):
-                logits, _ = forward()
-            new_stats = batch_stats
-        else:
-            logits, updates = forward()
-            new_stats = updates.get("batch_stats", batch_stats)
-        loss, top1 = cross_entropy_top1(logits, targets, labels)
-        return loss, (new_stats, top1)
-
-    grad_fn = jax.value_and_grad(per_device_loss, has_aux=True)
-
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
         mix_rng, dropout_rng = jax.random.split(rng)
@@ -149,9 +164,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         size = images.shape[0] // grad_accum_steps
         for index in range(grad_accum_steps):
             part = slice(index * size, (index + 1) * size)
-            (micro_loss, (batch_stats, micro_top1)), micro_grads = grad_fn(
-                state.params, batch_stats, images[part], targets[part], labels[part],
-                jax.random.fold_in(dropout_rng, index))
+            micro_loss, micro_top1, batch_stats, micro_grads = loss_and_grads(
+                model, state.params, batch_stats, images[part], targets[part], labels[part],
+                jax.random.fold_in(dropout_rng, index), freeze_bn=freeze_bn)
             grads = micro_grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, micro_grads)
             loss, top1 = loss + micro_loss, top1 + micro_top1
         scale = 1.0 / grad_accum_steps
