@@ -3,13 +3,13 @@
     python benchmarks/ab.py REV_A REV_B [--model resnext50_32x4d] [--mode train|infer] [--rounds 6]
 
 Each REV is a git revision (`HEAD~1`, a hash, a branch) or `.` for the working tree as it is. Both steps
-are compiled first, then timed taking turns in blocks (`resnext_jax.bench.time_in_blocks`: per round, each
-gets `--warmup` untimed and `--runs` timed calls). On the noisy development machines only such same-process,
+are compiled first, then timed taking turns in blocks (`resnext_jax.benchmarks.step.time_in_blocks`: per round,
+each gets `--warmup` untimed and `--runs` timed calls). On the noisy development machines only such same-process,
 interleaved comparisons can resolve changes of a few percent; docs/benchmarks.md quotes them as "A/B".
 
 A revision's package is exported with `git archive` into a temporary directory and imported from there
 (every `resnext_jax` module is dropped from `sys.modules` in between), so both versions live in the same
-process. The step itself (loss, optimizer, inputs) is the current working tree's `resnext_jax.bench`; only
+process. The step itself (loss, optimizer, inputs) is the current working tree's `resnext_jax.benchmarks.step`; only
 the model code and the compiler options come from the revision.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def import_package(path: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, ROOT)
-    from resnext_jax import bench  # the harness: the working tree's step, timing and compile helpers
+    from resnext_jax.benchmarks import step as bench  # the harness: the working tree's step, timing and compile helpers
     sys.path.remove(ROOT)
     steps, compile_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

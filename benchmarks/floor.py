@@ -3,8 +3,8 @@ against its dense convolutions timed one by one, all beside torchvision's step i
 
     python benchmarks/floor.py [--model resnext50_32x4d] [--mode infer|train] [--rounds 4]
 
-Prints, as medians over interleaved blocks (`resnext_jax.bench.time_in_blocks`):
-- `model`: the step as `python -m resnext_jax.bench` times it;
+Prints, as medians over interleaved blocks (`resnext_jax.benchmarks.step.time_in_blocks`):
+- `model`: the step as `python -m resnext_jax.benchmarks.step` times it;
 - `free grouped convs`: the same step with every grouped convolution replaced by a strided slice of its
   input times the kernel's mean (same output shape, almost no work; train mode differentiates that
   stand-in), i.e. what the step would cost if grouped convolutions were free;
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from resnext_jax import bench
+    from resnext_jax.benchmarks import step as bench
     from resnext_jax.models import layers
     from resnext_jax.models.registry import create_model
 

@@ -15,10 +15,10 @@ PY=${PYTHON:-python3}
 BATCH=${BATCH:-128}
 log() { echo "$@" | tee -a "$OUT/log.txt"; }
 
-bench() {  # bench NAME LIMIT_S ARGS...: one python -m resnext_jax.bench run
+bench() {  # bench NAME LIMIT_S ARGS...: one python -m resnext_jax.benchmarks.step run
   local name=$1 limit=$2; shift 2
-  log "## $name: python -m resnext_jax.bench $*  (limit ${limit}s, $(date -u +%H:%M:%S))"
-  timeout "$limit" $PY -m resnext_jax.bench "$@" --json "$RES/$name.json" 2>&1 | grep -v "^W0000\|^I0000" \
+  log "## $name: python -m resnext_jax.benchmarks.step $*  (limit ${limit}s, $(date -u +%H:%M:%S))"
+  timeout "$limit" $PY -m resnext_jax.benchmarks.step "$@" --json "$RES/$name.json" 2>&1 | grep -v "^W0000\|^I0000" \
     | tee -a "$OUT/log.txt" | tail -n 12
   [ -f "$RES/$name.json" ] && { tr -d '\n' < "$RES/$name.json"; echo; } >> "$OUT/results.jsonl"
 }
@@ -35,8 +35,8 @@ flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torch
         --torch-channels-last --runs 10 --rounds 3 ;;
     conv)  # every grouped-conv implementation on ResNeXt-50's grouped shapes vs torch's cuDNN
       local args="--dtypes bfloat16 --impls xla,split,chunked,blockdiag,gemm --batch $BATCH --reps 20"
-      log "## conv: python -m resnext_jax.ops.bench_conv $args"
-      timeout 150 $PY -m resnext_jax.ops.bench_conv $args 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$OUT/log.txt" ;;
+      log "## conv: python -m resnext_jax.benchmarks.conv $args"
+      timeout 150 $PY -m resnext_jax.benchmarks.conv $args 2>&1 | grep -v "^W0000\|^I0000" | tee -a "$OUT/log.txt" ;;
     resnext_infer)
       bench resnext_infer 90 --model resnext50_32x4d --mode infer --dtype bfloat16 --batch "$BATCH" \
         --torch-channels-last --runs 10 --rounds 3 ;;

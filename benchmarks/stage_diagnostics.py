@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import resnext_jax
-from resnext_jax.bench import time_in_blocks
+from resnext_jax.benchmarks.step import time_in_blocks
 from resnext_jax.training.distributed import create_mesh
 from resnext_jax.training.step import (
     AXIS,

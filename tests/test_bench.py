@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import resnext_jax
-from resnext_jax import bench
+from resnext_jax.benchmarks import step as bench
 
 
 def test_model_flops_agree_with_xla_cost_analysis():
@@ -29,13 +29,13 @@ def test_model_flops_agree_with_xla_cost_analysis():
 @pytest.mark.slow  # 17 s: two bench subprocesses; CI runs it
 def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "resnext_jax.bench", "--model", "resnet18", "--mode", "infer", "--batch", "4",
+    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "infer", "--batch", "4",
                "--resolution", "32", "--runs", "2", "--devices", "2", "--flops-resolution", "32",
                "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
-    assert "jax/torch" in result.stdout and r["command"].startswith("python -m resnext_jax.bench --model resnet18")
+    assert "jax/torch" in result.stdout and r["command"].startswith("python -m resnext_jax.benchmarks.step --model resnet18")
     assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["compile_s"] > 0
     assert r["ratio_jax_over_torch"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
     assert r["jax_minor_faults_per_step"] >= 0 and r["jax_kernel_s_per_step"] >= 0 and "page faults" in result.stdout
@@ -49,7 +49,7 @@ def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
 def test_train_step_gradient_flops_split_over_devices():
     """Train mode: the gradient part of the shard_map step is split over devices (the optimizer update is not)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "resnext_jax.bench", "--model", "resnet18", "--mode", "train", "--batch", "4",
+    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "train", "--batch", "4",
                "--devices", "2", "--flops-resolution", "32", "--_flops-check"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr

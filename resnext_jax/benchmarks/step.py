@@ -1,6 +1,6 @@
 """Train/inference step throughput of a model against torchvision's, in the same process.
 
-    python -m resnext_jax.bench --model resnext50_32x4d --mode train --batch 8 --json out.json
+    python -m resnext_jax.benchmarks.step --model resnext50_32x4d --mode train --batch 8 --json out.json
 
 Prints JAX img/s (median of `--runs` timed steps after a warm-up step), the jit compile seconds,
 memory (XLA's `memory_analysis()` of the compiled step and the process's peak RSS from
@@ -45,7 +45,7 @@ KNOWN_PEAK_TFLOPS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m resnext_jax.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m resnext_jax.benchmarks.step", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnext50_32x4d", help="a torchvision builder name")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--batch", type=int, default=8)
@@ -402,7 +402,7 @@ def run_flops_check_subprocess(args, argv) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", "resnext_jax.bench", *argv, "--_flops-check"]
+    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", *argv, "--_flops-check"]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
         errors = [line for line in result.stderr.strip().splitlines() if "Error" in line or "error" in line]
@@ -451,7 +451,7 @@ def run(args, argv) -> dict:
         peak, peak_source = matmul_tflops, f"timed {matmul_size}^2 {args.dtype} matmul, this run"
     jax_s = timings["jax"]["median_s"]
     results = {
-        "command": "python -m resnext_jax.bench " + " ".join(argv),
+        "command": "python -m resnext_jax.benchmarks.step " + " ".join(argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "device": f"{device.platform} {device.device_kind}", "jax": jax.__version__, "torch": torch_version,

@@ -1,6 +1,6 @@
 """Input pipeline benchmark: the ImageNet train transform, ours (grain + PIL) against torchvision's DataLoader.
 
-    python -m resnext_jax.data.bench [--num-images 256] [--repeats 3] [--workers 0 2]
+    python -m resnext_jax.benchmarks.data [--num-images 256] [--repeats 3] [--workers 0 2]
 
 Both pipelines decode the same in-memory JPEGs (made from scikit-learn's two sample photos, cropped and resized to
 ImageNet-like sizes, so nothing is downloaded) and apply RandomResizedCrop(224), a horizontal flip and
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, os.cpu_count() or 1])
   args = parser.parse_args(argv)
-  print("command: python -m resnext_jax.data.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+  print("command: python -m resnext_jax.benchmarks.data " + " ".join(argv if argv is not None else sys.argv[1:]))
   print(f"cpus: {os.cpu_count()}, images: {args.num_images}, batch: {BATCH_SIZE}, repeats: {args.repeats}")
   jpegs = make_jpegs(args.num_images) * 2  # two passes, so start-up is a small part of each run
   runners = {

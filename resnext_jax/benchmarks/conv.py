@@ -5,8 +5,8 @@ Prints a markdown table: median milliseconds for the forward pass and for forwar
 compile seconds of the VJP. torch (`F.conv2d(groups=...)`, NCHW and channels_last) runs with
 the same thread count in the same process, as the ratio baseline; on CUDA when JAX runs on a GPU.
 
-    python -m resnext_jax.ops.bench_conv [--dtypes float32,bfloat16] [--impls split,chunked]
-    python -m resnext_jax.ops.bench_conv --shape-set dense --impls xla,gemm --dtypes float32
+    python -m resnext_jax.benchmarks.conv [--dtypes float32,bfloat16] [--impls split,chunked]
+    python -m resnext_jax.benchmarks.conv --shape-set dense --impls xla,gemm --dtypes float32
 
 `--shape-set grouped` (default) is ResNeXt-50's 3x3, 32-group convs; `regnet` RegNetY-1.6GF's 24-channel-group
 ones; `dense` is ResNet-50's dense 1x1 and 3x3 convs, where `gemm` (one matmul) is compared with XLA's
@@ -145,11 +145,11 @@ def main(argv=None):
     if not args.no_torch:
         import torch
 
-        from resnext_jax.bench import torch_device
+        from resnext_jax.benchmarks.step import torch_device
         torch.set_num_threads(args.threads)
         torch_on = torch_device(jax.default_backend())
         torch.backends.cudnn.benchmark = True
-    print(f"# python -m resnext_jax.ops.bench_conv {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"# python -m resnext_jax.benchmarks.conv {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cpus, jax {jax.__version__} "
           f"{jax.default_backend()} ({jax.devices()[0].device_kind}), torch on {torch_on}, batch {args.batch}, "
           f"median of {args.reps}, {args.shape_set} shapes")

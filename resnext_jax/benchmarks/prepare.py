@@ -1,6 +1,6 @@
 """Times `prepare folder` on a synthetic folder of JPEGs and reports images/s and peak memory.
 
-    python -m resnext_jax.data.prepare.bench --images 20000 --dir /tmp/prepare_bench
+    python -m resnext_jax.benchmarks.prepare --images 20000 --dir /tmp/prepare_bench
 
 The folder (10 classes of 500x375 JPEGs, quality 90, smooth random content of about a real photo's size) is made
 once and reused. The prepare command runs as a child process, as a user would run it; its memory is sampled every
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
           f"peak RSS {result['main_peak_mib']:.0f} MiB (main process), {result['tree_peak_mib']:.0f} MiB (with "
           f"workers); output {result['output_mib']:.0f} MiB")
     print(f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; {datetime.date.today().isoformat()}; "
-          f"bench: python -m resnext_jax.data.prepare.bench --images {args.images} --workers {args.workers}")
+          f"bench: python -m resnext_jax.benchmarks.prepare --images {args.images} --workers {args.workers}")
 
 
 if __name__ == "__main__":
