@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from resnext_jax.models.layers import BatchNorm
-from resnext_jax.ops import native
+from resnext_jax import cpu
 
 
 class FlaxReference(nn.Module):
@@ -70,7 +70,7 @@ def _run(module, variables, x, residual, weights, act):
 @pytest.mark.parametrize("native_epilogue", [False, True], ids=["xla", "native"])
 def test_train_mode_matches_flax(act, with_residual, native_epilogue):
     """`native_epilogue` (on CPU with the native kernels): the forward's add and ReLU in the native pass."""
-    if native_epilogue and not native.available():
+    if native_epilogue and not cpu.available():
         pytest.skip("native kernels unavailable: test_grouped_conv.py::test_native_builds_wherever_it_can says why")
     x, residual, weights, variables = _inputs()
     residual = residual if with_residual else None
@@ -154,7 +154,7 @@ def check_synced_statistics(num_devices: int):
 
 
 # ------------------------------------------------------------------ native inference epilogue (CPU)
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable: "
+needs_native = pytest.mark.skipif(not cpu.available(), reason="native kernels unavailable: "
                                   "tests/test_grouped_conv.py::test_native_builds_wherever_it_can says why")
 
 
@@ -168,7 +168,7 @@ def test_native_affine_add_relu_matches_float64(shape, relu, residual_affine):
     y, r = rng.standard_normal(shape) + 3, rng.standard_normal(shape) - 2
     m, s, b, rm, rs, rb = (rng.standard_normal(shape[-1]) for _ in range(6))
     f32 = lambda *a: [jnp.asarray(v, jnp.float32) for v in a]
-    out = jax.jit(native.affine_add_relu, static_argnames="relu")(
+    out = jax.jit(cpu.affine_add_relu, static_argnames="relu")(
         *f32(y, m, s, b, r), tuple(f32(rm, rs, rb)) if residual_affine else None, relu=relu)
     ref = (y - m) * s + b + ((r - rm) * rs + rb if residual_affine else r)
     np.testing.assert_allclose(out, np.maximum(ref, 0) if relu else ref, rtol=1e-5, atol=1e-5)
@@ -186,7 +186,7 @@ def test_native_channel_sums_match_float64(shape, masked):
     shift = rng.uniform(-5, 5, shape[-1])
     mask = np.maximum(rng.standard_normal(shape), 0.0) if masked else None
     f32 = lambda v: None if v is None else jnp.asarray(v, jnp.float32)  # noqa: E731
-    sums = jax.jit(native.channel_sums)(f32(a), f32(b), f32(shift), f32(mask))
+    sums = jax.jit(cpu.channel_sums)(f32(a), f32(b), f32(shift), f32(mask))
     a, b, shift = (np.asarray(f32(v), np.float64) for v in (a, b, shift))
     a = np.where(mask > 0, a, 0.0) if masked else a
     axes = tuple(range(a.ndim - 1))
@@ -200,7 +200,7 @@ def test_native_channel_sums_of_long_columns_stay_accurate():
     running sum down each column (4096 rows per item, as a first version had) was 2.3e-6 off, which
     E[x^2] - E[x]^2 turned into variances 25x worse than XLA's and an 8-device train step out of tolerance."""
     x = (np.random.default_rng(3).standard_normal((32, 16, 16, 8)) + 20).astype(np.float32)
-    sums, squares = jax.jit(lambda x: native.channel_sums(x, x, jnp.zeros(8)))(x)
+    sums, squares = jax.jit(lambda x: cpu.channel_sums(x, x, jnp.zeros(8)))(x)
     x = x.astype(np.float64)
     np.testing.assert_allclose(sums, x.sum((0, 1, 2)), rtol=3e-7)
     np.testing.assert_allclose(squares, (x * x).sum((0, 1, 2)), rtol=3e-7)
@@ -233,10 +233,10 @@ def test_eval_mode_native_epilogue_matches_flax(act):
     expected = reference(x, shortcut)
     step = jax.jit(lambda v, x, s: Block(native_epilogue=True).apply(v, x, s, act))
     np.testing.assert_allclose(step(variables, x, shortcut), expected, rtol=1e-5, atol=1e-5)
-    fused = native.EPILOGUE_TARGET in step.lower(variables, x, shortcut).as_text()
+    fused = cpu.EPILOGUE_TARGET in step.lower(variables, x, shortcut).as_text()
     assert fused == (act is not nn.silu)
     plain = jax.jit(lambda v, x, s: Block(native_epilogue=False).apply(v, x, s, act))
-    assert native.EPILOGUE_TARGET not in plain.lower(variables, x, shortcut).as_text()
+    assert cpu.EPILOGUE_TARGET not in plain.lower(variables, x, shortcut).as_text()
     np.testing.assert_allclose(plain(variables, x, shortcut), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -263,7 +263,7 @@ def test_gradients_through_an_inference_model_with_the_native_epilogue():
     step, ours = grads(fast)
     # Every block's end is one native call: the 1x1 conv's matmul with the epilogue on AVX2 builds, else the
     # separate epilogue pass; their VJPs are the JAX formulas' autodiff.
-    target = native.MATMUL_TARGET if native.matmul_preferred() else native.EPILOGUE_TARGET
+    target = cpu.MATMUL_TARGET if cpu.matmul_preferred() else cpu.EPILOGUE_TARGET
     assert target in step.lower(variables["params"], images).as_text()
     _, expected = grads(plain)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
@@ -293,8 +293,8 @@ def test_native_matmul_affine_matches_float64(shape, relu, with_residual, prolog
     f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
     a, b, r, scale, shift, a_scale, a_shift = (np.asarray(f32(v), np.float64)
                                                for v in (a, b, r, scale, shift, a_scale, a_shift))
-    assert native.supports_matmul(a.shape, b.shape, jnp.float32)
-    out = jax.jit(native.matmul_affine, static_argnames=("relu", "prologue_relu"))(
+    assert cpu.supports_matmul(a.shape, b.shape, jnp.float32)
+    out = jax.jit(cpu.matmul_affine, static_argnames=("relu", "prologue_relu"))(
         f32(a), f32(b), f32(scale), f32(shift), f32(r) if with_residual else None, relu=relu,
         prologue=(f32(a_scale), f32(a_shift)) if prologue else None, prologue_relu=prologue == "affine-relu")
     if prologue:
@@ -313,7 +313,7 @@ def test_native_matmul_affine_gradients_match_float64():
     scale, shift, a_scale, a_shift = rng.uniform(-2, 2, n), rng.standard_normal(n), rng.uniform(-2, 2, k), rng.standard_normal(k)
     args = [jnp.asarray(v, jnp.float32) for v in (a, b, scale, shift, r, a_scale, a_shift)]
     a, b, scale, shift, r, a_scale, a_shift = (np.asarray(v, np.float64) for v in args)
-    _, vjp = jax.vjp(lambda a, b, s, h, r, p, q: native.matmul_affine(a, b, s, h, r, relu=True, prologue=(p, q),
+    _, vjp = jax.vjp(lambda a, b, s, h, r, p, q: cpu.matmul_affine(a, b, s, h, r, relu=True, prologue=(p, q),
                                                                       prologue_relu=True), *args)
     got = vjp(jnp.asarray(g, jnp.float32))
     u = a * a_scale + a_shift
@@ -328,10 +328,10 @@ def test_native_matmul_affine_gradients_match_float64():
 
 
 def test_native_matmul_only_where_it_applies():
-    assert native.matmul_preferred() == (native.isa() == "avx2")
-    assert not native.supports_matmul((8, 64), (64, 20), jnp.float32)  # 20 columns
-    assert not native.supports_matmul((8, 64), (64, 32), jnp.bfloat16)
-    assert not native.supports_matmul((8, 64), (32, 32), jnp.float32)  # K mismatch
+    assert cpu.matmul_preferred() == (cpu.isa() == "avx2")
+    assert not cpu.supports_matmul((8, 64), (64, 20), jnp.float32)  # 20 columns
+    assert not cpu.supports_matmul((8, 64), (64, 32), jnp.bfloat16)
+    assert not cpu.supports_matmul((8, 64), (32, 32), jnp.float32)  # K mismatch
 
 
 @needs_native
@@ -346,12 +346,12 @@ def test_native_matmul_only_where_it_applies():
 ], ids=["resnext", "resnet", "regnet-se", "group-norm", "silu"])
 def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs, monkeypatch):
     """At inference with the native kernels, every 1x1 conv with batch norm and ReLU (or none) and its
-    shortcut runs as `native.matmul_affine`; the logits equal the pure-XLA model's (`conv_impl='xla'`:
+    shortcut runs as `cpu.matmul_affine`; the logits equal the pure-XLA model's (`conv_impl='xla'`:
     XLA's convs, flax's batch-norm formula). Group norm and SiLU blocks compute the conv as before. The
-    models use the kernel on AVX2 builds only (`native.MATMUL_ISAS`); here it is forced for any build."""
+    models use the kernel on AVX2 builds only (`cpu.MATMUL_ISAS`); here it is forced for any build."""
     import resnext_jax
 
-    monkeypatch.setattr(native, "MATMUL_ISAS", (native.isa(),))
+    monkeypatch.setattr(cpu.kernels, "MATMUL_ISAS", (cpu.isa(),))
 
     fast, plain = (resnext_jax.create_model(model, conv_impl=impl, num_classes=7, **kwargs) for impl in ("auto", "xla"))
     images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
@@ -361,9 +361,9 @@ def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs, monkeyp
     variables = jax.tree.map(lambda v: v * rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
                              + 0.1 * rng.standard_normal(v.shape).astype(np.float32), variables)
     step = jax.jit(lambda v, x: fast.apply(v, x, train=False))
-    fused = step.lower(variables, images).as_text().count(native.MATMUL_TARGET)
+    fused = step.lower(variables, images).as_text().count(cpu.MATMUL_TARGET)
     paths = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])
-             if v.ndim == 4 and v.shape[:2] == (1, 1) and v.shape[-1] % native.MATMUL_COLUMNS == 0
+             if v.ndim == 4 and v.shape[:2] == (1, 1) and v.shape[-1] % cpu.MATMUL_COLUMNS == 0
              and "'se'" not in jax.tree_util.keystr(path)]  # SE's convs have biases and no norm
     shortcuts = [p for p in paths if "downsample" in p or "proj" in p]
     if kwargs.get("norm") == "group":
@@ -378,8 +378,9 @@ def test_inference_models_fuse_1x1_convs_with_their_norms(model, kwargs, monkeyp
 @needs_native
 def test_conv_defers_only_1x1_convs_the_matmul_takes(monkeypatch):
     """`Conv2d(defer=True)` returns a `DeferredConv` only for a dense 1x1 conv without bias, 'auto' or 'native',
-    float32, on a build in `native.MATMUL_ISAS`; anything else is the conv itself, as without `defer`."""
-    from resnext_jax.models.layers import Conv2d, DeferredConv
+    float32, on a build in `cpu.MATMUL_ISAS`; anything else is the conv itself, as without `defer`."""
+    from resnext_jax.models.layers import Conv2d
+    from resnext_jax.ops.fusion import DeferredConv
 
     x = jnp.ones((2, 4, 4, 16))
     cases = [(dict(features=32, kernel_size=(1, 1)), x, True),
@@ -390,8 +391,8 @@ def test_conv_defers_only_1x1_convs_the_matmul_takes(monkeypatch):
              (dict(features=32, kernel_size=(1, 1), groups=2), x, False),
              (dict(features=20, kernel_size=(1, 1)), x, False),
              (dict(features=32, kernel_size=(1, 1)), x.astype(jnp.bfloat16), False)]
-    for isas in ((native.isa(),), ()):
-        monkeypatch.setattr(native, "MATMUL_ISAS", isas)
+    for isas in ((cpu.isa(),), ()):
+        monkeypatch.setattr(cpu.kernels, "MATMUL_ISAS", isas)
         for fields, inputs, deferred in cases:
             conv = Conv2d(**fields)
             variables = conv.init(jax.random.key(0), inputs)

@@ -129,8 +129,8 @@ def test_our_custom_calls_are_found_in_module_text():
             '%1 = stablehlo.custom_call @Sharding(%0)\n'
             '"stablehlo.custom_call"(%1) {call_target_name = "resnext_jax_affine_add_relu"}')
     assert common.our_custom_calls(text) == ["resnext_jax_affine_add_relu", "resnext_jax_grouped_conv_forward"]
-    from resnext_jax.ops import native
-    if native.available():  # the module as trained (conv_impl='auto') calls them; the export must not
+    from resnext_jax import cpu
+    if cpu.available():  # the module as trained (conv_impl='auto') calls them; the export must not
         module = create_model("resnext50_32x4d", stage_sizes=(1, 1, 1, 1), num_classes=10)
         variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
         lowered = jax.jit(module.apply).lower(variables, jnp.zeros((1, 64, 64, 3)))

@@ -14,7 +14,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.ops import CONV_IMPLS, conv2d, native
+from resnext_jax import cpu
+from resnext_jax.ops import CONV_IMPLS, conv2d
 from resnext_jax.ops.grouped_conv import resolve_impl
 
 # "auto" is one of these per backend; test_auto_resolution checks which.
@@ -181,36 +182,36 @@ def test_auto_forward_only_narrow_groups_use_chunks():
 # ---------------------------------------------------------------------------------------- the native kernel
 def _native_prerequisites() -> bool:
     import platform
-    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= native.cpu_flags() and bool(
-        native.compiler()) and jax.default_backend() == "cpu" and os.environ.get(native.ISA_ENV, "") in ("", "avx2", "avx512")
+    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu.cpu_flags() and bool(
+        cpu.compiler()) and jax.default_backend() == "cpu" and os.environ.get(cpu.ISA_ENV, "") in ("", "avx2", "avx512")
 
 
 def test_native_builds_wherever_it_can():
     """With an x86-64 AVX2 (or AVX-512) CPU and a C++ compiler the kernel must build and load, for the best
     instruction set the CPU has; otherwise the reason names what is missing."""
     if _native_prerequisites():
-        assert native.available(), native.unavailable_reason()
-        flags = native.cpu_flags()
+        assert cpu.available(), cpu.unavailable_reason()
+        flags = cpu.cpu_flags()
         best = "avx512" if {"avx512f", "avx512vl"} <= flags else "avx2"
-        assert native.isa() == os.environ.get(native.ISA_ENV, best)
+        assert cpu.isa() == os.environ.get(cpu.ISA_ENV, best)
     else:
-        assert not native.available() and native.unavailable_reason()
+        assert not cpu.available() and cpu.unavailable_reason()
 
 
 def test_native_instruction_set_choice():
     """The build follows the CPU's flags, and `RESNEXT_JAX_NATIVE_ISA` can only pick one the CPU runs."""
     avx512 = {"avx2", "fma", "avx512f", "avx512vl"}
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        assert native.select_isa({}, avx512)[0] is None
+        assert cpu.select_isa({}, avx512)[0] is None
         return
-    assert native.select_isa({}, avx512) == ("avx512", "the best this CPU has")
-    assert native.select_isa({}, {"avx2", "fma", "avx512f"})[0] == "avx2"  # AVX-512F without VL
-    assert native.select_isa({native.ISA_ENV: "avx2"}, avx512)[0] == "avx2"
-    isa, why = native.select_isa({}, {"avx", "sse4_2"})
+    assert cpu.select_isa({}, avx512) == ("avx512", "the best this CPU has")
+    assert cpu.select_isa({}, {"avx2", "fma", "avx512f"})[0] == "avx2"  # AVX-512F without VL
+    assert cpu.select_isa({cpu.ISA_ENV: "avx2"}, avx512)[0] == "avx2"
+    isa, why = cpu.select_isa({}, {"avx", "sse4_2"})
     assert isa is None and "avx2, fma not in /proc/cpuinfo" in why
-    isa, why = native.select_isa({native.ISA_ENV: "avx512"}, {"avx2", "fma"})
+    isa, why = cpu.select_isa({cpu.ISA_ENV: "avx512"}, {"avx2", "fma"})
     assert isa is None and "lacks avx512f, avx512vl" in why and "unset it" in why
-    isa, why = native.select_isa({native.ISA_ENV: "sse"}, avx512)
+    isa, why = cpu.select_isa({cpu.ISA_ENV: "sse"}, avx512)
     assert isa is None and "'sse' is not one of ['avx2', 'avx512']" in why
 
 
@@ -218,9 +219,9 @@ def test_native_instruction_set_choice():
 def test_native_avx2_build_on_an_avx512_cpu():
     """The default run tests the best build the CPU has; on an AVX-512 CPU, this runs the native kernel and
     epilogue tests again with the AVX2 build (AMD Zen and older Intel CPUs run that one)."""
-    if native.isa() != "avx512" or os.environ.get(native.ISA_ENV):
-        pytest.skip(f"the default run already tests the only build this CPU runs ({native.isa()})")
-    env = {**os.environ, native.ISA_ENV: "avx2"}
+    if cpu.isa() != "avx512" or os.environ.get(cpu.ISA_ENV):
+        pytest.skip(f"the default run already tests the only build this CPU runs ({cpu.isa()})")
+    env = {**os.environ, cpu.ISA_ENV: "avx2"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                              "tests/test_grouped_conv.py", "tests/test_batch_norm.py", "-k", "native"],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
@@ -230,15 +231,15 @@ def test_native_avx2_build_on_an_avx512_cpu():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", sorted(native.ISAS))
+@pytest.mark.parametrize("isa", sorted(cpu.ISAS))
 def test_every_instruction_set_build_compiles(isa, tmp_path, monkeypatch):
     """Both builds compile wherever there is a compiler, whatever this CPU runs: a CPU without AVX-512 runs
     only the AVX2 build, and a change that breaks the other (an AVX2-only helper named outside its `#if`)
     would otherwise first fail on a user's machine. Compiled, not loaded or run."""
-    if not native.compiler():
+    if not cpu.compiler():
         pytest.skip("no C++ compiler: test_native_builds_wherever_it_can checks the reason instead")
     monkeypatch.setenv("RESNEXT_JAX_CACHE", str(tmp_path))
-    path = native._build(native.compiler(), isa)
+    path = cpu.build._build(cpu.compiler(), isa)
     assert os.path.getsize(path) > 0 and f"-{isa}-" in os.path.basename(path)
 
 
@@ -299,29 +300,29 @@ def test_native_matches_float64_reference(case):
         with pytest.raises(ValueError, match="'native' is unavailable"):
             _run("native", x, w, ct, strides, padding, groups)
         return
-    assert native.supports(x.shape, w.shape, x.dtype, groups)
+    assert cpu.supports(x.shape, w.shape, x.dtype, groups)
     conv = jax.jit(lambda x, w: conv2d(x, w, strides=strides, padding=padding, groups=groups, impl="native"))
-    assert native.TARGET in conv.lower(jnp.asarray(x), jnp.asarray(w)).as_text()
+    assert cpu.TARGET in conv.lower(jnp.asarray(x), jnp.asarray(w)).as_text()
     y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, groups)
     y, dx, dw = _run("native", x, w, ct, strides, padding, groups)
     _assert_close(y, y_ref, 1e-5, "native output")
     _assert_close(dx, dx_ref, 1e-5, "native d/dx")
     _assert_close(dw, dw_ref, 1e-5, "native d/dw")
-    from resnext_jax.models.layers import conv2d_canonical_grad
+    from resnext_jax.ops.conv_grad import conv2d_canonical_grad
     canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, groups, "native")
     grads = jax.jit(lambda x, w, ct: jax.vjp(canonical, x, w)[1](ct))
     text = grads.lower(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct)).as_text()
-    assert native.TARGET in text
+    assert cpu.TARGET in text
     from resnext_jax.ops.grouped_conv import native_kernel_grad_by_taps
     by_taps = native_kernel_grad_by_taps(w.shape, strides, ct.shape[1:3])
-    assert (native.GRAD_TARGET in text) != by_taps
-    assert by_taps == (native.isa() == "avx2" and groups == 1 and (max(strides) > 1 or ct.shape[1] * ct.shape[2] <= 196))
+    assert (cpu.GRAD_TARGET in text) != by_taps
+    assert by_taps == (cpu.isa() == "avx2" and groups == 1 and (max(strides) > 1 or ct.shape[1] * ct.shape[2] <= 196))
     dx, dw = grads(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
     _assert_close(dx, dx_ref, 1e-5, "canonical native d/dx")
     _assert_close(dw, dw_ref, 1e-5, "canonical native d/dw")
 
 
-# (name, x shape NHWC, kernel (kh, kw), out channels, strides, padding) for `native.few_channel_conv`: the
+# (name, x shape NHWC, kernel (kh, kw), out channels, strides, padding) for `cpu.few_channel_conv`: the
 # ResNet and RegNet stems, 1 to 4 input channels, and output widths leaving each tail of a 6-pixel register
 # block (21, 17, 7, 4, 2 and 12 pixels: 3, 5, 1, 4, 2 and 0 left over).
 FEW_CHANNEL_CASES = [
@@ -344,10 +345,10 @@ def test_few_channel_conv_matches_float64_reference(case):
     y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, 1)
     forward = jax.jit(lambda x, w: conv2d(x, w, strides=strides, padding=padding, forward_only=True))
     text = forward.lower(jnp.asarray(x), jnp.asarray(w)).as_text()
-    assert (native.FEW_CHANNEL_CONV_TARGET in text) == (_native_prerequisites() and native.available())
-    assert native.supports_few_channels(x.shape, w.shape, x.dtype, 1)
+    assert (cpu.FEW_CHANNEL_CONV_TARGET in text) == (_native_prerequisites() and cpu.available())
+    assert cpu.supports_few_channels(x.shape, w.shape, x.dtype, 1)
     _assert_close(forward(jnp.asarray(x), jnp.asarray(w)), y_ref, 1e-5, "few-channel output")
-    from resnext_jax.models.layers import conv2d_canonical_grad
+    from resnext_jax.ops.conv_grad import conv2d_canonical_grad
     canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, 1, "auto")
     step = jax.jit(lambda x, w, ct: (lambda y, vjp: (y, *vjp(ct)))(*jax.vjp(canonical, x, w)))
     y, dx, dw = step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
@@ -357,39 +358,39 @@ def test_few_channel_conv_matches_float64_reference(case):
 
 
 def test_few_channel_conv_only_where_it_applies():
-    assert not native.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 64), jnp.bfloat16, 1)
-    assert not native.supports_few_channels((8, 56, 56, 8), (3, 3, 8, 64), jnp.float32, 1)  # 8 channels
-    assert not native.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 24), jnp.float32, 1)  # 24 outputs
-    assert not native.supports_few_channels((8, 224, 224, 4), (7, 7, 2, 64), jnp.float32, 2)  # grouped
+    assert not cpu.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 64), jnp.bfloat16, 1)
+    assert not cpu.supports_few_channels((8, 56, 56, 8), (3, 3, 8, 64), jnp.float32, 1)  # 8 channels
+    assert not cpu.supports_few_channels((8, 224, 224, 3), (7, 7, 3, 24), jnp.float32, 1)  # 24 outputs
+    assert not cpu.supports_few_channels((8, 224, 224, 4), (7, 7, 2, 64), jnp.float32, 2)  # grouped
     # Not without forward_only (it has no VJP of its own), nor for an explicit 'xla'.
     x, w = jnp.zeros((1, 16, 16, 3)), jnp.zeros((7, 7, 3, 64))
     for kwargs in ({}, {"impl": "xla", "forward_only": True}):
         text = jax.jit(lambda x, w: conv2d(x, w, strides=(2, 2), padding=((3, 3), (3, 3)), **kwargs)).lower(
             x, w).as_text()
-        assert native.FEW_CHANNEL_CONV_TARGET not in text
+        assert cpu.FEW_CHANNEL_CONV_TARGET not in text
 
 
 def test_auto_picks_native_where_it_runs():
-    supported = native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.float32, 32)
-    assert supported and not native.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.bfloat16, 32)
-    assert native.supports((8, 28, 28, 120), (3, 3, 24, 120), jnp.float32, 5)  # RegNet's 24-channel groups
-    assert not native.supports((8, 28, 28, 60), (3, 3, 12, 60), jnp.float32, 5)  # 12-channel groups
-    expected = "native" if native.available() else ("split" if jax.default_backend() == "cpu" else "xla")
+    supported = cpu.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.float32, 32)
+    assert supported and not cpu.supports((8, 56, 56, 128), (3, 3, 4, 128), jnp.bfloat16, 32)
+    assert cpu.supports((8, 28, 28, 120), (3, 3, 24, 120), jnp.float32, 5)  # RegNet's 24-channel groups
+    assert not cpu.supports((8, 28, 28, 60), (3, 3, 12, 60), jnp.float32, 5)  # 12-channel groups
+    expected = "native" if cpu.available() else ("split" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("auto", 32, (3, 3), channels=128, native_shape=True) == expected
     # Dense 3x3 convs too (ResNet's), but not 1x1 ones: those are single matmuls ('gemm').
-    assert native.supports((8, 56, 56, 64), (3, 3, 64, 64), jnp.float32, 1)
+    assert cpu.supports((8, 56, 56, 64), (3, 3, 64, 64), jnp.float32, 1)
     assert resolve_impl("auto", 1, (3, 3), channels=64, native_shape=True) == (
-        "native" if native.available() else "xla")
+        "native" if cpu.available() else "xla")
     assert resolve_impl("auto", 1, (1, 1), channels=64, native_shape=True) == (
         "gemm" if jax.default_backend() == "cpu" else "xla")
     # An explicit 'native' on a conv the kernel does not support is 'split' ('xla' when dense).
-    if native.available():
+    if cpu.available():
         assert resolve_impl("native", 5, (3, 3), channels=60, native_shape=False) == "split"
         assert resolve_impl("native", 1, (3, 3), channels=60, native_shape=False) == "xla"
 
 
 def test_native_unavailable_raises_with_the_reason(monkeypatch):
-    monkeypatch.setattr(native, "_load", lambda: (False, "no C++ compiler found: install g++ (or set CXX)"))
+    monkeypatch.setattr(cpu.build, "_load", lambda: (False, "no C++ compiler found: install g++ (or set CXX)"))
     with pytest.raises(ValueError, match="unavailable: no C\\+\\+ compiler found.*impl='auto'"):
         conv2d(jnp.zeros((1, 4, 4, 16)), jnp.zeros((3, 3, 4, 16)), groups=4, impl="native")
     # 'auto' still works, without it.

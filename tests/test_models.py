@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import resnext_jax
-from resnext_jax.models.layers import DropPath, drop_path_rates, stem_max_pool
+from resnext_jax.models import DropPath, drop_path_rates
+from resnext_jax.ops.pool import max_pool_3x3s2
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), num_filters=16, cardinality=4, bottleneck_width=8, num_classes=7)
 
@@ -196,7 +197,7 @@ def test_stem_max_pool_gradient_matches_torch(hw, channels):
     dy = rng.standard_normal((2, ho, wo, channels)).astype(np.float32)
     xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
     torch.nn.functional.max_pool2d(xt, 3, 2, 1).backward(torch.tensor(dy).permute(0, 3, 1, 2))
-    grad = jax.jit(lambda x, g: jax.vjp(lambda x: stem_max_pool(x, True), x)[1](g)[0])(x, dy)
+    grad = jax.jit(lambda x, g: jax.vjp(lambda x: max_pool_3x3s2(x, True, "cpu"), x)[1](g)[0])(x, dy)
     np.testing.assert_allclose(grad, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
 
 
@@ -217,5 +218,5 @@ def test_stem_max_pool_matches_torch_definition(train, hw):
     ho, wo = (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
     expected = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(wo)], 1)
                          for i in range(ho)], 1)
-    out = jax.jit(stem_max_pool, static_argnums=1)(jnp.asarray(x), train)
+    out = jax.jit(max_pool_3x3s2, static_argnums=(1, 2))(jnp.asarray(x), train, "cpu")
     np.testing.assert_array_equal(out, expected)

@@ -11,9 +11,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.ops import native
+from resnext_jax import cpu
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(not cpu.available(), reason=f"native kernels: {cpu.unavailable_reason()}")
 pytestmark = needs_native
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -78,11 +78,11 @@ def test_grouped_conv_forward_and_gradients_keep_nonfinite(x_shape, groups, wher
         y, dx, dw = reference_conv_and_grads(x, w, dy, strides, padding, groups)
     x, w, dy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
     if where != "output-gradient":
-        _assert_same(native.grouped_conv_forward(x, w, strides, padding), y)
+        _assert_same(cpu.grouped_conv_forward(x, w, strides, padding), y)
     if where != "input":
-        _assert_same(native.grouped_conv_input_grad(dy, w, x_shape[1:3], strides, padding), dx)
+        _assert_same(cpu.grouped_conv_input_grad(dy, w, x_shape[1:3], strides, padding), dx)
     if where != "kernel":
-        _assert_same(native.grouped_conv_kernel_grad(x, dy, w.shape, strides, padding), dw)
+        _assert_same(cpu.grouped_conv_kernel_grad(x, dy, w.shape, strides, padding), dw)
 
 
 @pytest.mark.parametrize("relu", [True, False])
@@ -94,7 +94,7 @@ def test_affine_add_relu_keeps_nonfinite(relu):
     mean[3] = np.nan  # NaN running statistics poison a whole channel
     scale[7] = np.inf
     args = [jnp.asarray(a) for a in (y, mean, scale, shift, residual)]
-    got = native.affine_add_relu(*args, relu=relu)
+    got = cpu.affine_add_relu(*args, relu=relu)
     out = (args[0] - args[1]) * args[2] + args[3] + args[4]
     _assert_same(got, jnp.maximum(out, 0.0) if relu else out)
 
@@ -107,7 +107,7 @@ def test_channel_sums_keep_nonfinite(masked):
     b[0, 0, 0, 5] = np.nan
     shift = rng.standard_normal(16).astype(np.float32)
     mask = rng.standard_normal(a.shape).astype(np.float32) if masked else None
-    got = native.channel_sums(jnp.asarray(a), jnp.asarray(b), jnp.asarray(shift),
+    got = cpu.channel_sums(jnp.asarray(a), jnp.asarray(b), jnp.asarray(shift),
                               None if mask is None else jnp.asarray(mask))
     a64 = np.where(mask > 0, a, 0.0) if masked else a.astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -129,7 +129,7 @@ def test_max_pool_gradient_reaches_nonfinite_inputs():
         return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                      ((0, 0), (1, 1), (1, 1), (0, 0)))
 
-    got = np.asarray(native.max_pool_grad(jnp.asarray(x), jnp.asarray(dy), (3, 3), (2, 2), (1, 1)))
+    got = np.asarray(cpu.max_pool_grad(jnp.asarray(x), jnp.asarray(dy), (3, 3), (2, 2), (1, 1)))
     assert np.isnan(np.asarray(pool(jnp.asarray(x)))[0, :, :, 5]).sum() == 4  # the NaN sits in 4 windows
     # Every window's gradient lands somewhere: per channel, the sums agree with dy's.
     np.testing.assert_allclose(got.sum(axis=(0, 1, 2)), dy.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
@@ -139,11 +139,11 @@ def test_max_pool_gradient_reaches_nonfinite_inputs():
     # Inf: the same gradient as XLA's.
     clean = np.where(np.isnan(x), 0.0, x).astype(np.float32)
     expected = jax.vjp(pool, jnp.asarray(clean))[1](jnp.asarray(dy))[0]
-    got_inf = native.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy), (3, 3), (2, 2), (1, 1))
+    got_inf = cpu.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy), (3, 3), (2, 2), (1, 1))
     np.testing.assert_allclose(got_inf[..., 2], expected[..., 2], rtol=1e-6)
     # NaN output gradients reach the inputs that won.
     dy_nan = _poison(dy, 9, values=(np.nan,))
-    _assert_same(native.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy_nan), (3, 3), (2, 2), (1, 1)),
+    _assert_same(cpu.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy_nan), (3, 3), (2, 2), (1, 1)),
                  jax.vjp(pool, jnp.asarray(clean))[1](jnp.asarray(dy_nan))[0])
 
 
@@ -154,11 +154,11 @@ def test_few_channel_conv_and_kernel_grad_keep_nonfinite():
     strides, padding = (2, 2), ((3, 3), (3, 3))
     expected = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), strides, padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
-    _assert_same(native.few_channel_conv(jnp.asarray(x), jnp.asarray(w), strides, padding), expected)
+    _assert_same(cpu.few_channel_conv(jnp.asarray(x), jnp.asarray(w), strides, padding), expected)
 
     xs = _poison(rng.standard_normal((2, 8, 8, 12)).astype(np.float32), 12)
     dy = rng.standard_normal((2, 6, 6, 32)).astype(np.float32)
-    got = native.few_channel_kernel_grad(jnp.asarray(xs), jnp.asarray(dy), (3, 3))
+    got = cpu.few_channel_kernel_grad(jnp.asarray(xs), jnp.asarray(dy), (3, 3))
     windows = np.stack([np.stack([xs[:, p:p + 6, q:q + 6] for q in range(3)]) for p in range(3)])
     with np.errstate(invalid="ignore"):
         expected = np.einsum("pqnyxi,nyxo->pqio", windows.astype(np.float64), dy.astype(np.float64))
@@ -181,8 +181,8 @@ def test_matmul_affine_keeps_nonfinite(prologue_relu, with_residual):
         residual[6, 3], residual[7, 4] = np.nan, -np.inf
     args = dict(residual=None if residual is None else jnp.asarray(residual), relu=True,
                 prologue=(jnp.asarray(a_scale), jnp.asarray(a_shift)), prologue_relu=prologue_relu)
-    got = native.matmul_affine(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale), jnp.asarray(shift), **args)
-    expected = native._matmul_affine_reference(True, with_residual, True, prologue_relu, jnp.asarray(a),
+    got = cpu.matmul_affine(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale), jnp.asarray(shift), **args)
+    expected = cpu.kernels._matmul_affine_reference(True, with_residual, True, prologue_relu, jnp.asarray(a),
                                                jnp.asarray(b), jnp.asarray(scale), jnp.asarray(shift),
                                                args["residual"], jnp.asarray(a_scale), jnp.asarray(a_shift))
     _assert_same(got, expected)
@@ -208,7 +208,7 @@ def test_models_return_nan_logits_for_a_nan_pixel_or_nan_statistics(name, kwargs
     """One NaN pixel makes that image's logits NaN and leaves the others; NaN running statistics make every
     logit NaN; an Inf pixel gives what XLA gives. At inference, on every native path."""
     if force_matmul:
-        monkeypatch.setattr(native, "MATMUL_ISAS", (native.isa(),))
+        monkeypatch.setattr(cpu.kernels, "MATMUL_ISAS", (cpu.isa(),))
     fast, plain = _model_pair(name, kwargs)
     images = np.array(jax.random.normal(jax.random.key(1), (3, 40, 40, 3)))
     variables = jax.jit(lambda: plain.init(jax.random.key(0), jnp.asarray(images), train=False))()

@@ -13,7 +13,7 @@ import torch
 
 import resnext_jax
 from resnext_jax.convert import from_torchvision, to_torchvision
-from resnext_jax.models.layers import DropPath, stack_blocks, unstack_blocks
+from resnext_jax.models import DropPath, stack_blocks, unstack_blocks
 from torch_reference import randomized_torchvision, torch_logits
 
 # Tiny models that still have stages of 1, 2 and 3 blocks, grouped convs, projections and SE.
@@ -147,7 +147,7 @@ def test_torchvision_parity_with_scanned_blocks(name):
     (11, 3, 3, 2, 8), (13, 5, 3, 4, 16), (28, 3, 1, 2, 32), (57, 3, 2, 2, 32), (6, 3, 2, 16, 256),
     (57, 7, 2, 1, 3), (85, 5, 3, 1, 4), (60, 4, 2, 1, 2)])
 def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups, channels):
-    from resnext_jax.models.layers import conv2d_canonical_grad
+    from resnext_jax.ops.conv_grad import conv2d_canonical_grad
     from resnext_jax.ops import conv2d
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
@@ -180,7 +180,7 @@ def _kernel_grad_float64(x, dy, kernel, stride, pad):
     (58, 7, 2, 3, 64), (57, 7, 2, 3, 64), (33, 3, 2, 3, 32), (30, 5, 2, 5, 32), (31, 5, 3, 3, 32),
     (200, 7, 2, 5, 256)])
 def test_space_to_depth_kernel_grad_matches_float64(size, kernel, stride, channels, out):
-    from resnext_jax.models.layers import _kernel_grad_space_to_depth
+    from resnext_jax.ops.conv_grad import _kernel_grad_space_to_depth
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
     pad = (kernel - 1) // 2

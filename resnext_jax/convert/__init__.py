@@ -28,7 +28,7 @@ from resnext_jax.convert.names import (
 )
 from resnext_jax.convert.sources import (CheckpointNotFoundError, ConversionError, WeightsDownloadError,  # noqa: F401
                                          load_torch_state_dict)
-from resnext_jax.models.layers import stack_blocks, unstack_blocks
+from resnext_jax.models.layout import stack_blocks, unstack_blocks
 from resnext_jax.models.registry import create_model, list_models, model_info
 
 __all__ = [

@@ -77,15 +77,15 @@ def model_section(loaded: LoadedModel) -> dict:
 
 def provenance() -> dict:
     """Package versions, Python, platform, devices, the git commit, and the native CPU kernels' state."""
-    from resnext_jax.ops import native
+    from resnext_jax import cpu
 
     from resnext_jax.training.workdir import package_versions
 
     versions = package_versions()
     backend = jax.default_backend()
     if backend == "cpu":
-        kernels = {"available": native.available(), "isa": native.isa(),
-                   "unavailable_reason": native.unavailable_reason()}
+        kernels = {"available": cpu.available(), "isa": cpu.isa(),
+                   "unavailable_reason": cpu.unavailable_reason()}
     else:  # never build the C++ kernels just to say that a GPU or TPU does not use them
         kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}"}
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),

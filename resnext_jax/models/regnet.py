@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from resnext_jax.models.checks import check_images
-from resnext_jax.models.layers import (DropPath, SqueezeExcite, classifier_head, drop_path_rates, materialize,
-                                       run_stage, stem_and_block_factories)
-
-ModuleDef = Any
+from resnext_jax.models.layers import SqueezeExcite
+from resnext_jax.models.network import Network, ResidualBlock, residual_tail
 
 
 def _make_divisible(value: float, divisor: int) -> int:
@@ -53,47 +49,31 @@ def regnet_widths(depth: int, w_0: float, w_a: float, w_m: float, group_width: i
     return stage_widths, stage_depths, group_widths
 
 
-class RegNetBlock(nn.Module):
+def regnet_bottleneck_width(width_out: int, bottleneck_multiplier: float) -> int:
+    """Channels of a RegNet block's grouped 3x3 conv: `round(width_out * bottleneck_multiplier)`."""
+    return int(round(width_out * bottleneck_multiplier))
+
+
+class RegNetBlock(ResidualBlock):
     """torchvision's ResBottleneckBlock: 1x1 `a` -> grouped 3x3 `b` (stride) -> optional SE -> 1x1 `c`."""
     width_out: int
     group_width: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: Any
-    strides: int = 1
     bottleneck_multiplier: float = 1.0
-    se_ratio: float = 0.0
-    drop_path_rate: float = 0.0
-    zero_init_last: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
-        """`drop_path_rate`, when given, overrides the field (a traced per-block rate under `scan_blocks`)."""
-        width_in = x.shape[-1]
-        width_b = int(round(self.width_out * self.bottleneck_multiplier))
-        groups = width_b // self.group_width
-        y = self.norm(name="a_bn")(self.conv(width_b, (1, 1), name="a_conv")(x, defer=True), act=self.act)
-        y = self.conv(width_b, (3, 3), (self.strides, self.strides), groups=groups, name="b_conv")(y)
-        y = self.norm(name="b_bn")(y, act=self.act, defer=not self.se_ratio)
+    def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
+        width_b = regnet_bottleneck_width(self.width_out, self.bottleneck_multiplier)
+        y = self.unit(x, width_b, (1, 1), names=("a_conv", "a_bn"))
+        y = self.unit(y, width_b, (3, 3), self.strides, width_b // self.group_width, names=("b_conv", "b_bn"),
+                      fuse_next=not self.se_ratio)
         if self.se_ratio:
             # torchvision squeezes relative to the block's *input* width.
-            y = SqueezeExcite(int(round(self.se_ratio * width_in)), conv=self.conv, act=self.act, name="se")(y)
-        y = self.conv(self.width_out, (1, 1), name="c_conv")(y, defer=True)
-        scale_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        residual = x
-        if width_in != self.width_out or self.strides != 1:
-            residual = self.conv(self.width_out, (1, 1), (self.strides, self.strides), name="proj_conv")(x, defer=True)
-            residual = self.norm(name="proj_bn")(residual, defer=True)
-        norm = self.norm(name="c_bn", scale_init=scale_init)
-        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-        if not train or isinstance(rate, (int, float)) and rate == 0.0:
-            # No stochastic depth: the add and the activation go into the norm (fused with it in training).
-            return norm(y, residual=residual, act=self.act)
-        y = DropPath(rate, name="drop_path")(norm(y), deterministic=not train)
-        return self.act(materialize(residual) + y)
+            y = SqueezeExcite(int(round(self.se_ratio * x.shape[-1])), conv=self.conv, act=self.act, name="se")(y)
+        return residual_tail(self, x, y, self.width_out, (1, 1), names=("c_conv", "c_bn"),
+                             shortcut_names=("proj_conv", "proj_bn"), drop_path_rate=drop_path_rate)
 
 
-class RegNet(nn.Module):
+class RegNet(Network):
     """RegNetX (no SE) and RegNetY (SE 0.25) from the design-space parameters (NHWC float input).
 
     Same call convention and options as `ResNet`: float32 logits, or a feature dict with
@@ -103,8 +83,7 @@ class RegNet(nn.Module):
       depth, w_0, w_a, w_m, group_width, bottleneck_multiplier: the design-space parameters.
       se_ratio: 0 for RegNetX, 0.25 for RegNetY.
       stem_width: stem output channels (32 in torchvision).
-      scan_blocks: as in `ResNet`; the stacked blocks live under `block{s}_rest`.
-      Other fields: as in `ResNet`.
+      Shared fields: see `Network`; with `scan_blocks` the stacked blocks live under `block{s}_rest`.
     """
     depth: int
     w_0: float
@@ -112,50 +91,32 @@ class RegNet(nn.Module):
     w_m: float
     group_width: int
     bottleneck_multiplier: float = 1.0
-    se_ratio: float = 0.0
     stem_width: int = 32
-    num_classes: int = 1000
-    dtype: Any = jnp.float32
-    norm: str = "batch"
-    norm_groups: int = 32
-    bn_axis_name: str | None = None
-    activation: str = "relu"
-    zero_init_last: bool = False
-    drop_path_rate: float = 0.0
-    dropout_rate: float = 0.0
-    small_stem: bool = False
-    conv_impl: str = "auto"
-    scan_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         check_images(self, x, train, stem="stem_conv")
-        conv, norm, act = stem_and_block_factories(self, train)
+        layers = self.layers(train)
         x = x.astype(self.dtype)
-        stem_stride = 1 if self.small_stem else 2
-        x = conv(self.stem_width, (3, 3), (stem_stride, stem_stride), name="stem_conv")(x)
-        x = norm(name="stem_bn")(x, act=act)
-        widths, depths, group_widths = regnet_widths(self.depth, self.w_0, self.w_a, self.w_m, self.group_width,
-                                                     self.bottleneck_multiplier)
-        rates = iter(drop_path_rates(self.drop_path_rate, sum(depths)))
-        features = {}
-        for stage, (width, num_blocks, group_width) in enumerate(zip(widths, depths, group_widths)):
-            block = functools.partial(RegNetBlock, width_out=width, group_width=group_width, conv=conv, norm=norm,
-                                      act=act, bottleneck_multiplier=self.bottleneck_multiplier,
-                                      se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
-            x = run_stage(block, x, [next(rates) for _ in range(num_blocks)], train, f"block{stage + 1}",
-                          self.scan_blocks, first_stride=2)
-            features[f"stage{stage + 1}"] = x
+        x = layers.unit(x, self.stem_width, (3, 3), 1 if self.small_stem else 2, names=("stem_conv", "stem_bn"))
+        block = functools.partial(RegNetBlock, conv=layers.conv, norm=layers.norm, act=layers.act,
+                                  drop_path=layers.drop_path, bottleneck_multiplier=self.bottleneck_multiplier,
+                                  se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
+        stages = [(functools.partial(block, width_out=width, group_width=group_width), num_blocks, 2)
+                  for width, num_blocks, group_width in zip(*self.widths())]
+        features = self.run_stages(x, stages, "block")
         # torchvision initializes the RegNet head with normal(0, 0.01) and zero bias.
-        return classifier_head(self, features, train, return_features, kernel_init=nn.initializers.normal(0.01))
+        return self.head(features, train, return_features, kernel_init=nn.initializers.normal(0.01))
+
+    def widths(self) -> tuple[list[int], list[int], list[int]]:
+        """`(stage_widths, stage_depths, group_widths)` of this design point (`regnet_widths`)."""
+        return regnet_widths(self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier)
 
     def stage_specs(self) -> list[dict]:
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""
-        widths, depths, group_widths = regnet_widths(self.depth, self.w_0, self.w_a, self.w_m, self.group_width,
-                                                     self.bottleneck_multiplier)
         specs = []
-        for stage, (width, num_blocks, group_width) in enumerate(zip(widths, depths, group_widths)):
-            width_b = int(round(width * self.bottleneck_multiplier))
+        for stage, (width, num_blocks, group_width) in enumerate(zip(*self.widths())):
+            width_b = regnet_bottleneck_width(width, self.bottleneck_multiplier)
             specs.append(dict(name=f"block{stage + 1}", blocks=num_blocks, groups=width_b // group_width,
                               bottleneck_width=width_b, out_channels=width))
         return specs

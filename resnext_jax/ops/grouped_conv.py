@@ -25,7 +25,7 @@ hence the choice. Implementations:
   on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
   group with channels a multiple of 16, or any multiple of 8 channels per group (dense convs included);
   other convs run as `split`. Forward-only dense convs with at most 4 input channels (the stems) run by
-  `native.few_channel_conv` under `auto` or `native` (see `resolve_impl`).
+  `cpu.few_channel_conv` under `auto` or `native` (see `resolve_impl`).
 - `auto`: the measured fastest for the backend and the shape (see `resolve_impl`).
 
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnext_jax.ops import native
+from resnext_jax import cpu
 
 CONV_IMPLS = ("auto", "xla", "split", "blockdiag", "chunked", "gemm", "native")
 
@@ -122,7 +122,7 @@ def _gemm(x, kernel, strides, padding, groups, precision):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _native(x, kernel, strides, padding, groups, precision):
     """The native kernel's forward; its VJP is the native input and kernel gradients."""
-    return native.grouped_conv_forward(x, kernel, strides, padding)
+    return cpu.grouped_conv_forward(x, kernel, strides, padding)
 
 
 def _native_fwd(x, kernel, strides, padding, groups, precision):
@@ -156,7 +156,7 @@ def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
     for the best pure-XLA backward, which took these taps at 28x28 and above); not re-measured shape by shape.
     """
     kh, kw, cin_g, out = kernel_shape
-    return (native.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)
+    return (cpu.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)
             and (max(strides) > 1 or dy_hw[0] * dy_hw[1] <= 14 * 14))
 
 
@@ -164,10 +164,10 @@ def native_vjp(strides, padding, residuals, dy):
     """(dx, dkernel) of the native grouped conv: by the native kernels, or the kernel gradient by matmuls
     where `native_kernel_grad_by_taps` says so."""
     x, kernel = residuals
-    dx = native.grouped_conv_input_grad(dy, kernel, x.shape[1:3], strides, padding)
+    dx = cpu.grouped_conv_input_grad(dy, kernel, x.shape[1:3], strides, padding)
     if native_kernel_grad_by_taps(kernel.shape, strides, dy.shape[1:3]):
         return dx, kernel_grad_by_taps(x, dy, kernel.shape[:2], strides, padding).astype(kernel.dtype)
-    return dx, native.grouped_conv_kernel_grad(x, dy, kernel.shape, strides, padding)
+    return dx, cpu.grouped_conv_kernel_grad(x, dy, kernel.shape, strides, padding)
 
 
 def _native_bwd(strides, padding, groups, precision, residuals, dy):
@@ -187,18 +187,19 @@ _IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _
 
 
 def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), channels: int | None = None,
-                 forward_only: bool = False, native_shape: bool = False) -> str:
-    """Maps 'auto' to a concrete implementation for the current default backend and the conv's shape.
+                 forward_only: bool = False, native_shape: bool = False, platform: str | None = None) -> str:
+    """Maps 'auto' to a concrete implementation for `platform` (default: JAX's default backend) and the conv's
+    shape.
 
     CPU (docs/benchmarks.md has the measurements):
     - grouped, or dense and not 1x1, where the native kernels support the conv (`native_shape`: see
-      `native.supports`) and could be built here (`native.available()`): 'native'. At batch 8 the input
+      `cpu.supports`) and could be built here (`cpu.available()`): 'native'. At batch 8 the input
       and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms against 253 for the best pure-XLA
       backward, and ResNet-50's 16 dense 3x3 convs, forward and both gradients, 321 against 508 ms
       (docs/benchmarks.md);
     - grouped: 'split', the fastest forward+backward on every ResNeXt-50 grouped shape; but when only
       the forward runs through this op (`forward_only`: a custom VJP such as
-      `models.layers.conv2d_canonical_grad` computes the backward, or there is none) and groups are
+      `ops.conv_grad.conv2d_canonical_grad` computes the backward, or there is none) and groups are
       at most `_NARROW_GROUP` channels wide, 'chunked' with `_GROUPS_PER_CHUNK` groups per chunk:
       3.6x faster forward on ResNeXt-50's 56x56x128 stage (9 vs 32 ms at batch 8), as fast on its
       8-channel 28x28 stage with 4x fewer ops (ResNeXt-50 train compile 20.2 -> 19.5 s), while its
@@ -207,8 +208,8 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     - dense 1x1: 'gemm', a single matmul, 4-8x faster than XLA:CPU's convolution forward+backward;
     - other dense kernels the native kernels do not take: 'xla' (im2col's 9x copy costs what the
       matmul saves); but `conv2d(forward_only=True)` runs a dense conv with at most
-      `native.FEW_CHANNELS` input channels and a multiple of 16 outputs (the stems) by
-      `native.few_channel_conv` where the kernels run: ResNet's 7x7/2 stem at batch 8 in 10.3 instead
+      `cpu.FEW_CHANNELS` input channels and a multiple of 16 outputs (the stems) by
+      `cpu.few_channel_conv` where the kernels run: ResNet's 7x7/2 stem at batch 8 in 10.3 instead
       of 21.7 ms on the AVX2 CPU (docs/benchmarks.md).
     GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op. On an H100 (bf16, batch 128,
     docs/benchmarks.md) it is the fastest or tied on every ResNeXt-50 grouped forward and on 5 of 7
@@ -223,11 +224,11 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl {impl!r} is not one of {CONV_IMPLS}")
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = (platform or jax.default_backend()) == "cpu"
     if impl == "auto":
         if not on_cpu:
             return "xla"
-        if native_shape and (groups > 1 or tuple(kernel_hw) != (1, 1)) and native.available():
+        if native_shape and (groups > 1 or tuple(kernel_hw) != (1, 1)) and cpu.available():
             return "native"
         if groups > 1:
             narrow = channels is not None and channels // groups <= _NARROW_GROUP
@@ -236,9 +237,9 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
     if groups == 1 and impl not in ("gemm", "native"):
         return "xla"
     if impl == "native":
-        if not on_cpu or not native.available():
+        if not on_cpu or not cpu.available():
             raise ValueError(f"conv impl 'native' is unavailable: "
-                             f"{'it is a CPU kernel' if not on_cpu else native.unavailable_reason()}; "
+                             f"{'it is a CPU kernel' if not on_cpu else cpu.unavailable_reason()}; "
                              f"use impl='auto', which picks the fastest available implementation")
         if not native_shape:
             return "split" if groups > 1 else "xla"
@@ -247,7 +248,7 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
            padding: Padding = ((0, 0), (0, 0)), groups: int = 1, impl: str = "auto",
-           precision=None, forward_only: bool = False) -> jax.Array:
+           precision=None, forward_only: bool = False, platform: str | None = None) -> jax.Array:
     """Convolves NHWC `x` with an HWIO `kernel` of shape (kh, kw, C // groups, O).
 
     Args:
@@ -260,6 +261,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
       precision: passed to the underlying `lax` conv or dot.
       forward_only: the caller computes the backward pass itself (or needs none); lets `auto` pick the
         fastest forward even where its autodiff backward would be slow (see `resolve_impl`).
+      platform: the backend it runs on ('cpu', 'gpu', 'tpu'); default: JAX's default backend.
     Returns:
       `(N, H', W', O)`.
     """
@@ -270,13 +272,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
             f"conv with groups={groups}: input has {channels} channels and kernel shape "
             f"{tuple(kernel.shape)}; need groups >= 1 dividing both, and kernel "
             f"(kh, kw, {channels // groups if groups >= 1 else '?'}, O) with O % groups == 0")
-    requested = impl
+    requested, platform = impl, platform or jax.default_backend()
     impl = resolve_impl(impl, groups, kernel.shape[:2], channels, forward_only,
-                        native.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype)
+                        cpu.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype, platform)
     if (impl == "xla" and requested in ("auto", "native") and forward_only and kernel.dtype == x.dtype
-            and native.supports_few_channels(x.shape, kernel.shape, x.dtype, groups) and native.runs_on(x)):
+            and cpu.supports_few_channels(x.shape, kernel.shape, x.dtype, groups) and cpu.runs_on(platform, x)):
         # The stems' 3-channel conv by the native kernel (no VJP of its own: forward_only callers have theirs).
-        return native.few_channel_conv(x, kernel, tuple(strides), tuple(map(tuple, padding)))
+        return cpu.few_channel_conv(x, kernel, tuple(strides), tuple(map(tuple, padding)))
     fn = _IMPL_FNS[impl]
     if impl == "chunked" and requested == "auto":
         fn = functools.partial(_chunked, chunks=max(1, groups // _GROUPS_PER_CHUNK))

@@ -1,213 +1,44 @@
-"""Native CPU kernels for grouped (and dense 3x3) convolutions, built on first use, called through `jax.ffi`.
+"""The native CPU kernels' entry points: each an XLA FFI call with the shape and dtype conditions it needs.
 
-XLA:CPU has no fast grouped convolution: every formulation from its primitives either wastes FLOPs on
-zeros (block-diagonal chunks) or runs many tiny dense convs, and its convolution backward runs far below
-its matmul speed (docs/benchmarks.md). The C++ kernels in `native/grouped_conv.cc` compute a grouped conv's
-forward pass, input gradient and kernel gradient with AVX-512 or AVX2 FMAs, no FLOPs on zeros, on XLA's own
-intra-op threads: at batch 8, the input and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms
-against 253 ms for the best pure-XLA implementation, and ResNet-50's dense 3x3 convs, forward and both
-gradients, 321 against 508 ms (docs/benchmarks.md).
+XLA:CPU has no fast grouped convolution, and runs a few memory-bound passes of a ResNet's step far below the
+memory's speed; these kernels do that work instead (docs/benchmarks.md has the measurements):
 
-Beside the convolutions, `native/` holds four passes that XLA:CPU runs slowly: the residual block
-epilogue (`affine_add_relu`), batch norm's training sums (`channel_sums`), the stem max pool's gradient
-(`max_pool_grad`) and the stem's kernel gradient after space-to-depth (`few_channel_kernel_grad`), and
-one more convolution: the stems' 3-channel forward (`few_channel_conv`), and a matmul with its batch norm,
-shortcut and ReLU as the epilogue for inference's 1x1 convs (`matmul_affine`).
+- `grouped_conv_forward`, `grouped_conv_input_grad`, `grouped_conv_kernel_grad`: a grouped (or dense 3x3)
+  conv's forward and both gradients with AVX-512 or AVX2 FMAs, no FLOPs spent on zeros;
+- `few_channel_conv`, `few_channel_kernel_grad`: the stems' 3-channel conv forward and kernel gradient;
+- `affine_add_relu`: a residual block's batch norm, shortcut add and ReLU in one pass;
+- `matmul_affine`: a 1x1 conv with its batch norm (and shortcut and ReLU) as the matmul's epilogue;
+- `channel_sums`: batch norm's per-channel training sums;
+- `max_pool_grad`: the stem max pool's gradient.
 
-The kernels are compiled once per source, compiler and jaxlib version with the system's C++ compiler
-(`$CXX`, else `g++`, `c++` or `clang++`) into `$RESNEXT_JAX_CACHE` (default `~/.cache/resnext_jax`), then
-loaded and registered as XLA FFI targets. They need an x86-64 CPU with AVX2 and FMA; with AVX-512F and
-AVX-512VL they are built for AVX-512 (16-lane vectors, 32 registers). `RESNEXT_JAX_NATIVE_ISA=avx2` builds
-the AVX2 variant on an AVX-512 CPU (to test it there), and `RESNEXT_JAX_NATIVE=0` turns them off. When
-they are unavailable, `conv2d(impl='auto')` uses the pure-XLA implementations and `unavailable_reason()`
-says why; `isa()` says which build runs.
+Callers (`resnext_jax.ops`) ask `resnext_jax.cpu.eligible` first; every kernel here has a pure-XLA equivalent
+there. Each call records its kernel in `USED` at trace time, for the reports.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
-# Compiled together into one library; the headers are part of the build key.
-SOURCES = tuple(os.path.join(NATIVE_DIR, name)
-                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
-                             "few_channel_conv.cc", "matmul.cc"))
-HEADERS = tuple(os.path.join(NATIVE_DIR, name) for name in ("parallel.h", "tail.h"))
-TARGET = "resnext_jax_grouped_conv_forward"
-GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
-EPILOGUE_TARGET = "resnext_jax_affine_add_relu"
-SUMS_TARGET = "resnext_jax_channel_sums"
-POOL_GRAD_TARGET = "resnext_jax_max_pool_grad"
-FEW_CHANNEL_GRAD_TARGET = "resnext_jax_few_channel_kernel_grad"
-FEW_CHANNEL_CONV_TARGET = "resnext_jax_few_channel_conv"
-MATMUL_TARGET = "resnext_jax_matmul_affine"
-# FFI target -> symbol in the built library.
-SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
-           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
-           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad",
-           FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv", MATMUL_TARGET: "ResnextJaxMatmulAffine"}
-OPT_OUT = "RESNEXT_JAX_NATIVE"
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
-# Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
-# (`__AVX512F__` selects); the best the CPU has is built, or the one `RESNEXT_JAX_NATIVE_ISA` names.
-ISAS = {"avx512": ({"avx512f", "avx512vl", "fma"}, ("-mavx512f", "-mavx512vl", "-mfma")),
-        "avx2": ({"avx2", "fma"}, ("-mavx2", "-mfma"))}
-ISA_ENV = "RESNEXT_JAX_NATIVE_ISA"
+from resnext_jax.cpu.build import (EPILOGUE_TARGET, FEW_CHANNEL_CONV_TARGET, FEW_CHANNEL_GRAD_TARGET, GRAD_TARGET,
+                                   MATMUL_TARGET, POOL_GRAD_TARGET, SUMS_TARGET, TARGET, isa)
+from resnext_jax.cpu.build import _target as _registered
 
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def runnable_isas(flags: set[str] | None = None) -> list[str]:
-    """The instruction sets of `ISAS` this CPU runs, best first (x86-64 only)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    flags = cpu_flags() if flags is None else flags
-    return [isa for isa, (needs, _) in ISAS.items() if needs <= flags]
-
-
-def select_isa(environ=os.environ, flags: set[str] | None = None) -> tuple[str | None, str]:
-    """(instruction set to build, or None; why): the best this CPU runs, or `$RESNEXT_JAX_NATIVE_ISA`."""
-    flags = cpu_flags() if flags is None else flags
-    runnable = runnable_isas(flags)
-    wanted = environ.get(ISA_ENV, "")
-    if wanted:
-        if wanted not in ISAS:
-            return None, f"{ISA_ENV}={wanted!r} is not one of {sorted(ISAS)}"
-        if wanted not in runnable:
-            missing = ", ".join(sorted(ISAS[wanted][0] - flags))
-            return None, f"{ISA_ENV}={wanted}, but this CPU lacks {missing}; unset it to build the best it has"
-        return wanted, f"{ISA_ENV}={wanted}"
-    if not runnable:
-        missing = ", ".join(sorted(ISAS["avx2"][0] - flags))
-        return None, f"it needs a CPU with AVX2 and FMA ({missing} not in /proc/cpuinfo's flags)"
-    return runnable[0], "the best this CPU has"
-
-
-def compiler() -> str | None:
-    """The C++ compiler to build with: `$CXX`, else the first of g++, c++, clang++ on PATH."""
-    if os.environ.get("CXX"):
-        return shutil.which(os.environ["CXX"]) or os.environ["CXX"]
-    return next((path for name in ("g++", "c++", "clang++") if (path := shutil.which(name))), None)
-
-
-def cache_dir() -> str:
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "resnext_jax")
-    return os.environ.get("RESNEXT_JAX_CACHE", default)
-
-
-def _build(cxx: str, isa: str) -> str:
-    """Compiles the kernels for `isa` unless a build of this source, compiler, instruction set and jaxlib
-    exists; returns the .so path."""
-    import jaxlib
-
-    source = b""
-    for path in SOURCES + HEADERS:
-        with open(path, "rb") as f:
-            source += f.read()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    flags = FLAGS + ISAS[isa][1]
-    key = hashlib.sha256(source + repr((version, flags, jaxlib.__version__)).encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), f"grouped_conv-{isa}-{key}.so")
-    if os.path.exists(target):
-        return target
-    os.makedirs(cache_dir(), exist_ok=True)
-    # Build beside the target and rename: concurrent processes never load a half-written library.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=cache_dir())
-    os.close(fd)
-    command = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *SOURCES, "-o", partial]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        os.unlink(partial)
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
-    os.replace(partial, target)
-    return target
-
-
-# FFI target -> the name it is registered under in this process (filled by `_load`).
-_REGISTERED: dict[str, str] = {}
-
-
-@functools.cache
-def _load() -> tuple[bool, str]:
-    """(available, reason): builds and registers the kernel once per process."""
-    if os.environ.get(OPT_OUT, "1") == "0":
-        return False, f"{OPT_OUT}=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, f"it needs an x86-64 CPU (this is {platform.machine()})"
-    chosen, why = select_isa()
-    if chosen is None:
-        return False, why
-    cxx = compiler()
-    if cxx is None:
-        return False, "no C++ compiler found: install g++ (or set CXX) to build it"
-    try:
-        path = _build(cxx, chosen)
-        library = ctypes.cdll.LoadLibrary(path)
-        # Registered under names unique to the build, so that two versions of this package can run in one
-        # process (benchmarks/ab.py) without one calling the other's kernels.
-        build = os.path.basename(path)[:-len(".so")].rsplit("-", 1)[-1]
-        for target, symbol in SYMBOLS.items():
-            _REGISTERED[target] = f"{target}_{build}"
-            jax.ffi.register_ffi_target(_REGISTERED[target], jax.ffi.pycapsule(getattr(library, symbol)),
-                                        platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as e:
-        return False, f"building or loading it failed: {e}"
-    _ISA[0] = chosen
-    return True, "built"
-
-
-_ISA: list[str | None] = [None]
-
-
-def isa() -> str | None:
-    """The instruction set the loaded kernels were built for ('avx512' or 'avx2'), None where unavailable."""
-    return _ISA[0] if available() else None
+# Kernels traced into a computation in this process (kernel name, as in this module's functions).
+USED: set[str] = set()
+_NAMES = {TARGET: "grouped_conv_forward", GRAD_TARGET: "grouped_conv_kernel_grad",
+          EPILOGUE_TARGET: "affine_add_relu", SUMS_TARGET: "channel_sums", POOL_GRAD_TARGET: "max_pool_grad",
+          FEW_CHANNEL_GRAD_TARGET: "few_channel_kernel_grad", FEW_CHANNEL_CONV_TARGET: "few_channel_conv",
+          MATMUL_TARGET: "matmul_affine"}
 
 
 def _target(name: str) -> str:
-    """The registered name of FFI target `name`, building the kernels first if need be."""
-    if not available():
-        raise RuntimeError(f"the native grouped-conv kernels are unavailable: {unavailable_reason()}")
-    return _REGISTERED[name]
+    USED.add(_NAMES[name])
+    return _registered(name)
 
 
-def available() -> bool:
-    """Whether the native kernels can run here (builds them on the first call)."""
-    return _load()[0]
-
-
-def runs_on(*arrays: jax.Array) -> bool:
-    """Whether the kernels can take these arrays here: all float32, the default backend a CPU, the kernels
-    built (the callers' shape conditions are their own)."""
-    return (all(a.dtype == jnp.float32 for a in arrays) and jax.default_backend() == "cpu" and available())
-
-
-def unavailable_reason() -> str | None:
-    ok, reason = _load()
-    return None if ok else reason
-
-
-# Groups narrower than 8 channels the kernels are compiled for (`KernelsFor` in native/grouped_conv.cc), with
 # channels a multiple of 16; wider groups need a multiple of 8 channels.
 NARROW_GROUP_WIDTHS = (1, 2, 4)
 
@@ -277,7 +108,7 @@ def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.
     float32, channels last; the vectors have one entry per channel. A residual block's inference epilogue:
     its last batch norm with running statistics (`scale = gamma / sqrt(var + eps)`), the shortcut (or its
     batch norm), the add and the ReLU, in one pass whose result XLA reads but does not recompute
-    (docs/benchmarks.md, eighth session). Differentiable: the backward pass is the autodiff of the same
+    (docs/benchmarks.md). Differentiable: the backward pass is the autodiff of the same
     formula in JAX (for gradients through an inference-mode model, e.g. saliency maps).
     """
     if residual_affine is None:
@@ -292,7 +123,7 @@ def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array |
     `a'` is `a`, or `where(mask > 0, a, 0)`. float32, channels last; `b` (and `mask`) of `a`'s shape, `shift`
     one entry per channel. No VJP: training-mode batch norm's statistics, `(x, x, 0)` for sum x and sum x^2,
     and its backward's, `(dy, x, mean, mask=y)` for sum dz and sum dz (x - mean) (one pass where XLA:CPU's
-    reductions ran at 6-15 GB/s; docs/benchmarks.md, tenth session). The sums are in float32 over runs of
+    reductions ran at 6-15 GB/s; docs/benchmarks.md). The sums are in float32 over runs of
     rows and in float64 across them, in an order fixed by the shape.
     """
     channels = a.shape[-1]
@@ -305,8 +136,8 @@ def few_channel_kernel_grad(xs: jax.Array, dy: jax.Array, taps) -> jax.Array:
     """`dw[p, q, i, o] = sum_{n,y,x} xs[n, y + p, x + q, i] dy[n, y, x, o]` by the native kernel: the kernel
     gradient `(th, tw, C, O)` of a stride-1 unpadded dense conv with `taps = (th, tw)`, for `xs`
     `(N, H, W, C)` and `dy` `(N, H - th + 1, W - tw + 1, O)`, float32, O a multiple of 32. Meant for few input
-    channels (the stem after space-to-depth, `models.layers._kernel_grad_space_to_depth`): each tap is read
-    in place, where XLA ops slice the input once per tap (docs/benchmarks.md, tenth session).
+    channels (the stem after space-to-depth, `ops.conv_grad`): each tap is read
+    in place, where XLA ops slice the input once per tap (docs/benchmarks.md).
     """
     th, tw = taps
     out = jax.ShapeDtypeStruct((th, tw, xs.shape[-1], dy.shape[-1]), jnp.float32)
@@ -328,8 +159,8 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
     """The dense conv `(N, H, W, C) * (kh, kw, C, O) -> (N, H', W', O)` with `padding` `((top, bottom),
     (left, right))` (negative crops) by the native kernel (no VJP), for few input channels (the stems'
     3, `supports_few_channels`): the input is padded here, then each output pixel's `kw * C` inputs per kernel
-    row are read in place as one matmul row. At batch 8 on the 2-core AMD EPYC the ResNet stem's 7x7/2 conv
-    runs at about twice XLA:CPU's speed (docs/benchmarks.md, eleventh session).
+    row are read in place as one matmul row. The ResNet stem's 7x7/2 conv runs at about twice
+    XLA:CPU's speed (docs/benchmarks.md).
     """
     (pt, pb), (pl, pr) = padding
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
@@ -346,7 +177,7 @@ MATMUL_COLUMNS = 8
 
 
 # The builds whose `matmul_affine` the models use: its register blocks are 8-lane AVX2 code in every build, so
-# on an AVX-512 CPU (16 lanes, measured last in the eighth session) XLA's own matmul is left the 1x1 convs.
+# on an AVX-512 CPU (16 lanes) XLA's own matmul is left the 1x1 convs.
 MATMUL_ISAS = ("avx2",)
 
 
@@ -372,7 +203,7 @@ def matmul_affine(a: jax.Array, b: jax.Array, scale: jax.Array, shift: jax.Array
     Inference's 1x1 conv with the batch norm after it (and a residual block's shortcut and ReLU) applied to each
     register block before it is stored, and the batch norm and ReLU before it applied to each 6 rows of `a` as
     they are read, where XLA:CPU writes the matmul's output and reads it back once or twice and normalizes
-    the input in a pass of its own (docs/benchmarks.md, twelfth session). Differentiable: the backward pass is
+    the input in a pass of its own (docs/benchmarks.md). Differentiable: the backward pass is
     the autodiff of the same formula in JAX.
     """
     dummy = jnp.zeros((1,), jnp.float32)
@@ -417,7 +248,7 @@ def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.
     `(kh, kw)`, `strides` and symmetric `padding` `(ph, pw)` that never wins (-inf), for output gradient
     `dy`, by the native kernel: each output's gradient goes to the first maximum of its window in row-major
     order (torch's MaxPool2d and `flax.linen.max_pool`'s gradient do the same). One pass, where XLA:CPU
-    lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks.md, tenth session).
+    lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks.md).
     """
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
     call = jax.ffi.ffi_call(_target(POOL_GRAD_TARGET), jax.ShapeDtypeStruct(x.shape, jnp.float32),

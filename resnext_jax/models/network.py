@@ -1,0 +1,196 @@
+"""What ResNet and RegNet share: their common fields, the layers they bind, stages, the residual tail, the head.
+
+`Network` declares the design fields both families have once; `Network.layers(train)` binds the conv and norm
+definitions to the dtype, the platform and the mode, so blocks are built from definitions alone and never see
+`train`. `ResidualBlock` declares the fields every block has, and `residual_tail` is the end of every block:
+its last conv-norm, the shortcut (projected where the shape changes), squeeze-excitation, stochastic depth,
+the add and the activation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnext_jax.models.layers import (Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation,
+                                       norm_layer)
+from resnext_jax.ops.pool import global_avg_pool
+
+ModuleDef = Any
+
+
+class Layers(NamedTuple):
+    """The definitions a network's blocks are built from, bound to its dtype, platform and mode."""
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    drop_path: ModuleDef
+    platform: str
+
+    @property
+    def unit(self) -> ConvNormAct:
+        """The conv-norm unit of these definitions (for a stem)."""
+        return ConvNormAct(self.conv, self.norm, self.act)
+
+
+class Network(nn.Module, kw_only=True):
+    """Fields shared by `ResNet` and `RegNet` (keyword-only).
+
+    Attributes:
+      num_classes: classifier outputs; 0 drops the head (logits are the pre-logits).
+      dtype: compute dtype (e.g. `jnp.bfloat16`); params and BN statistics stay float32.
+      conv: the conv definition (`Conv2d`, or a `functools.partial` of it or of a compatible module).
+      norm: 'batch', 'group' or 'frozen_batch' (running statistics in training too), or a norm definition
+        called as `norm(name=...)(x, residual=None, act=None)`.
+      norm_groups: groups of the group norm.
+      bn_axis_name: mesh/pmap axis to sync batch statistics over (under shard_map); None under plain jit.
+      activation: "relu", "silu" or "gelu".
+      zero_init_last: zero-init the last norm scale of every residual branch.
+      drop_path_rate: stochastic depth of the last block; rates increase linearly from 0 over blocks.
+      se_ratio: squeeze-excitation ratio in every block; 0 disables it.
+      dropout_rate: dropout before the classifier.
+      small_stem: a stride-1 stem with no max-pool, for 32x32 images.
+      conv_impl: grouped-conv implementation, see `resnext_jax.ops.CONV_IMPLS`.
+      scan_blocks: run blocks 1..n-1 of each stage (identical shapes) under `nn.scan`, so XLA compiles
+        one block per stage instead of n-1; their variables are stacked on a leading axis under
+        `{stage}_rest`. Same math; convert layouts with `models.stack_blocks` / `unstack_blocks`.
+      platform: the backend the model runs on ('cpu', 'gpu', 'tpu'): it picks the conv implementations and
+        the native CPU kernels. None: JAX's default backend when the model is called.
+    """
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+    conv: ModuleDef = Conv2d
+    norm: str | ModuleDef = "batch"
+    norm_groups: int = 32
+    bn_axis_name: str | None = None
+    activation: str = "relu"
+    zero_init_last: bool = False
+    drop_path_rate: float = 0.0
+    se_ratio: float = 0.0
+    dropout_rate: float = 0.0
+    small_stem: bool = False
+    conv_impl: str = "auto"
+    scan_blocks: bool = False
+    platform: str | None = None
+
+    def layers(self, train: bool) -> Layers:
+        """The conv, norm, activation and drop-path definitions every block of this network is built from."""
+        platform = self.platform or jax.default_backend()
+        conv = bind(self.conv, dtype=self.dtype, impl=self.conv_impl, platform=platform)
+        norm = bind(norm_layer(self.norm, self.norm_groups), use_running_average=not train, dtype=self.dtype,
+                    axis_name=self.bn_axis_name, native_epilogue=self.conv_impl in ("auto", "native"),
+                    platform=platform)
+        return Layers(conv, norm, get_activation(self.activation),
+                      functools.partial(DropPath, deterministic=not train), platform)
+
+    def run_stages(self, x: jax.Array, stages: Sequence[tuple[Callable[..., nn.Module], int, int]],
+                   prefix: str) -> dict:
+        """Runs `(block definition, blocks, first stride)` per stage; returns {'stage1': ..., ...}."""
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(blocks for _, blocks, _ in stages)))
+        features = {}
+        for stage, (block, blocks, stride) in enumerate(stages):
+            x = run_stage(block, x, [next(rates) for _ in range(blocks)], f"{prefix}{stage + 1}", self.scan_blocks,
+                          stride)
+            features[f"stage{stage + 1}"] = x
+        return features
+
+    def head(self, features: dict, train: bool, return_features: bool,
+             kernel_init: Callable = nn.initializers.lecun_normal()):
+        """Pool the last stage, dropout, the `fc` classifier; float32 logits or the whole feature dict."""
+        x = global_avg_pool(features[f"stage{len(features)}"])
+        features["pre_logits"] = x
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        if self.num_classes:
+            x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="fc")(x)
+        logits = x.astype(jnp.float32)
+        return {**features, "logits": logits} if return_features else logits
+
+
+class ResidualBlock(nn.Module, kw_only=True):
+    """Fields every residual block has: its layer definitions (from `Network.layers`), stride and options.
+
+    A block is called as `block(x, drop_path_rate=None)`; `drop_path_rate`, when given, overrides the field (a
+    traced per-block rate under `scan_blocks`).
+    """
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable
+    drop_path: ModuleDef = DropPath
+    strides: int = 1
+    se_ratio: float = 0.0
+    drop_path_rate: float = 0.0
+    zero_init_last: bool = False
+
+    @property
+    def unit(self) -> ConvNormAct:
+        """The block's conv-norm unit."""
+        return ConvNormAct(self.conv, self.norm, self.act)
+
+
+def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_size: Sequence[int], *,
+                  names: tuple[str, str], shortcut_names: tuple[str, str], drop_path_rate=None,
+                  se_features: int | None = None) -> jax.Array:
+    """The end of a residual block: `act(drop(se(norm(conv(y)))) + shortcut(x))`.
+
+    The last conv-norm is named `names`; the shortcut is `x`, or a strided 1x1 conv-norm named `shortcut_names`
+    where the stride or the width changes; `se_features` adds squeeze-excitation (`se`) after the last norm.
+    The last norm's scale starts at zero with `zero_init_last`.
+    """
+    rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
+    drop = block.drop_path(rate, name="drop_path")
+    unit = block.unit
+
+    def shortcut():
+        if block.strides == 1 and x.shape[-1] == features:
+            return x
+        return unit(x, features, (1, 1), block.strides, names=shortcut_names, act=False, fuse_next=True)
+
+    def post(y):
+        if se_features:
+            y = SqueezeExcite(se_features, conv=block.conv, act=block.act, name="se")(y)
+        return drop(y)
+
+    scale_init = nn.initializers.zeros if block.zero_init_last else nn.initializers.ones
+    return unit(y, features, kernel_size, names=names, residual=shortcut,
+                post=post if se_features or not drop.is_identity else None, scale_init=scale_init)
+
+
+def scan_blocks(block: nn.Module, x: jax.Array, rates: Sequence[float]) -> jax.Array:
+    """Applies `block` `len(rates)` times under `nn.scan`, its variables stacked on a leading axis.
+
+    For the identical blocks 1..n-1 of a stage: XLA compiles the block once instead of n-1 times.
+    Each application gets its own init and dropout RNG and its own stochastic-depth rate.
+    """
+    def body(module, carry, rate):
+        return module(carry, drop_path_rate=rate), None
+
+    scanned = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
+                      split_rngs={"params": True, "dropout": True}, length=len(rates))
+    # All-zero rates stay a static 0.0, so DropPath is skipped at trace time as in the unrolled model.
+    xs = jnp.asarray(rates, jnp.float32) if any(rates) else None
+    x, _ = scanned(block, x, xs)
+    return x
+
+
+def run_stage(block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], prefix: str, scan: bool,
+              first_stride: int) -> jax.Array:
+    """Runs one stage: block `{prefix}_0` (stride, projection), then the identical blocks 1..n-1.
+
+    Those run one module each (`{prefix}_{i}`) or, with `scan`, as one scanned module `{prefix}_rest`.
+    """
+    x = block(strides=first_stride, drop_path_rate=rates[0], name=f"{prefix}_0")(x)
+    if scan and len(rates) > 1:
+        return scan_blocks(block(name=f"{prefix}_rest"), x, rates[1:])
+    for index in range(1, len(rates)):
+        x = block(drop_path_rate=rates[index], name=f"{prefix}_{index}")(x)
+    return x
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> list[float]:
+    """Linearly increasing stochastic-depth rates, 0 for the first block and `drop_path_rate` for the last."""
+    if num_blocks <= 1:
+        return [drop_path_rate] * num_blocks
+    return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
