@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from resnext_jax import cpu
 from resnext_jax.training import ConfigError, default_config, read_metrics, train_and_evaluate, validate_config
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.distributed import check_batch_size
@@ -72,7 +73,15 @@ def test_short_quickstart_learns_and_writes_workdir(tmp_path):
     assert [r["step"] for r in evals] == [22, 44]
     for name in ("config.json", "environment.json"):
         assert (tmp_path / name).exists()
-    assert json.loads((tmp_path / "environment.json").read_text())["devices"]
+    environment = json.loads((tmp_path / "environment.json").read_text())
+    assert environment["devices"]
+    # Which native CPU kernels the traced step uses, and why the others are not (resnext_jax.cpu.report()).
+    kernels = environment["native_kernels"]
+    assert set(kernels["used"]) | set(kernels["not_used"]) == set(cpu.KERNELS)
+    if kernels["available"]:  # the quick start's ResNeXt trains its grouped convs in the native kernels
+        assert {"grouped_conv_forward", "grouped_conv_kernel_grad", "channel_sums"} <= set(kernels["used"])
+    else:
+        assert kernels["unavailable_reason"]
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
     assert Checkpointer(str(tmp_path), 3).latest_step() == 44
     # Per-stage diagnostics on every logged point, and the end-of-run report of the best checkpoint.

@@ -84,8 +84,7 @@ def provenance() -> dict:
     versions = package_versions()
     backend = jax.default_backend()
     if backend == "cpu":
-        kernels = {"available": cpu.available(), "isa": cpu.isa(),
-                   "unavailable_reason": cpu.unavailable_reason()}
+        kernels = cpu.report()  # available or why not, the build, and why each kernel unused so far is
     else:  # never build the C++ kernels just to say that a GPU or TPU does not use them
         kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}"}
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),

@@ -276,6 +276,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         for step in range(start_step + 1, total_steps + 1):
             batch = distributed.global_batch(next(data_iterator), mesh)
             state, metrics = train_step(state, batch)
+            if step == start_step + 1 and primary:  # the step is traced now: record which CPU kernels it uses
+                workdir_lib.record_native_kernels(workdir)
             pending.append(metrics)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if step % config.log_every_steps == 0 or epoch_end:

@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from resnext_jax.models.init import init_variables  # noqa: F401  (loop.py and the tests import it from here)
-from resnext_jax.models.layers import BatchNorm
+from resnext_jax.models.layers import BatchNorm, GroupNorm
 from resnext_jax.ops import inference_compiler_options, step_compiler_options
 
 AXIS = "data"
@@ -56,11 +56,10 @@ def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: j
                       opt_state=tx.init(params), rng=rng, ema_params=copy(params), ema_batch_stats=copy(batch_stats))
 
 
-def _freeze_batch_norm(next_fun, args, kwargs, context):
-    """Method interceptor: every BatchNorm uses its running statistics, even in training mode."""
-    if isinstance(context.module, (nn.BatchNorm, BatchNorm)) and context.method_name == "__call__":
-        object.__setattr__(context.module, "use_running_average", True)
-    return next_fun(*args, **kwargs)
+def with_frozen_norm(model: nn.Module) -> nn.Module:
+    """`model` with its batch norms frozen (`norm="frozen_batch"`: running statistics in training too, never
+    updated); a group-norm model has no statistics and is returned as it is."""
+    return model.clone(norm="frozen_batch") if getattr(model, "norm", None) == "batch" else model
 
 
 def _norm_param_mask(params, batch_stats):
@@ -93,17 +92,12 @@ def loss_and_grads(model: nn.Module, params, batch_stats, images: jax.Array, tar
     `freeze_bn` it uses the running statistics and leaves them as they are. Nothing is averaged across devices
     here: the caller's step does that (`make_train_step`), or runs on one device (the step benchmark).
     """
+    module = with_frozen_norm(model) if freeze_bn else model
+
     def per_device_loss(params):
-        def forward():
-            return model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        if freeze_bn:
-            with nn.intercept_methods(_freeze_batch_norm):
-                logits, _ = forward()
-            new_stats = batch_stats
-        else:
-            logits, updates = forward()
-            new_stats = updates.get("batch_stats", batch_stats)
+        logits, updates = module.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        new_stats = batch_stats if freeze_bn else updates.get("batch_stats", batch_stats)
         loss, top1 = cross_entropy_top1(logits, targets, labels)
         return loss, (new_stats, top1)
 
@@ -212,7 +206,7 @@ def _relu_outputs(outputs: list):
         path = context.module.scope.path if context.module.scope is not None else ()
         if not path or path[0].endswith("_rest"):
             return out
-        if isinstance(context.module, (nn.BatchNorm, BatchNorm)) or type(context.module).__name__ == "_GroupNorm":
+        if isinstance(context.module, (nn.BatchNorm, BatchNorm, GroupNorm)):
             residual = args[1] if len(args) > 1 else kwargs.get("residual")
             act = args[2] if len(args) > 2 else kwargs.get("act")
             if act is not None and residual is None:

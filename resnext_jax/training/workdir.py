@@ -142,3 +142,17 @@ def write_run_records(workdir: str, config_dict: dict) -> None:
     }
     with open(os.path.join(workdir, "environment.json"), "w") as f:
         json.dump(environment, f, indent=2)
+
+
+def record_native_kernels(workdir: str) -> None:
+    """Adds `native_kernels` to `environment.json` (`resnext_jax.cpu.report()`: available or why not, the build,
+    the kernels the traced train step uses and why each other one is not), once the first step is traced."""
+    from resnext_jax import cpu
+
+    path = os.path.join(workdir, "environment.json")
+    with open(path) as f:
+        environment = json.load(f)
+    environment["native_kernels"] = cpu.report()
+    with open(path + ".tmp", "w") as f:
+        json.dump(environment, f, indent=2)
+    os.replace(path + ".tmp", path)
