@@ -3,14 +3,16 @@
     python benchmarks/ab.py REV_A REV_B [--model resnext50_32x4d] [--mode train|infer] [--rounds 6]
 
 Each REV is a git revision (`HEAD~1`, a hash, a branch) or `.` for the working tree as it is. Both steps
-are compiled first, then timed taking turns in blocks (`resnext_jax.benchmarks.step.time_in_blocks`: per round,
-each gets `--warmup` untimed and `--runs` timed calls). On the noisy development machines only such same-process,
-interleaved comparisons can resolve changes of a few percent; docs/benchmarks.md quotes them as "A/B".
+are compiled first, then timed taking turns in blocks (`resnext_jax.benchmarks.timing.time_in_blocks`: per
+round, each gets `--warmup` untimed and `--runs` timed calls). On the noisy development machines only such
+same-process, interleaved comparisons can resolve changes of a few percent; docs/benchmarks.md quotes them as
+"A/B".
 
 A revision's package is exported with `git archive` into a temporary directory and imported from there
 (every `resnext_jax` module is dropped from `sys.modules` in between), so both versions live in the same
-process. The step itself (loss, optimizer, inputs) is the current working tree's `resnext_jax.benchmarks.step`; only
-the model code and the compiler options come from the revision.
+process. The step itself (loss, optimizer, inputs) is the current working tree's `resnext_jax.benchmarks`
+harness, imported before any revision; only the model code and the compiler options come from the revision,
+so any revision with `resnext_jax.models.registry.create_model` can be timed.
 """
 from __future__ import annotations
 
@@ -71,7 +73,9 @@ def import_package(path: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, ROOT)
-    from resnext_jax.benchmarks import step as bench  # the harness: the working tree's step, timing and compile helpers
+    # The harness: the working tree's step, timing and compile helpers, bound before any revision is imported.
+    from resnext_jax.benchmarks.jax_step import make_jax_step
+    from resnext_jax.benchmarks.timing import compile_step, jax_callable, time_in_blocks
     sys.path.remove(ROOT)
     steps, compile_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,11 +83,11 @@ def main(argv=None) -> int:
             label = rev if rev not in steps else f"{rev} (2)"
             registry = import_package(export(rev, tmp))
             model = registry.create_model(args.model, conv_impl=args.conv_impl)
-            step, state, inputs = bench.make_jax_step(model, args.mode, args.batch, args.resolution)
-            compiled, compile_s[label], _ = bench.compile_step(step, state, inputs)
-            steps[label] = bench._jax_callable(compiled, state, inputs, args.mode)
+            step, state, inputs = make_jax_step(model, args.mode, args.batch, args.resolution)
+            compiled, compile_s[label], _ = compile_step(step, state, inputs)
+            steps[label] = jax_callable(compiled, state, inputs, args.mode)
             print(f"{label}: compiled in {compile_s[label]:.1f} s", flush=True)
-    timings = bench.time_in_blocks(steps, args.runs, args.warmup, args.rounds)
+    timings = time_in_blocks(steps, args.runs, args.warmup, args.rounds)
     (a, ta), (b, tb) = timings.items()
     print(f"{args.model} {args.mode} batch {args.batch} {args.resolution}px conv={args.conv_impl}: "
           f"{args.rounds} rounds x {args.runs} timed steps each")

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 
 import resnext_jax
+from resnext_jax.models.init import init_variables
 from resnext_jax.training.checkpoint import checksums
 from resnext_jax.training.config import default_config
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
-from resnext_jax.training.step import create_train_state, init_variables
+from resnext_jax.training.step import create_train_state
 
 
 def main():

@@ -21,12 +21,12 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import resnext_jax
 from resnext_jax.export import export, load
 from resnext_jax.inference.loader import LoadedModel, Preprocessing, default_class_names
+from resnext_jax.models.init import init_variables
 
 
 def cpu_model() -> str:
@@ -57,7 +57,7 @@ def main():
     args = parser.parse_args()
 
     module = resnext_jax.create_model(args.model)
-    variables = jax.jit(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+    variables = init_variables(module, jax.random.key(0), 64)
     info = resnext_jax.model_info(args.model)
     loaded = LoadedModel(name=args.model, module=module, variables=variables,
                          preprocessing=Preprocessing(resize_size=info.resize_v2 or info.resize_v1 or 256,

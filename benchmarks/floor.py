@@ -3,7 +3,7 @@ against its dense convolutions timed one by one, all beside torchvision's step i
 
     python benchmarks/floor.py [--model resnext50_32x4d] [--mode infer|train] [--rounds 4]
 
-Prints, as medians over interleaved blocks (`resnext_jax.benchmarks.step.time_in_blocks`):
+Prints, as medians over interleaved blocks (`resnext_jax.benchmarks.timing.time_in_blocks`):
 - `model`: the step as `python -m resnext_jax.benchmarks.step` times it;
 - `free grouped convs`: the same step with every grouped convolution replaced by a strided slice of its
   input times the kernel's mean (same output shape, almost no work; train mode differentiates that
@@ -83,6 +83,8 @@ def dense_convs(layers, model, batch: int, resolution: int) -> list[tuple]:
     import jax
     import jax.numpy as jnp
 
+    from resnext_jax.models.init import variable_shapes
+
     model = model.clone(conv_impl="xla")
 
     seen = []
@@ -94,7 +96,7 @@ def dense_convs(layers, model, batch: int, resolution: int) -> list[tuple]:
         return real_conv(x, kernel, strides=strides, padding=padding, groups=groups, **kwargs)
 
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1], train=False), images)
+    variables = variable_shapes(model, resolution)
     layers.conv2d = record
     try:
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
@@ -144,24 +146,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from resnext_jax.benchmarks import step as bench
+    from resnext_jax.benchmarks.jax_step import make_jax_step
+    from resnext_jax.benchmarks.timing import compile_step, jax_callable, time_in_blocks
+    from resnext_jax.benchmarks.torch_step import make_torch_step
     from resnext_jax.models import layers
     from resnext_jax.models.registry import create_model
 
     model = create_model(args.model)
     steps = {}
-    step, state, inputs = bench.make_jax_step(model, args.mode, args.batch, args.resolution)
-    steps["model"] = bench._jax_callable(bench.compile_step(step, state, inputs)[0], state, inputs, args.mode)
+    step, state, inputs = make_jax_step(model, args.mode, args.batch, args.resolution)
+    steps["model"] = jax_callable(compile_step(step, state, inputs)[0], state, inputs, args.mode)
     with free_grouped(layers):
-        step, state, inputs = bench.make_jax_step(model, args.mode, args.batch, args.resolution)
-        steps["free grouped convs"] = bench._jax_callable(bench.compile_step(step, state, inputs)[0], state,
-                                                          inputs, args.mode)
+        step, state, inputs = make_jax_step(model, args.mode, args.batch, args.resolution)
+        steps["free grouped convs"] = jax_callable(compile_step(step, state, inputs)[0], state, inputs, args.mode)
     if not args.no_torch:
         import torch
         torch.set_num_threads(args.threads)
-        steps["torchvision"] = bench.make_torch_step(args.model, args.mode, args.batch, args.resolution,
-                                                     "float32", False, "adamw")
-    timings = bench.time_in_blocks(steps, args.runs, args.warmup, args.rounds)
+        steps["torchvision"] = make_torch_step(args.model, args.mode, args.batch, args.resolution, "float32", False,
+                                               "adamw")
+    timings = time_in_blocks(steps, args.runs, args.warmup, args.rounds)
     convs = dense_convs(layers, model, args.batch, args.resolution)
     rows = {key: t["median_s"] for key, t in timings.items()}
     rows["dense convs alone"] = time_dense_convs(convs, args.mode, args.runs * args.rounds)

@@ -14,15 +14,10 @@ import numpy as np
 import optax
 
 import resnext_jax
-from resnext_jax.benchmarks.step import time_in_blocks
+from resnext_jax.benchmarks.timing import time_in_blocks
+from resnext_jax.models.init import init_variables
 from resnext_jax.training.distributed import create_mesh
-from resnext_jax.training.step import (
-    AXIS,
-    create_train_state,
-    init_variables,
-    make_dead_relu_step,
-    make_train_step,
-)
+from resnext_jax.training.step import AXIS, create_train_state, make_dead_relu_step, make_train_step
 
 
 def main(argv=None):

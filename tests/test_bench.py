@@ -1,4 +1,5 @@
-"""The benchmark CLI: its FLOP count against XLA's, its data-parallel check, its JSON."""
+"""The step benchmark (resnext_jax.benchmarks): its FLOP count against XLA's, its data-parallel check, its JSON,
+its train step against the training system's."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ import sys
 import pytest
 
 import resnext_jax
-from resnext_jax.benchmarks import step as bench
+from resnext_jax.benchmarks import data_parallel, timing
+from resnext_jax.benchmarks.jax_step import make_jax_step
+from resnext_jax.benchmarks.step import model_flops
+from resnext_jax.models.init import init_variables
 
 
 def test_model_flops_agree_with_xla_cost_analysis():
@@ -17,11 +21,11 @@ def test_model_flops_agree_with_xla_cost_analysis():
     on padding (7% of resnet18's at 224) and adds BN and activations, hence the band. XLA's convolutions
     (`conv_impl='xla'`): XLA cannot see into the native kernels' custom calls that 'auto' uses on CPU."""
     model = resnext_jax.create_model("resnet18", num_classes=10, conv_impl="xla")
-    step, state, inputs = bench.make_jax_step(model, "infer", batch=1, resolution=224, num_classes=10)
-    compiled, _, memory = bench.compile_step(step, state, inputs)
-    ratio = compiled.cost_analysis()["flops"] / bench.model_flops(model, "infer", batch=1, resolution=224)
+    step, state, inputs = make_jax_step(model, "infer", batch=1, resolution=224, num_classes=10)
+    compiled, _, memory = timing.compile_step(step, state, inputs)
+    ratio = compiled.cost_analysis()["flops"] / model_flops(model, "infer", batch=1, resolution=224)
     assert 0.88 < ratio < 1.05, ratio
-    assert bench.model_flops(model, "train", batch=1, resolution=224) == 3 * bench.model_flops(
+    assert model_flops(model, "train", batch=1, resolution=224) == 3 * model_flops(
         model, "infer", batch=1, resolution=224)
     assert memory["argument_size_in_bytes"] > 0
 
@@ -29,13 +33,14 @@ def test_model_flops_agree_with_xla_cost_analysis():
 @pytest.mark.slow  # 17 s: two bench subprocesses; CI runs it
 def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "infer", "--batch", "4",
-               "--resolution", "32", "--runs", "2", "--devices", "2", "--flops-resolution", "32",
+    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "infer",
+               "--batch", "4", "--resolution", "32", "--runs", "2", "--devices", "2", "--flops-resolution", "32",
                "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
-    assert "jax/torch" in result.stdout and r["command"].startswith("python -m resnext_jax.benchmarks.step --model resnet18")
+    assert "jax/torch" in result.stdout
+    assert r["command"].startswith("python -m resnext_jax.benchmarks.step --model resnet18")
     assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["compile_s"] > 0
     assert r["ratio_jax_over_torch"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"])
     assert r["jax_minor_faults_per_step"] >= 0 and r["jax_kernel_s_per_step"] >= 0 and "page faults" in result.stdout
@@ -49,8 +54,8 @@ def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
 def test_train_step_gradient_flops_split_over_devices():
     """Train mode: the gradient part of the shard_map step is split over devices (the optimizer update is not)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "train", "--batch", "4",
-               "--devices", "2", "--flops-resolution", "32", "--_flops-check"]
+    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "train",
+               "--batch", "4", "--devices", "2", "--flops-resolution", "32", "--_flops-check"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     dp = json.loads(result.stdout.strip().splitlines()[-1])
@@ -62,10 +67,48 @@ def test_train_step_gradient_flops_split_over_devices():
     assert dp["shard_map_ratio"] > dp["shard_map_gradient_ratio"], dp
 
 
+def test_benchmark_train_step_is_the_training_systems_step():
+    """One step of the benchmark's train step and of `make_train_step` (one device, the same optimizer, no label
+    smoothing) from the same weights must make the same update and statistics: the benchmark times the training
+    system's forward, loss and gradients, not a copy of them."""
+    import jax
+    import numpy as np
+    import optax
+
+    from resnext_jax.benchmarks.jax_step import train_step
+    from resnext_jax.training.distributed import create_mesh
+    from resnext_jax.training.step import AXIS, create_train_state, make_train_step
+
+    fields = dict(num_classes=10, stage_sizes=(1,), num_filters=8, cardinality=4, bottleneck_width=32,
+                  small_stem=True)
+    model = resnext_jax.create_model("resnext50_32x4d", **fields)
+    variables = init_variables(model, jax.random.key(0), 16)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 4).astype(np.int32)
+    tx = optax.sgd(1.0)  # the update is the gradient itself, so gradients are compared, not just their signs
+    copy = lambda tree: jax.tree.map(np.array, tree)  # noqa: E731  (both steps donate their state)
+
+    state = (copy(variables["params"]), copy(variables["batch_stats"]), tx.init(copy(variables["params"])))
+    (params, stats, _), loss = jax.jit(train_step(model, tx, 10))(state, images, labels)
+
+    mesh = create_mesh(jax.devices()[:1])
+    trainer = make_train_step(resnext_jax.create_model("resnext50_32x4d", bn_axis_name=AXIS, **fields), tx,
+                              optax.constant_schedule(1e-3), mesh, num_classes=10, stage_diagnostics=False)
+    trained, metrics = trainer(create_train_state(tx, copy(variables), jax.random.key(1), False),
+                               {"image": images, "label": labels})
+    np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-6)
+    for got, want, before in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params),
+                                 jax.tree.leaves(variables["params"])):
+        np.testing.assert_allclose(got - before, want - before, rtol=1e-4, atol=1e-7)
+    for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(trained.batch_stats)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_batch_not_divisible_by_devices_names_the_fix():
     with pytest.raises(ValueError, match="use a multiple of 4"):
-        bench.check_batch_divides(6, 4)
-    bench.check_batch_divides(8, 4)
+        data_parallel.check_batch_divides(6, 4)
+    data_parallel.check_batch_divides(8, 4)
 
 
 def test_profile_attributes_time_to_the_expensive_op(tmp_path):
@@ -86,7 +129,7 @@ def test_profile_attributes_time_to_the_expensive_op(tmp_path):
     start = time.perf_counter()
     call()
     wall_ms = 1e3 * (time.perf_counter() - start)
-    prof = bench.profile_step(call, compiled, str(tmp_path / "trace"))
+    prof = timing.profile_step(call, compiled, str(tmp_path / "trace"))
     assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["total_ms"])
     matmul_ms = sum(ms for op, ms in prof["by_op_ms"].items() if "dot_general" in op)
     assert matmul_ms > 0.5 * prof["total_ms"], prof
@@ -106,7 +149,7 @@ def test_inference_options_take_matmuls_out_of_ynn_with_the_same_logits():
         assert inference_compiler_options() == step_compiler_options()
         return
     model = resnext_jax.create_model("resnet50", num_classes=10)
-    variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))()
+    variables = init_variables(model, jax.random.key(0), 64)
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     outputs, texts = [], []
     for options in (step_compiler_options(), inference_compiler_options()):
@@ -122,7 +165,6 @@ def test_profile_counts_ops_with_tuple_results(tmp_path):
     """An op with two results (here a two-operand sort; the native batch-norm sums are another) has a tuple
     type in the HLO text; its time must be counted, not dropped."""
     import jax
-    import jax.numpy as jnp
     from jax import lax
 
     def fn(a, b):
@@ -134,6 +176,6 @@ def test_profile_counts_ops_with_tuple_results(tmp_path):
     assert any(" = (" in line and " sort(" in line for line in compiled.as_text().splitlines())
     call = lambda: jax.block_until_ready(compiled(a, a))  # noqa: E731
     call()
-    prof = bench.profile_step(call, compiled, str(tmp_path / "trace"))
+    prof = timing.profile_step(call, compiled, str(tmp_path / "trace"))
     sort_ms = sum(ms for op, ms in prof["by_op_ms"].items() if op.startswith("sort"))
     assert sort_ms > 0.5 * prof["total_ms"], prof

@@ -145,7 +145,7 @@ def main(argv=None):
     if not args.no_torch:
         import torch
 
-        from resnext_jax.benchmarks.step import torch_device
+        from resnext_jax.benchmarks.torch_step import torch_device
         torch.set_num_threads(args.threads)
         torch_on = torch_device(jax.default_backend())
         torch.backends.cudnn.benchmark = True

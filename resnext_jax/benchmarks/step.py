@@ -8,8 +8,12 @@ memory (XLA's `memory_analysis()` of the compiled step and the process's peak RS
 fraction of a peak they reach (`--peak-tflops`, a known accelerator's spec-sheet peak, or on CPU an
 f32/bf16 matmul timed in the same run; on an accelerator the timed matmul is reported beside the peak).
 With torch installed it times torchvision's model on the same batch with `torch.set_num_threads(--threads)`,
-taking turns with the JAX step in `--rounds` blocks of `--warmup` + `--runs` steps (see `time_in_blocks`),
-and prints the ratio.
+taking turns with the JAX step in `--rounds` blocks of `--warmup` + `--runs` steps (see
+`timing.time_in_blocks`), and prints the ratio.
+
+The JAX train step is the training system's forward, loss and gradients (`training.step.loss_and_grads`) and
+an AdamW update, on one device (`jax_step.py`); torchvision's is its model, cross-entropy and AdamW (or SGD,
+`--torch-optimizer`) (`torch_step.py`).
 
 On a GPU, torch runs on CUDA too, with `cudnn.benchmark` on; `--dtype bfloat16` is bf16 autocast there
 (PyTorch AMP), and `--torch-channels-last` its channels_last layout. Both frameworks then share the GPU's
@@ -19,7 +23,7 @@ memory: unless `XLA_PYTHON_CLIENT_MEM_FRACTION` is set, JAX preallocates 45% of 
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`): the per-device FLOPs of the compiled
 `shard_map` step should be the single-device total / N. The plain-`jit` step with a batch-sharded
 input is shown for contrast (openxla/xla#47945: XLA does not partition grouped convs, so every
-device recomputes the whole batch).
+device recomputes the whole batch). See `data_parallel.py`.
 """
 from __future__ import annotations
 
@@ -29,10 +33,7 @@ import json
 import os
 import platform
 import resource
-import statistics
-import subprocess
 import sys
-import time
 
 # Accelerator dense peaks in TFLOP/s (bf16 / f32 without sparsity), for MFU when --peak-tflops is not given.
 KNOWN_PEAK_TFLOPS = {
@@ -45,7 +46,8 @@ KNOWN_PEAK_TFLOPS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m resnext_jax.benchmarks.step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m resnext_jax.benchmarks.step",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnext50_32x4d", help="a torchvision builder name")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--batch", type=int, default=8)
@@ -64,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--torch-channels-last", action="store_true", help="torch model and input in channels_last")
     parser.add_argument("--torch-optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--profile", metavar="DIR", default=None,
-                        help="after timing, trace one JAX step with jax.profiler into DIR and print where its time goes")
+                        help="after timing, trace one JAX step with jax.profiler into DIR and print where its time "
+                             "goes")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak of the device for MFU; default: known accelerator peak, or a timed matmul on CPU")
     parser.add_argument("--devices", type=int, default=0,
@@ -78,344 +81,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------- JAX steps
-def make_jax_step(model, mode: str, batch: int, resolution: int, num_classes: int = 1000):
-    """Returns `(step, state, inputs)` for one jitted train or inference step on one device.
-
-    The train step is the training system's math: softmax cross-entropy, `value_and_grad`, BatchNorm
-    statistics from `mutable=['batch_stats']`, and an `optax.adamw` update; its state is donated.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from resnext_jax import ops
-    from resnext_jax.ops import step_compiler_options
-
-    # benchmarks/ab.py runs this with older revisions of the package too, from before the inference options.
-    inference_compiler_options = getattr(ops, "inference_compiler_options", step_compiler_options)
-
-    rng = jax.random.key(0)
-    images = jax.random.normal(rng, (batch, resolution, resolution, 3), jnp.float32)
-    labels = jax.random.randint(rng, (batch,), 0, num_classes)
-    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, resolution, resolution, 3)), train=False))(rng)
-    if mode == "infer":
-        step = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=inference_compiler_options())
-        return step, variables, (images,)
-    tx = optax.adamw(1e-3, weight_decay=0.05)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-    step = jax.jit(_train_step_fn(model, tx, num_classes), donate_argnums=(0,),
-                   compiler_options=step_compiler_options())
-    return step, state, (images, labels)
-
-
-def _train_step_fn(model, tx, num_classes, axis_name: str | None = None, update: bool = True):
-    """`(state, images, labels) -> (state, loss)`; with `axis_name`, gradients are averaged over it.
-
-    `update=False` stops after the (averaged) gradients and returns `(grads, loss)`: the part of the step
-    whose work data parallelism splits; the optimizer update runs on every device's full copy of the params.
-    """
-    import jax
-    import optax
-
-    def loss_fn(params, batch_stats, images, labels):
-        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                      mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels, num_classes)).mean()
-        return loss, updates["batch_stats"]
-
-    def step(state, images, labels):
-        params, batch_stats, opt_state = state
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)
-        if axis_name:
-            grads, loss = jax.lax.pmean((grads, loss), axis_name)
-        if not update:
-            return grads, loss
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
-
-    return step
-
-
-def compile_step(step, state, inputs):
-    """AOT-compiles `step`; returns (compiled, seconds, memory dict from XLA's memory_analysis())."""
-    start = time.perf_counter()
-    compiled = step.lower(state, *inputs).compile()
-    seconds = time.perf_counter() - start
-    memory = {}
-    analysis = compiled.memory_analysis()
-    if analysis is not None:
-        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
-            memory[field] = getattr(analysis, field, None)
-    return compiled, seconds, memory
-
-
 def model_flops(model, mode: str, batch: int, resolution: int) -> float:
     """2 x forward multiply-adds (from the traced program), x3 for a train step (forward + 2x backward)."""
     import jax
     import jax.numpy as jnp
-    from resnext_jax.summary import count_macs
+
+    from resnext_jax.models.init import variable_shapes
+    from resnext_jax.summary import forward_macs
 
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1], train=False), images)
-    nominal = model.clone(conv_impl="xla")  # the model's FLOPs, not the zeros of a block-diagonal implementation
-    macs = count_macs(lambda v, x: nominal.apply(v, x, train=False), variables, images)
-    return 2.0 * macs * (3 if mode == "train" else 1)
+    return 2.0 * forward_macs(model, variable_shapes(model, resolution), images) * (3 if mode == "train" else 1)
 
 
-def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 9) -> float:
-    """Median TFLOP/s of a jitted size x size matmul: the practical ceiling of this device, measured in this run."""
-    import jax
-    import jax.numpy as jnp
-
-    # Random operands: a GPU multiplies constant or zero data faster than real data.
-    a = jax.random.normal(jax.random.key(0), (size, size), getattr(jnp, dtype))
-    matmul = jax.jit(lambda a: a @ a).lower(a).compile()
-    matmul(a).block_until_ready()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e12
-
-
-# ------------------------------------------------------------------------------------------ torch steps
-def torch_device(jax_platform: str) -> str:
-    """torch's device for the baseline: 'cuda' when JAX runs on a GPU and torch sees one, else 'cpu'."""
-    import torch
-
-    if jax_platform == "gpu" and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: str, channels_last: bool,
-                    optimizer: str, num_classes: int = 1000, device: str = "cpu"):
-    """Returns a zero-arg callable running one torchvision train (loss, backward, optimizer) or no-grad step.
-
-    On 'cuda' the call waits for the GPU (`torch.cuda.synchronize`), as the JAX step waits for its result;
-    `bfloat16` is autocast (PyTorch AMP) on either device, with float32 params, like the JAX model.
-    """
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, num_classes=num_classes).to(device)
-    images = torch.randn(batch, 3, resolution, resolution, device=device)
-    labels = torch.randint(0, num_classes, (batch,), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == "bfloat16" else None
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def forward():
-        if autocast is None:
-            return model(images)
-        with autocast():
-            return model(images)
-
-    if mode == "infer":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode():
-                forward()
-            sync()
-        return infer
-    model.train()
-    opt = (torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05) if optimizer == "adamw"
-           else torch.optim.SGD(model.parameters(), 0.1, momentum=0.9))
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def train():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(forward().float(), labels).backward()
-        opt.step()
-        sync()
-    return train
-
-
-# ------------------------------------------------------------------------------------------- timing
-def time_in_blocks(steps: dict, runs: int, warmup: int, rounds: int) -> dict:
-    """Median seconds per call of each zero-arg callable, over `rounds` x `runs` timed calls.
-
-    The callables take turns in blocks: in each round, each gets `warmup` untimed calls, then `runs`
-    timed ones. Blocks, not single calls, because alternating step by step made the JAX step 1.3-2.6x
-    slower than alone (RegNetY-1.6GF train: 0.73-1.88 s vs 0.70-0.74 s) from the memory state torch's
-    step leaves behind, which no user of either framework sees; `rounds` > 1 still spreads load spikes
-    over both (docs/benchmarks.md).
-    """
-    times = {key: [] for key in steps}
-    faults = dict.fromkeys(steps, 0)
-    kernel_s = dict.fromkeys(steps, 0.0)
-    for _ in range(rounds):
-        for key, fn in steps.items():
-            for _ in range(warmup):
-                fn()
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            for _ in range(runs):
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            faults[key] += after.ru_minflt - before.ru_minflt
-            kernel_s[key] += after.ru_stime - before.ru_stime
-    # Page faults and kernel CPU time per timed step (getrusage: the whole process, but only one side runs at a time).
-    return {key: {"median_s": statistics.median(t), "all_s": t, "minor_faults_per_step": faults[key] / len(t),
-                  "kernel_s_per_step": kernel_s[key] / len(t)} for key, t in times.items()}
-
-
-def _jax_callable(compiled, state, inputs, mode):
-    """Wraps a compiled step so repeated calls thread the (donated) train state through."""
-    import jax
-
-    holder = [state]
-
-    def call():
-        if mode == "infer":
-            jax.block_until_ready(compiled(holder[0], *inputs))
-        else:
-            holder[0], loss = compiled(holder[0], *inputs)
-            jax.block_until_ready(loss)
-    return call
-
-
-def profile_step(call, compiled, trace_dir: str, top: int = 15) -> dict:
-    """Traces one call of the compiled step and sums the device time of its HLO ops.
-
-    Ops are grouped two ways: by HLO kind (fusions by fusion kind: `kCustom` are library calls such as
-    matmuls and library convolutions, `kLoop` the generated elementwise/reduction loops), and by the JAX
-    op that produced them (`op_name` metadata, block indices folded so that e.g. every block's conv2
-    backward adds up). Returns milliseconds per group, largest first.
-    """
-    import collections
-    import glob
-    import gzip
-    import re
-
-    import jax
-
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        call()
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
-    if not files:
-        raise RuntimeError(f"jax.profiler wrote no *.trace.json.gz under {trace_dir}")
-    with gzip.open(files[-1]) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    ops = {}
-    for line in compiled.as_text().splitlines():
-        # The result type is one shape or a tuple of them (a custom call with two outputs).
-        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\(", line)
-        if match:
-            kind = re.search(r"kind=(\w+)", line) if match.group(2) == "fusion" else None
-            op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[match.group(1)] = (match.group(2) + (f":{kind.group(1)}" if kind else ""),
-                                   re.sub(r"(layer|block)\d_\d+", r"\1*", op_name.group(1)) if op_name else "?")
-    by_kind, by_op = collections.Counter(), collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event.get("name") in ops:
-            kind, op_name = ops[event["name"]]
-            by_kind[kind] += event["dur"] / 1e3
-            by_op[f"{kind} {op_name}"] += event["dur"] / 1e3
-    return {"trace_dir": trace_dir, "total_ms": sum(by_kind.values()),
-            "by_kind_ms": dict(by_kind.most_common(top)), "by_op_ms": dict(by_op.most_common(top))}
-
-
-# -------------------------------------------------------------------------------- data-parallel FLOPs
-def check_batch_divides(batch: int, devices: int) -> None:
-    """Raises a ValueError naming the fix when the global batch does not split evenly over devices."""
-    if batch % devices:
-        raise ValueError(f"--batch {batch} is not divisible by --devices {devices}; use a multiple of {devices}")
-
-
-def flops_check(args) -> dict:
-    """Per-device FLOPs of the shard_map and plain-jit data-parallel steps vs the single-device step.
-
-    Runs in a process whose XLA_FLAGS give it `args.devices` host devices. Counts come from
-    `compiled.cost_analysis()['flops']`, which XLA reports per device for a partitioned program.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from resnext_jax.models.registry import create_model
-
-    num = jax.device_count()
-    check_batch_divides(args.batch, num)
-    # Auto axes: the plain-jit contrast is GSPMD propagation from a batch-sharded input, not explicit sharding types.
-    mesh = jax.make_mesh((num,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    res, classes = args.flops_resolution, 1000
-    fields = dict(conv_impl=args.flops_conv_impl, scan_blocks=args.scan_blocks)
-    local = create_model(args.model, **fields)
-    synced = create_model(args.model, bn_axis_name="data", **fields)
-    rng = jax.random.key(0)
-    images = jnp.zeros((args.batch, res, res, 3))
-    labels = jnp.zeros((args.batch,), jnp.int32)
-    variables = jax.eval_shape(lambda: local.init(rng, images[:1], train=False))
-    tx = optax.adamw(1e-3)
-
-    def step_for(model, axis_name=None, update=True):
-        if args.mode == "infer":
-            return lambda v, x, y: model.apply(v, x, train=False)
-        return _train_step_fn(model, tx, classes, axis_name, update)
-
-    state = variables if args.mode == "infer" else (
-        variables["params"], variables["batch_stats"], jax.eval_shape(tx.init, variables["params"]))
-
-    def flops(fn, sharded_batch: bool = False):
-        def spec(tree, sharding):
-            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-        args = (state, images, labels)
-        if sharded_batch:
-            args = (spec(state, NamedSharding(mesh, P())), *spec((images, labels), NamedSharding(mesh, P("data"))))
-        return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
-
-    def shard_mapped(update=True):
-        out_specs = P("data") if args.mode == "infer" else (P(), P())
-        return jax.shard_map(step_for(synced, "data", update), mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                             out_specs=out_specs, check_vma=False)
-
-    single = flops(step_for(local))
-    per_device_shard_map = flops(shard_mapped(), sharded_batch=True)
-    per_device_jit = flops(step_for(local), sharded_batch=True)
-    result = {"devices": num, "conv_impl": args.flops_conv_impl, "resolution": res, "mode": args.mode,
-              "single_device_flops": single,
-              "shard_map_per_device_flops": per_device_shard_map,
-              "shard_map_ratio": per_device_shard_map * num / single,
-              "jit_per_device_flops": per_device_jit,
-              "jit_ratio": per_device_jit * num / single}
-    if args.mode == "train":
-        # Without the optimizer update, which every data-parallel replica runs in full on its copy of the params.
-        grads_single = flops(step_for(local, update=False))
-        result["shard_map_gradient_ratio"] = flops(shard_mapped(update=False), sharded_batch=True) * num / grads_single
-        result["jit_gradient_ratio"] = flops(step_for(local, update=False), sharded_batch=True) * num / grads_single
-    return result
-
-
-def run_flops_check_subprocess(args, argv) -> dict:
-    """Runs `flops_check` in a child process with N host devices (XLA_FLAGS must be set before jax loads)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", *argv, "--_flops-check"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode:
-        errors = [line for line in result.stderr.strip().splitlines() if "Error" in line or "error" in line]
-        return {"error": (errors or result.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------------------------------------ main
 def run(args, argv) -> dict:
     """Compiles and times the JAX step (and torchvision's); returns the results dict."""
     import jax
     import jax.numpy as jnp
 
+    from resnext_jax.benchmarks.data_parallel import run_flops_check_subprocess
+    from resnext_jax.benchmarks.jax_step import make_jax_step
+    from resnext_jax.benchmarks.timing import compile_step, jax_callable, measured_matmul_tflops, time_in_blocks
+    from resnext_jax.benchmarks.torch_step import make_torch_step, torch_device
     from resnext_jax.models.registry import create_model
     from resnext_jax.ops.host_memory import huge_pages_enabled
 
@@ -423,7 +109,7 @@ def run(args, argv) -> dict:
                          scan_blocks=args.scan_blocks)
     step, state, inputs = make_jax_step(model, args.mode, args.batch, args.resolution)
     compiled, compile_s, memory = compile_step(step, state, inputs)
-    steps = {"jax": _jax_callable(compiled, state, inputs, args.mode)}
+    steps = {"jax": jax_callable(compiled, state, inputs, args.mode)}
     torch_version = torch_on = None
     if not args.no_torch:
         try:
@@ -476,6 +162,7 @@ def run(args, argv) -> dict:
                        torch_device=torch_on,
                        torch_optimizer=args.torch_optimizer if args.mode == "train" else None)
     if args.profile:
+        from resnext_jax.benchmarks.timing import profile_step
         results["profile"] = profile_step(steps["jax"], compiled, args.profile)
     if args.devices > 1:
         results["data_parallel_flops"] = run_flops_check_subprocess(args, argv)
@@ -513,7 +200,8 @@ def format_results(r: dict) -> str:
     prof = r.get("profile")
     if prof:
         lines.append(f"  profile of one step ({prof['total_ms']:.0f} ms of ops, trace in {prof['trace_dir']}):")
-        lines += [f"    {ms:8.1f} ms {100 * ms / prof['total_ms']:5.1f}%  {kind}" for kind, ms in prof["by_kind_ms"].items()]
+        lines += [f"    {ms:8.1f} ms {100 * ms / prof['total_ms']:5.1f}%  {kind}"
+                  for kind, ms in prof["by_kind_ms"].items()]
         lines.append("  largest ops by JAX op_name:")
         lines += [f"    {ms:8.1f} ms  {op}" for op, ms in prof["by_op_ms"].items()]
     dp = r.get("data_parallel_flops")
@@ -533,9 +221,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.flops_check:
+        from resnext_jax.benchmarks.data_parallel import flops_check
         print(json.dumps(flops_check(args)))
         return 0
     if args.devices > 1:
+        from resnext_jax.benchmarks.data_parallel import check_batch_divides
         check_batch_divides(args.batch, args.devices)
     if not args.no_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # room for torch on the same GPU
