@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from resnext_jax.models.layers import (Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation,
                                        norm_layer)
-from resnext_jax.ops.pool import global_avg_pool
+from resnext_jax.ops.pool import avg_pool_2x2_ceil, global_avg_pool
 
 ModuleDef = Any
 
@@ -112,6 +112,10 @@ class Network(nn.Module, kw_only=True):
 class ResidualBlock(nn.Module, kw_only=True):
     """Fields every residual block has: its layer definitions (from `Network.layers`), stride and options.
 
+    `avg_down`: a strided projection shortcut average-pools (2x2) first and then runs its 1x1 conv at stride 1
+    (ResNet-D), instead of a strided 1x1 conv that reads one pixel in four. `se_divisor`: the SE width's
+    rounding (`models.resnet.se_features`).
+
     A block is called as `block(x, drop_path_rate=None)`; `drop_path_rate`, when given, overrides the field (a
     traced per-block rate under `scan_blocks`).
     """
@@ -123,6 +127,8 @@ class ResidualBlock(nn.Module, kw_only=True):
     se_ratio: float = 0.0
     drop_path_rate: float = 0.0
     zero_init_last: bool = False
+    avg_down: bool = False
+    se_divisor: int = 1
 
     @property
     def unit(self) -> ConvNormAct:
@@ -136,7 +142,7 @@ def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_s
     """The end of a residual block: `act(drop(se(norm(conv(y)))) + shortcut(x))`.
 
     The last conv-norm is named `names`; the shortcut is `x`, or a strided 1x1 conv-norm named `shortcut_names`
-    where the stride or the width changes; `se_features` adds squeeze-excitation (`se`) after the last norm.
+    where the stride or the width changes (with `avg_down`, a 2x2 average pool and a stride-1 conv-norm); `se_features` adds squeeze-excitation (`se`) after the last norm.
     The last norm's scale starts at zero with `zero_init_last`.
     """
     rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
@@ -146,6 +152,9 @@ def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_s
     def shortcut():
         if block.strides == 1 and x.shape[-1] == features:
             return x
+        if block.avg_down:
+            return unit(avg_pool_2x2_ceil(x, block.strides), features, (1, 1), 1, names=shortcut_names, act=False,
+                        fuse_next=True)
         return unit(x, features, (1, 1), block.strides, names=shortcut_names, act=False, fuse_next=True)
 
     def post(y):

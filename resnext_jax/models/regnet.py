@@ -83,6 +83,8 @@ class RegNet(Network):
       depth, w_0, w_a, w_m, group_width, bottleneck_multiplier: the design-space parameters.
       se_ratio: 0 for RegNetX, 0.25 for RegNetY.
       stem_width: stem output channels (32 in torchvision).
+      width_rounding: "torchvision" (`regnet_widths`) or "timm" (`models.timm_names.timm_regnet_widths`): the
+        two round a stage's bottleneck to its group width differently, which changes five of timm's RegNets.
       Shared fields: see `Network`; with `scan_blocks` the stacked blocks live under `block{s}_rest`.
     """
     depth: int
@@ -92,6 +94,7 @@ class RegNet(Network):
     group_width: int
     bottleneck_multiplier: float = 1.0
     stem_width: int = 32
+    width_rounding: str = "torchvision"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -109,8 +112,14 @@ class RegNet(Network):
         return self.head(features, train, return_features, kernel_init=nn.initializers.normal(0.01))
 
     def widths(self) -> tuple[list[int], list[int], list[int]]:
-        """`(stage_widths, stage_depths, group_widths)` of this design point (`regnet_widths`)."""
-        return regnet_widths(self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier)
+        """`(stage_widths, stage_depths, group_widths)` of this design point, rounded as `width_rounding` says."""
+        args = self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier
+        if self.width_rounding == "timm":
+            from resnext_jax.models.timm_names import timm_regnet_widths  # it builds on regnet_widths
+            return timm_regnet_widths(*args)
+        if self.width_rounding != "torchvision":
+            raise ValueError(f"width_rounding={self.width_rounding!r}; use 'torchvision' or 'timm'")
+        return regnet_widths(*args)
 
     def stage_specs(self) -> list[dict]:
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""

@@ -19,6 +19,9 @@ from resnext_jax.ops.pool import max_pool_3x3s2
 ModuleDef = Any
 
 
+STEM_TYPES = ("", "deep", "deep_tiered")
+
+
 def bottleneck_width(filters: int, base_width: int, cardinality: int) -> int:
     """Channels of a bottleneck's grouped 3x3 conv, as torchvision computes them:
     `int(filters * base_width / 64) * cardinality`."""
@@ -61,10 +64,18 @@ class Bottleneck(ResidualBlock):
         return _tail(self, x, y, (1, 1), "3", drop_path_rate)
 
 
+def se_features(channels: int, se_ratio: float, divisor: int = 1) -> int:
+    """Squeeze width of a block's SE: `round(channels * se_ratio)`, or with `divisor > 1` timm's
+    `make_divisible(channels * se_ratio, divisor, round_limit=0)` (seresnext*: 1/16, 8)."""
+    if divisor <= 1:
+        return max(1, round(channels * se_ratio))
+    return max(divisor, int(channels * se_ratio + divisor / 2) // divisor * divisor)
+
+
 def _tail(block, x, y, kernel_size, last: str, drop_path_rate):
     """Both blocks' `residual_tail`: conv/bn `{last}`, the `downsample` shortcut, SE as `se`."""
     out_features = block.filters * block.expansion
-    se = max(1, round(out_features * block.se_ratio)) if block.se_ratio else None
+    se = se_features(out_features, block.se_ratio, block.se_divisor) if block.se_ratio else None
     return residual_tail(block, x, y, out_features, kernel_size, names=(f"conv{last}", f"bn{last}"),
                          shortcut_names=("downsample_conv", "downsample_bn"), drop_path_rate=drop_path_rate,
                          se_features=se)
@@ -82,7 +93,13 @@ class ResNet(Network):
       block_cls: `BasicBlock`, `Bottleneck`, or any `ResidualBlock` with their fields (`filters`, ...).
       cardinality: groups of each bottleneck's 3x3 conv (ResNeXt's C).
       bottleneck_width: channels per group at the first stage (ResNeXt's d; 64 for ResNet, 128 for Wide).
-      num_filters: base width of the first stage.
+      num_filters: base width of the first stage (and the 7x7 stem's output).
+      stem_type: '' (one 7x7/2 conv), 'deep' (three 3x3 convs of `stem_width`, `stem_width`, `2 * stem_width`
+        channels, the first strided: ResNet-C/D) or 'deep_tiered' (`3 * (stem_width // 4)`, `stem_width`,
+        `2 * stem_width`); timm's names `conv1_0`, `conv1_1`, `conv1_3`, `conv1_4`, `conv1_6`, then `bn1`.
+      stem_width: width of a deep stem's first convs.
+      avg_down: average-pool shortcuts (ResNet-D, see `ResidualBlock`).
+      se_divisor: SE width rounding (`se_features`; 8 for timm's SE-ResNeXts).
       Shared fields (dtype, norm, conv, scan_blocks, ...): see `Network`; with `scan_blocks` the stacked
       blocks live under `layer{s}_rest`.
     """
@@ -91,6 +108,10 @@ class ResNet(Network):
     cardinality: int = 1
     bottleneck_width: int = 64
     num_filters: int = 64
+    stem_type: str = ""
+    stem_width: int = 32
+    avg_down: bool = False
+    se_divisor: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -99,6 +120,14 @@ class ResNet(Network):
         x = x.astype(self.dtype)
         if self.small_stem:
             x = layers.unit(x, self.num_filters, (3, 3), names=("conv1", "bn1"))
+        elif self.stem_type:
+            if self.stem_type not in STEM_TYPES:
+                raise ValueError(f"stem_type={self.stem_type!r}; use one of {STEM_TYPES}")
+            first = 3 * (self.stem_width // 4) if self.stem_type == "deep_tiered" else self.stem_width
+            x = layers.unit(x, first, (3, 3), 2, names=("conv1_0", "conv1_1"))
+            x = layers.unit(x, self.stem_width, (3, 3), names=("conv1_3", "conv1_4"))
+            x = layers.unit(x, 2 * self.stem_width, (3, 3), names=("conv1_6", "bn1"))
+            x = max_pool_3x3s2(x, differentiable=train, platform=layers.platform)
         else:
             x = layers.unit(x, self.num_filters, (7, 7), 2, names=("conv1", "bn1"))
             x = max_pool_3x3s2(x, differentiable=train, platform=layers.platform)
@@ -107,7 +136,8 @@ class ResNet(Network):
             block = functools.partial(
                 self.block_cls, filters=self.num_filters * 2 ** stage, conv=layers.conv, norm=layers.norm,
                 act=layers.act, drop_path=layers.drop_path, cardinality=self.cardinality,
-                bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
+                bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio, zero_init_last=self.zero_init_last,
+                avg_down=self.avg_down, se_divisor=self.se_divisor)
             stages.append((block, num_blocks, 2 if stage > 0 else 1))
         features = self.run_stages(x, stages, "layer")
         # torchvision's ResNet head keeps nn.Linear's default init; lecun_normal has the same variance scale.

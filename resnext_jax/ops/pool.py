@@ -66,3 +66,19 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     h, w = x.shape[1:3]
     weights = jnp.full((h, w), 1.0 / (h * w), jnp.float32)
     return jnp.einsum("nhwc,hw->nc", x.astype(jnp.float32), weights, precision=lax.Precision.HIGHEST)
+
+
+def avg_pool_2x2_ceil(x: jax.Array, stride: int) -> jax.Array:
+    """2x2 average pool with `stride` over NHWC `x`, torch's `AvgPool2d(2, stride, ceil_mode=True,
+    count_include_pad=False)`: windows that run past the bottom or right edge average the pixels they cover (the
+    ResNet-D shortcut)."""
+    if stride == 1:
+        return x
+    h, w = x.shape[1:3]
+    pads = ((0, 0), (0, max(0, (-(-(h - 2) // stride)) * stride + 2 - h)),
+            (0, max(0, (-(-(w - 2) // stride)) * stride + 2 - w)), (0, 0))
+    window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
+    sums = lax.reduce_window(x.astype(jnp.float32), 0.0, lax.add, window, strides, pads)
+    ones = jnp.ones((1, h, w, 1), jnp.float32)
+    counts = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
+    return (sums / counts).astype(x.dtype)
