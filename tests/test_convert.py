@@ -18,7 +18,8 @@ from resnext_jax.summary import summarize
 # The fast subset keeps the ResNet and ResNeXt builders here; RegNets (X and Y) are checked against torchvision
 # in the fast subset by tests/test_scan.py (scanned regnet_x_400mf) and here in the slow list.
 FAST = {"resnet18", "resnet50", "resnext50_32x4d"}
-ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in resnext_jax.list_models()]
+TORCHVISION = resnext_jax.list_models(source="torchvision")  # timm's names: tests/test_timm.py
+ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in TORCHVISION]
 # How far bf16 may drift from float32 depends on the network (random deep nets amplify
 # rounding: 1-9% relative L2 on logits here), so the yardstick is torch's own bf16 autocast
 # on the same model and input. Ours measured within 1.15x of it; 1.5x plus 0.5% leaves room
@@ -30,7 +31,7 @@ def _param_count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", resnext_jax.list_models())
+@pytest.mark.parametrize("name", TORCHVISION)
 def test_param_count_equals_torchvision(name):
     model = resnext_jax.create_model(name)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
@@ -49,7 +50,7 @@ def _meta_at_224(name: str) -> dict:
     raise AssertionError(f"no 224px weights for {name}")
 
 
-@pytest.mark.parametrize("name", resnext_jax.list_models())
+@pytest.mark.parametrize("name", TORCHVISION)
 def test_summary_matches_torchvision_meta(name):
     summary = summarize(name, 224)
     meta = _meta_at_224(name)

@@ -28,14 +28,17 @@ from resnext_jax.convert.names import (
 )
 from resnext_jax.convert.sources import (CheckpointNotFoundError, ConversionError, WeightsDownloadError,  # noqa: F401
                                          load_torch_state_dict)
+from resnext_jax.convert.timm import from_timm, to_timm, wrong_converter_hint
 from resnext_jax.models.layout import stack_blocks, unstack_blocks
 from resnext_jax.models.registry import create_model, list_models, model_info
 
 __all__ = [
     "CheckpointNotFoundError",
     "ConversionError",
+    "from_timm",
     "from_torchvision",
     "load_torch_state_dict",
+    "to_timm",
     "to_torchvision",
 ]
 
@@ -119,7 +122,8 @@ def _torch_name_and_shape(family: str, flax_key: tuple[str, ...], flax_shape: tu
     return f"{torch_key} {_torch_shape(kind, tensor_name, flax_shape)}"
 
 
-def _builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[str]:
+def _builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+                          source: str = "torchvision") -> list[str]:
     """The builders of `family` whose stages match `shapes` (Flax keys -> Flax-layout shapes): the blocks per
     stage, the first block's 3x3 kernel shape and its widest output.
 
@@ -140,7 +144,7 @@ def _builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[in
     layout = [(stage, len(blocks[stage]), tuple(shapes.get(("params", f"{stage}_0", conv, "kernel"), ())),
                widest.get(stage, 0)) for stage in stages]
     matches = []
-    for builder in list_models():
+    for builder in list_models(source=source):
         if model_info(builder).family != family:
             continue
         expected = [(spec["name"], spec["blocks"], (3, 3, spec["bottleneck_width"] // spec["groups"],
@@ -207,6 +211,9 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
     """
     family = model_info(name).family
     state = load_torch_state_dict(name, source)
+    wrong = wrong_converter_hint(family, state, "from_torchvision")
+    if wrong:
+        raise ConversionError(f"cannot load this checkpoint into {name}: {wrong}")
     head = HEAD_PREFIX[family]
     head_shape = next((state[k].shape for k in (f"{head}.weight", f"{head}.bias") if k in state), ())
     ckpt_classes = int(head_shape[0]) if len(head_shape) else 0

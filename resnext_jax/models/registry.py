@@ -1,13 +1,18 @@
-"""Model registry: torchvision's builder names -> Flax modules, plus each model's preprocessing.
+"""Model registry: torchvision's builder names and timm's model names -> Flax modules, plus each model's
+preprocessing.
 
     model = create_model("resnext50_32x4d", num_classes=10, dtype=jnp.bfloat16)
+    model = create_model("regnety_032")          # timm's name (resnext_jax.convert.from_timm loads its weights)
+    list_models("regnety_*")                     # fnmatch patterns, as timm.list_models
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import numbers
+import re
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -15,8 +20,11 @@ import jax.numpy as jnp
 
 from resnext_jax.errors import InputError
 from resnext_jax.models.layers import ACTIVATIONS, NORMS
+from resnext_jax.models.pretrained import pretrained_config
 from resnext_jax.models.regnet import RegNet
 from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from resnext_jax.models.timm_names import TIMM_REGNETS, TIMM_RESNETS
+from resnext_jax.models.timm_pretrained_cfgs import DEFAULT_TAGS
 from resnext_jax.ops import CONV_IMPLS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,18 +33,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-    """What a model expects around it: torchvision's ImageNet presets for its weights.
+    """What a model expects around it: the ImageNet eval preset of its default weights, and whose name it is.
 
     Attributes:
       name: the builder name.
-      family: "resnet" or "regnet" (selects the converter's name map).
+      family: "resnet" or "regnet" (the module; with `sources` it selects the converter's name map).
+      sources: the libraries whose weights of this name load exactly: ("torchvision",), ("timm",) or both
+        (resnet50: one architecture, one entry). `resnext_jax.convert.from_timm` needs "timm" here.
       mean, std: per-channel normalization of [0, 1] RGB input.
       train_size: training crop.
       eval_size: evaluation center crop.
       resize_v1: shorter-side resize for IMAGENET1K_V1 weights (None if torchvision has none).
       resize_v2: shorter-side resize for IMAGENET1K_V2 weights (None if torchvision has none).
-      interpolation: resize filter (bilinear, with antialias).
+      interpolation: resize filter: "bilinear" (antialiased) for torchvision's presets, timm's default weights'
+        filter ("bicubic" mostly) for a timm-only name.
       weights: torchvision weight tags that exist for this builder.
+      crop_pct: for a timm-only name, its default weights' crop fraction: the eval resize is
+        floor(eval_size / crop_pct) (`resnext_jax.models.pretrained` holds every timm tag's preset).
     """
     name: str
     family: str
@@ -48,6 +61,8 @@ class ModelInfo:
     resize_v2: int | None = 232
     interpolation: str = "bilinear"
     weights: tuple[str, ...] = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+    sources: tuple[str, ...] = ("torchvision",)
+    crop_pct: float | None = None
 
 
 _RESNET = {"block_cls": Bottleneck}
@@ -56,6 +71,17 @@ _BUILDERS: dict[str, tuple[Callable[..., nn.Module], ModelInfo]] = {}
 
 def _register(name: str, family: str, builder, **info):
     _BUILDERS[name] = (builder, ModelInfo(name=name, family=family, **info))
+
+
+def _timm_preset(name: str) -> dict:
+    """ModelInfo fields for a timm-only name: the eval preset of timm's default weights for it, no torchvision
+    weights."""
+    info = {"sources": ("timm",), "resize_v1": None, "resize_v2": None, "weights": ()}
+    if name in DEFAULT_TAGS:
+        cfg = pretrained_config(name)
+        info.update(mean=cfg.mean, std=cfg.std, eval_size=cfg.input_size, interpolation=cfg.interpolation,
+                    crop_pct=cfg.crop_pct)
+    return info
 
 
 _V1_ONLY = {"resize_v2": None, "weights": ("IMAGENET1K_V1",)}
@@ -97,9 +123,48 @@ for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_Y.items():
               **_extra)
 
 
-def list_models() -> list[str]:
-    """All registered builder names (torchvision's), in registration order."""
-    return list(_BUILDERS)
+# timm's names for the same modules (resnext_jax.models.timm_names). A name timm shares with torchvision stays one
+# entry, now loadable from both; a timm-only name takes the preset of timm's default weights for it.
+for _name, (_stages, _basic, _card, _width) in TIMM_RESNETS.items():
+    if _name in _BUILDERS:
+        _builder, _info = _BUILDERS[_name]
+        _BUILDERS[_name] = (_builder, dataclasses.replace(_info, sources=("torchvision", "timm")))
+    else:
+        _register(_name, "resnet", functools.partial(
+            ResNet, stage_sizes=_stages, block_cls=BasicBlock if _basic else Bottleneck,
+            cardinality=_card, bottleneck_width=_width), **_timm_preset(_name))
+# Five timm RegNets round their widths the timm way (see timm_names); they join once RegNet takes that rounding.
+_TIMM_ROUNDING = "width_rounding" in {f.name for f in dataclasses.fields(RegNet)}
+for _name, (_d, _w0, _wa, _wm, _gw, _se, _timm_rounding) in TIMM_REGNETS.items():
+    if _timm_rounding and not _TIMM_ROUNDING:
+        continue
+    _fields = {"width_rounding": "timm"} if _timm_rounding else {}
+    _register(_name, "regnet", functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw,
+                                                 se_ratio=_se, **_fields), **_timm_preset(_name))
+
+
+def _timm_sort_key(name: str):
+    """timm's natural order: digit runs compare as numbers (regnetx_002 < regnetx_016 < regnetx_120)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def list_models(pattern: str | None = None, *, source: str | None = None) -> list[str]:
+    """Registered model names: torchvision's builders, then timm's names, in registration order.
+
+    Args:
+      pattern: an fnmatch pattern as in `timm.list_models` ("regnety_*", "*resnext*"); the matches come back in
+        timm's natural order (numbers compare as numbers).
+      source: "torchvision" or "timm": only names whose weights that library publishes under this name
+        (`ModelInfo.sources`).
+    """
+    if source is not None and source not in ("torchvision", "timm"):
+        raise InputError(f"source={source!r}; use 'torchvision', 'timm' or None (all)")
+    names = [n for n, (_, info) in _BUILDERS.items() if source is None or source in info.sources]
+    if pattern is None:
+        return names
+    if not isinstance(pattern, str):
+        raise InputError(f"pattern must be an fnmatch string such as 'regnety_*', not {type(pattern).__name__}")
+    return sorted((n for n in names if fnmatch.fnmatchcase(n, pattern)), key=_timm_sort_key)
 
 
 def _lookup(name: str):
@@ -111,7 +176,7 @@ def _lookup(name: str):
 
 
 def create_model(name: str, **overrides) -> nn.Module:
-    """Builds the Flax module for torchvision builder `name`, with any module field overridden.
+    """Builds the Flax module for `name` (a torchvision builder or a timm name), with any module field overridden.
 
     Example: `create_model("resnext50_32x4d", num_classes=10, dtype=jnp.bfloat16, drop_path_rate=0.1)`.
     Raises `InputError` (a ValueError) for an unknown name (listing the closest matches), an unknown field, or a
@@ -220,5 +285,6 @@ def _field_problems(model: nn.Module) -> list[str]:
 
 
 def model_info(name: str) -> ModelInfo:
-    """Preprocessing metadata for `name` (mean, std, train/eval size, V1/V2 resize sizes)."""
+    """Preprocessing metadata for `name` (mean, std, train/eval size, V1/V2 resize sizes, crop_pct) and whose
+    name it is (`sources`). Per timm weight tag: `resnext_jax.models.pretrained.pretrained_config`."""
     return _lookup(name)[1]
