@@ -60,9 +60,9 @@ def free_grouped(layers):
             return real_conv(x, kernel, strides=strides, padding=padding, groups=groups, **kwargs)
         return stand_in(x, kernel, tuple(strides), padding, groups)
 
-    def canonical(x, kernel, strides, padding, groups, impl):
+    def canonical(x, kernel, strides, padding, groups, impl, platform="cpu"):
         if groups == 1:
-            return real_canonical(x, kernel, strides, padding, groups, impl)
+            return real_canonical(x, kernel, strides, padding, groups, impl, platform)
         return stand_in(x, kernel, tuple(strides), padding, groups)
 
     @contextlib.contextmanager
@@ -79,7 +79,7 @@ def free_grouped(layers):
 def dense_convs(layers, model, batch: int, resolution: int) -> list[tuple]:
     """`(x shape, kernel shape, strides, padding)` of every dense conv the model's forward runs. Recorded with
     `conv_impl='xla'`, under which every conv is a `conv2d` call: with 'auto', inference on an AVX2 CPU hands
-    the 1x1 convs with their batch norms to `native.matmul_affine` instead."""
+    the 1x1 convs with their batch norms to `cpu.matmul_affine` instead."""
     import jax
     import jax.numpy as jnp
 

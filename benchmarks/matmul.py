@@ -1,10 +1,10 @@
-"""Per-shape timing of `native.matmul_affine` against XLA's matmul + batch-norm pass, at the 1x1 convs' shapes.
+"""Per-shape timing of `cpu.matmul_affine` against XLA's matmul + batch-norm pass, at the 1x1 convs' shapes.
 
     python benchmarks/matmul.py [--model resnext50_32x4d|resnet50] [--runs 15]
 
 Each row: M x K -> N (batch 8 at 224², one row per distinct 1x1 conv shape), the median ms of the jitted
 `relu(a @ b * s + h)` and `relu(a @ b * s + h + r)` under `ops.inference_compiler_options()` (XLA), and of
-`native.matmul_affine` for the same (docs/benchmarks.md, twelfth session). Run it on an idle machine.
+`cpu.matmul_affine` for the same (docs/benchmarks.md). Run it on an idle machine.
 """
 from __future__ import annotations
 
@@ -42,10 +42,11 @@ def main(argv=None) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from resnext_jax.ops import inference_compiler_options, native
+    from resnext_jax import cpu
+    from resnext_jax.ops import inference_compiler_options
 
-    if not native.available():
-        raise SystemExit(f"the native kernels are unavailable here: {native.unavailable_reason()}")
+    if not cpu.available():
+        raise SystemExit(f"the native kernels are unavailable here: {cpu.unavailable_reason()}")
     options = inference_compiler_options()
     rng = np.random.default_rng(0)
     print(f"{'M x K -> N':>20} {'XLA+BN':>8} {'native':>8} {'XLA+BN+res':>11} {'native':>8}  (ms, medians of {args.runs})")
@@ -56,9 +57,9 @@ def main(argv=None) -> None:
         s, h = jnp.ones(n), jnp.zeros(n)
         steps = [
             (lambda a, b, s, h, r: jnp.maximum(a @ b * s + h, 0)),
-            (lambda a, b, s, h, r: native.matmul_affine(a, b, s, h, relu=True)),
+            (lambda a, b, s, h, r: cpu.matmul_affine(a, b, s, h, relu=True)),
             (lambda a, b, s, h, r: jnp.maximum(a @ b * s + h + r, 0)),
-            (lambda a, b, s, h, r: native.matmul_affine(a, b, s, h, r, relu=True)),
+            (lambda a, b, s, h, r: cpu.matmul_affine(a, b, s, h, r, relu=True)),
         ]
         times = []
         for step in steps:

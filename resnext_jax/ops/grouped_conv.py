@@ -20,7 +20,7 @@ hence the choice. Implementations:
   1x1 kernel) and one matmul per group. Autodiff turns it into matmuls too, which XLA:CPU runs
   at GEMM speed, while its own convolution backward does not come close: a 1x1 conv's
   forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
-- `native`: C++ AVX-512 or AVX2 kernels through `jax.ffi` (`resnext_jax.ops.native`, built on first use with
+- `native`: C++ AVX-512 or AVX2 kernels through `jax.ffi` (`resnext_jax.cpu`, built on first use with
   the system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
   on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
   group with channels a multiple of 16, or any multiple of 8 channels per group (dense convs included);
@@ -148,12 +148,9 @@ def kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
 
 def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
     """Whether the native conv's kernel gradient is better taken as matmuls (`kernel_grad_by_taps`): with the
-    AVX2 build, for dense convs that are strided or have at most 14x14 outputs. ResNet-50's 3x3 convs at
-    batch 8 on the 2-core AMD EPYC, native vs taps: 56->28x128 35.1 vs 26.5 ms, 28->14x256 33.3 vs 19.6,
-    14->7x512 38.7 vs 16.5, 14x14x256 18.0 vs 15.0, 7x7x512 23.9 vs 14.9; but 56x56x64 22.8 vs 53.3 and
-    28x28x128 19.8 vs 25.3 (docs/benchmarks.md). The AVX-512 build keeps its own kernel gradient everywhere
-    (seventh session: ResNet-50's dense 3x3 convs, forward and both gradients, 321 ms native against 508 ms
-    for the best pure-XLA backward, which took these taps at 28x28 and above); not re-measured shape by shape.
+    AVX2 build, for dense convs that are strided or have at most 14x14 outputs, where the matmuls measured
+    faster than the AVX2 kernel; the larger stride-1 ones stay native. The AVX-512 build keeps its own kernel
+    gradient everywhere (docs/benchmarks.md has the per-shape timings).
     """
     kh, kw, cin_g, out = kernel_shape
     return (cpu.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)

@@ -3,7 +3,7 @@
 // where a' = a, or with `masked`, a where mask > 0 and 0 elsewhere (a ReLU's backward from its output).
 // The forward's statistics are (x, x, 0): sum x and sum x^2; the backward's are (dy, x, mean) masked by
 // the block's output: sum dz and sum dz * (x - mean). Called from JAX through the XLA FFI
-// (resnext_jax/ops/native.py builds and registers it).
+// (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: XLA:CPU's reductions over all but the channel axis ran at 6-15 GB/s in a ResNeXt-50 train
 // step on the 2-core AMD EPYC, ~117 ms of its ~1.9 s (docs/benchmarks.md, tenth session); this is one

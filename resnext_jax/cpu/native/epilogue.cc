@@ -3,7 +3,7 @@
 // statistics (scale = gamma / sqrt(var + eps)), and the shortcut's own batch norm or the identity. The
 // mean is subtracted first, as XLA's batch norm does, not folded into the shift: with a large mean that
 // would cancel digits. Called from JAX through the XLA FFI
-// (resnext_jax/ops/native.py builds and registers it). AVX-512 or AVX2, as the build's flags say.
+// (resnext_jax/cpu/build.py builds and registers it). AVX-512 or AVX2, as the build's flags say.
 //
 // Why a kernel for one memory pass: XLA:CPU fuses a block's output computation into every consumer,
 // including the next block's residual add, so each block's output fusion recomputed all the earlier

@@ -2,7 +2,7 @@
 //   y[n, oy, ox, o] = sum over i, j, c of x[n, oy * sh + i, ox * sw + j, c] * w[i, j, c, o],
 // x (N, Hp, Wp, C), w (kh, kw, C, O), y (N, (Hp - kh) / sh + 1, (Wp - kw) / sw + 1, O), O a multiple of 16.
 // The ResNet stem's 7x7/2 conv on 3 channels and RegNet's 3x3/2 one (`native.few_channel_conv` pads and
-// calls it). Called from JAX through the XLA FFI (resnext_jax/ops/native.py builds and registers it).
+// calls it). Called from JAX through the XLA FFI (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: XLA:CPU ran ResNeXt-50's stem conv at about 80 GFLOP/s (24 ms of the ~470 ms inference step
 // at batch 8 on the 2-core AMD EPYC, docs/benchmarks.md, eleventh session), its 3 input channels too few for

@@ -3,7 +3,7 @@
 // xs (N, H, W, C), dy (N, H - th + 1, W - tw + 1, O), dw (th, tw, C, O), O a multiple of 32. The ResNet stem's
 // 7x7/2 conv on 3 channels becomes one of these after space-to-depth (4 x 4 taps of 12 channels;
 // `models.layers._kernel_grad_space_to_depth`). Called from JAX through the XLA FFI
-// (resnext_jax/ops/native.py builds and registers it).
+// (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: as XLA ops that gradient is 16 strided slices of a 12-channel tensor and 16 thin matmuls,
 // ~80 ms of a ResNeXt-50 train step at batch 8 on the 2-core AMD EPYC (docs/benchmarks.md, tenth session).

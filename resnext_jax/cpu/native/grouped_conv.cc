@@ -1,10 +1,10 @@
 // Grouped (and dense) 2-D convolution for XLA:CPU, forward and kernel gradient, called from JAX through the
-// XLA FFI (resnext_jax/ops/native.py builds and registers them).
+// XLA FFI (resnext_jax/cpu/build.py builds and registers them).
 //
 // Layouts are JAX's: input NHWC (N, H, W, C), kernel HWIO in Flax's `feature_group_count` layout
 // (KH, KW, C / G, O), output NHWC (N, Ho, Wo, O), float32. Supported: as many output as input channels
 // per group (`cg`), and `cg` 1, 2 or 4 with C a multiple of 16, or a multiple of 8 (dense convs included:
-// cg == C); resnext_jax/ops/native.py's `supports` says the same.
+// cg == C); resnext_jax/cpu/kernels.py's `supports` says the same.
 //
 // Forward (also the input gradient: the conv of dy, dilated by the stride, with the kernel flipped and
 // transposed within groups, which the forward does while packing the kernel). Output channels are computed

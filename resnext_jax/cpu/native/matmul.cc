@@ -2,7 +2,7 @@
 //   y[i, j] = act(sum over k of a'[i, k] * b[k, j] * scale[j] + shift[j] (+ residual[i, j])),  act = ReLU or none,
 //   a'[i, k] = a[i, k], or act'(a[i, k] * a_scale[k] + a_shift[k]) with act' ReLU or none,
 // a (M, K), b (K, N) with N a multiple of 8, scale and shift (N), residual (M, N), a_scale and a_shift (K).
-// Called from JAX through the XLA FFI (resnext_jax/ops/native.py builds and registers it): a 1x1 conv with its
+// Called from JAX through the XLA FFI (resnext_jax/cpu/build.py builds and registers it): a 1x1 conv with its
 // inference batch norm, for a residual block's last conv the shortcut's add and the ReLU, and the batch norm
 // and ReLU before the conv (`native.matmul_affine`).
 //

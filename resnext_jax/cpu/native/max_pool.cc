@@ -1,6 +1,6 @@
 // Gradient of a max pool (channels last, float32, padding that never wins): each output's gradient goes to
 // the first maximum of its window in row-major order, as torch's MaxPool2d and XLA's select-and-scatter
-// (`>=` keeps the earlier element) send it. Called from JAX through the XLA FFI (resnext_jax/ops/native.py
+// (`>=` keeps the earlier element) send it. Called from JAX through the XLA FFI (resnext_jax/cpu/build.py
 // builds and registers it).
 //
 // Why a kernel: XLA:CPU lowers the select-and-scatter of ResNet's 3x3/2 stem pool to index iotas, a concatenate
