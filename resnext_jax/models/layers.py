@@ -232,11 +232,13 @@ def norm_layer(norm: str | ModuleDef, groups: int = 32) -> ModuleDef:
 
 
 def bind(definition: ModuleDef, **fields) -> ModuleDef:
-    """`definition` with those of `fields` that its module class has (so one call binds any conv or norm)."""
-    cls = definition
+    """`definition` with those of `fields` that its module class has and that it does not set itself (so one call
+    binds any conv or norm, and `functools.partial(Conv2d, impl="gemm")` keeps its impl)."""
+    cls, given = definition, set()
     while isinstance(cls, functools.partial):
+        given |= set(cls.keywords)
         cls = cls.func
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - given
     return functools.partial(definition, **{k: v for k, v in fields.items() if k in names})
 
 
