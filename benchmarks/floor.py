@@ -78,8 +78,8 @@ def free_grouped(layers):
 
 def dense_convs(layers, model, batch: int, resolution: int) -> list[tuple]:
     """`(x shape, kernel shape, strides, padding)` of every dense conv the model's forward runs. Recorded with
-    `conv_impl='xla'`, under which every conv is a `conv2d` call: with 'auto', inference on an AVX2 CPU hands
-    the 1x1 convs with their batch norms to `cpu.matmul_affine` instead."""
+    `conv_impl='xla'`, under which every conv is a `conv2d` or (on CPU) `conv2d_canonical_grad` call: with 'auto',
+    inference on an AVX2 CPU hands the 1x1 convs with their batch norms to `cpu.matmul_affine` instead."""
     import jax
     import jax.numpy as jnp
 
@@ -88,20 +88,27 @@ def dense_convs(layers, model, batch: int, resolution: int) -> list[tuple]:
     model = model.clone(conv_impl="xla")
 
     seen = []
-    real_conv = layers.conv2d
+    real_conv, real_canonical = layers.conv2d, layers.conv2d_canonical_grad
 
-    def record(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), groups=1, **kwargs):
+    def note(x, kernel, strides, padding, groups):
         if groups == 1:
             seen.append((tuple(x.shape), tuple(kernel.shape), tuple(strides), tuple(map(tuple, padding))))
+
+    def record(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), groups=1, **kwargs):
+        note(x, kernel, strides, padding, groups)
         return real_conv(x, kernel, strides=strides, padding=padding, groups=groups, **kwargs)
+
+    def record_canonical(x, kernel, strides, padding, groups, *args):
+        note(x, kernel, strides, padding, groups)
+        return real_canonical(x, kernel, strides, padding, groups, *args)
 
     images = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
     variables = variable_shapes(model, resolution)
-    layers.conv2d = record
+    layers.conv2d, layers.conv2d_canonical_grad = record, record_canonical
     try:
         jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
     finally:
-        layers.conv2d = real_conv
+        layers.conv2d, layers.conv2d_canonical_grad = real_conv, real_canonical
     return seen
 
 
