@@ -98,6 +98,8 @@ def run(args, argv) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from resnext_jax import cpu
+
     from resnext_jax.benchmarks.data_parallel import run_flops_check_subprocess
     from resnext_jax.benchmarks.jax_step import make_jax_step
     from resnext_jax.benchmarks.timing import compile_step, jax_callable, measured_matmul_tflops, time_in_blocks
@@ -154,6 +156,8 @@ def run(args, argv) -> dict:
         "fraction_of_peak": flops / jax_s / 1e12 / peak if peak else None,
         "matmul_tflops": matmul_tflops, "matmul_size": matmul_size,
         "fraction_of_matmul": flops / jax_s / 1e12 / matmul_tflops,
+        # Which native CPU kernels the timed step uses, and why the others are not (resnext_jax.cpu.report()).
+        "native_kernels": cpu.report() if device.platform == "cpu" else None,
     }
     if "torch" in timings:
         torch_s = timings["torch"]["median_s"]
@@ -197,6 +201,11 @@ def format_results(r: dict) -> str:
     if r.get("matmul_tflops") and r["peak_source"] and not r["peak_source"].startswith("timed"):
         lines.append(f"    = {100 * r['fraction_of_matmul']:.1f}% of a {r['matmul_size']}^2 {r['dtype']} matmul "
                      f"timed in this run ({1e3 * r['matmul_tflops']:.0f} GFLOP/s)")
+    kernels = r.get("native_kernels")
+    if kernels:
+        used = ", ".join(kernels["used"])
+        why = kernels["unavailable_reason"] or "not used by this step"
+        lines.append(f"  native CPU kernels ({kernels['isa']}): {used}" if used else f"  native CPU kernels: none ({why})")
     prof = r.get("profile")
     if prof:
         lines.append(f"  profile of one step ({prof['total_ms']:.0f} ms of ops, trace in {prof['trace_dir']}):")
