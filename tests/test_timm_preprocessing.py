@@ -61,6 +61,76 @@ def test_table_matches_timm():
         assert f.read() == generate_table(), "regenerate with: python tests/test_timm_preprocessing.py"
 
 
+# (tag, preset): bicubic with crop_pct 0.95, torchvision's V2 weights as timm serves them (bilinear, 176 px at
+# 0.875), a small-input tag, and a test-size preset (288 at crop_pct 1.0).
+PRESETS = [("resnext50_32x4d.a1h_in1k", False), ("resnet50.tv2_in1k", False), ("resnet18.a3_in1k", False),
+           ("regnety_032.ra_in1k", True), ("regnetx_002.pycls_in1k", False)]
+
+
+def _sample_images():
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    return [Image.fromarray(image) for image in load_sample_images().images]  # china.jpg, flower.jpg: 640x427
+
+
+@pytest.mark.parametrize("tag, test_size", PRESETS)
+def test_eval_transform_matches_timms(tag, test_size):
+    """Our preset and transform give timm's `create_transform(**resolve_data_config(...))` pixels within 1/255."""
+    timm = pytest.importorskip("timm")
+    from resnext_jax.inference.images import normalize, preprocess
+    from resnext_jax.models.pretrained import pretrained_config
+
+    config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(tag).to_dict(),
+                                           use_test_size=test_size)
+    transform = timm.data.create_transform(**config)
+    ours = pretrained_config(tag).test_preset() if test_size else pretrained_config(tag)
+    assert (ours.crop_size, ours.crop_pct, ours.interpolation) == (config["input_size"][-1], config["crop_pct"],
+                                                                   config["interpolation"])
+    for image in _sample_images():
+        expected = transform(image).numpy().transpose(1, 2, 0)  # normalized CHW -> HWC
+        pixels = preprocess(image, ours.resize_size, ours.crop_size, ours.interpolation)
+        assert pixels.shape == expected.shape
+        mean, std = np.asarray(config["mean"]), np.asarray(config["std"])
+        np.testing.assert_allclose(pixels / 255.0, expected * std + mean, rtol=0, atol=1 / 255 + 1e-6)
+        np.testing.assert_allclose(normalize(pixels[None], ours.mean, ours.std)[0], expected, rtol=0,
+                                   atol=1e-5 / min(ours.std))
+
+
+def test_unknown_tags_and_interpolations_name_the_choices():
+    from PIL import Image
+
+    from resnext_jax.errors import InputError, UserError
+    from resnext_jax.inference.images import preprocess
+    from resnext_jax.models.pretrained import list_pretrained, pretrained_config
+
+    assert pretrained_config("regnety_032").tag == "regnety_032.ra_in1k"  # a bare name: timm's default weights
+    assert pretrained_config("resnext50_32x4d.a1h_in1k").resize_size == 235  # floor(224 / 0.95)
+    assert list_pretrained("regnety_032.*") == ["regnety_032.pycls_in1k", "regnety_032.ra_in1k",
+                                                "regnety_032.tv2_in1k"]
+    with pytest.raises(InputError, match="regnety_032's tags: regnety_032.pycls_in1k"):
+        pretrained_config("regnety_032.in22k")
+    with pytest.raises(UserError, match="use one of"):
+        preprocess(Image.new("RGB", (64, 48)), 40, 32, "lanczos")
+
+
+def test_load_model_uses_the_tags_preset(tmp_path):
+    """A timm .safetensors file with its weight tag as --model: timm's preset (bicubic, floor(224 / 0.95))."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from resnext_jax.inference import load_model
+
+    state = timm.create_model("regnetx_002").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    loaded = load_model(str(tmp_path / "model.safetensors"), model="regnetx_002.pycls_in1k")
+    pre = loaded.preprocessing
+    assert (loaded.name, pre.resize_size, pre.crop_size, pre.interpolation) == ("regnetx_002", 256, 224, "bicubic")
+    assert loaded.source["kind"] == "timm" and loaded.source["weights"] == "regnetx_002.pycls_in1k"
+    by_name = load_model(str(tmp_path / "model.safetensors"), model="regnetx_002").preprocessing
+    assert (by_name.resize_size, by_name.interpolation) == (256, "bicubic")  # its default weights' preset
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     text = generate_table()  # before the file is truncated: importing resnext_jax reads it

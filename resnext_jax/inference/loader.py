@@ -39,12 +39,15 @@ class Preprocessing:
       crop_size: the central crop_size x crop_size square is kept, and each RGB value v in [0, 1] becomes
       mean, std: (v - mean) / std per channel.
       class_names: one name per output class (torchvision's spelling for ImageNet; '0'..'9' for digits).
+      interpolation: the resize filter, "bilinear" (antialiased; torchvision's presets and training runs) or
+        "bicubic" (most timm weights: their resize_size is floor(crop_size / crop_pct)).
     """
     resize_size: int
     crop_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...]
+    interpolation: str = "bilinear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +95,12 @@ def load_model(source: str, *, model: str | None = None, which: str | int = "bes
     """Loads a usable model from a training workdir, a torchvision `.pth` file or a torchvision weight tag.
 
     Args:
-      source: a workdir (holds config.json and checkpoints/), a `.pth`/`.pt` state_dict file, or a torchvision
-        weight tag ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'; torchvision downloads it once).
+      source: a workdir (holds config.json and checkpoints/), a `.pth`/`.pt` state_dict file, a torchvision
+        weight tag ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'; torchvision downloads it once), timm's
+        `.safetensors` file, or a timm weight tag ('regnety_032.ra_in1k'; downloaded from the Hugging Face hub).
       model: the builder name; required for torchvision weights, and must match the run's model for a workdir.
+        A timm weight tag here ('resnext50_32x4d.a1h_in1k') names the model and the preset its file was
+        evaluated with (timm's crop_pct and bicubic resize); a timm-only name takes its default weights' preset.
       which: for a workdir, 'best' (highest logged eval top-1 among the kept checkpoints; the latest if none
         was evaluated), 'latest', 'ema' (the EMA weights of the latest checkpoint) or a step number.
       resize_size, crop_size: override the preset (e.g. a .pth whose preset is not torchvision's).
@@ -106,6 +112,8 @@ def load_model(source: str, *, model: str | None = None, which: str | int = "bes
     _refuse_exported(source)
     if os.path.isdir(source):
         loaded = _load_workdir(source, model, which)
+    elif _is_timm(source, model):
+        loaded = _load_timm(source, model)
     else:
         loaded = _load_torchvision(source, model)
     pre = loaded.preprocessing
@@ -207,6 +215,53 @@ def _load_torchvision(source: str, model: str | None) -> LoadedModel:
     return LoadedModel(name=model, module=module, variables=jax.device_put(variables), preprocessing=preprocessing,
                        source={"kind": "torchvision", "path": os.path.abspath(source) if is_file else None,
                                "which": None, "weights": tag, "step": None},
+                       config=None, model_kwargs={"num_classes": num_classes})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm weights
+
+
+def _is_timm(source: str, model: str | None) -> bool:
+    """timm's weights: a timm weight tag as the source or the model, a .safetensors file, or a timm-only name."""
+    from resnext_jax.models.pretrained import is_pretrained_tag
+    if is_pretrained_tag(source) or is_pretrained_tag(model) or source.endswith(".safetensors"):
+        return True
+    return model in list_models(source="timm") and model not in list_models(source="torchvision")
+
+
+def _load_timm(source: str, model: str | None) -> LoadedModel:
+    from resnext_jax.models.pretrained import is_pretrained_tag, pretrained_config
+    tag = source if is_pretrained_tag(source) else model if is_pretrained_tag(model) else None
+    name = model.split(".", 1)[0] if model else tag.split(".", 1)[0] if tag else None
+    if name is None:
+        raise UserError(f"{source} is a weights file; pass the model it belongs to, e.g. --model regnety_032, or "
+                        f"the timm weight tag it was saved from (--model regnety_032.ra_in1k) for its exact preset")
+    _check_model_name(name, "--model")  # a tag of another model as the source: from_timm names its model
+    from resnext_jax.convert import ConversionError, from_timm
+    try:
+        variables = from_timm(name, source)
+    except ImportError as error:
+        raise UserError(f"reading timm weights needs torch and safetensors ({error}); pip install -e '.[torch]'") \
+            from error
+    except ConversionError as error:  # its first line sums up and names the fix; then every key
+        raise UserError(f"{source} does not fit {name}: {str(error).splitlines()[0]} (--verbose lists every key)") \
+            from error
+    if tag:
+        cfg = pretrained_config(tag)
+        resize, crop, interpolation, mean, std = cfg.resize_size, cfg.crop_size, cfg.interpolation, cfg.mean, cfg.std
+    else:  # the name's default weights' preset (a timm-only name), else torchvision's
+        info = model_info(name)
+        crop, interpolation, mean, std = info.eval_size, info.interpolation, info.mean, info.std
+        resize = int(crop / info.crop_pct) if info.crop_pct else info.resize_v2 or info.resize_v1 or crop
+    num_classes = int(variables["params"]["fc"]["kernel"].shape[-1]) if "fc" in variables["params"] else 0
+    preprocessing = Preprocessing(resize_size=resize, crop_size=crop, mean=tuple(mean), std=tuple(std),
+                                  class_names=default_class_names(num_classes), interpolation=interpolation)
+    module = create_model(name, num_classes=num_classes)
+    is_file = os.path.exists(source)
+    return LoadedModel(name=name, module=module, variables=jax.device_put(variables), preprocessing=preprocessing,
+                       source={"kind": "timm", "path": os.path.abspath(source) if is_file else None, "which": None,
+                               "weights": tag, "step": None},
                        config=None, model_kwargs={"num_classes": num_classes})
 
 

@@ -47,7 +47,7 @@ def _read(path: str, loaded: LoadedModel, max_pixels: int):
     pre = loaded.preprocessing
     try:
         image, notes = image_io.read_image(path, max_pixels=max_pixels, resize_size=pre.resize_size)
-        return image_io.preprocess(image, pre.resize_size, pre.crop_size), tuple(notes), None
+        return image_io.preprocess(image, pre.resize_size, pre.crop_size, pre.interpolation), tuple(notes), None
     except image_io.ImageReadError as error:
         return None, (), str(error)
 
