@@ -10,7 +10,7 @@ With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge 
 arena) removes the faults too, but measured slower: 1.75-2.24 s.
 
 glibc reads tunables only when a process starts, so the command-line entry points (`python -m train`,
-`python -m resnext_jax.bench`) call `reexec_with_huge_pages()` first: when the machine would benefit,
+`python -m resnext_jax.benchmarks.step`) call `reexec_with_huge_pages()` first: when the machine would benefit,
 it re-executes the same command once with the tunable added to `GLIBC_TUNABLES`. Set
 `RESNEXT_JAX_HUGEPAGES=0` to turn that off; library users can export the tunable themselves.
 """
