@@ -133,11 +133,8 @@ for _name, (_stages, _basic, _card, _width) in TIMM_RESNETS.items():
         _register(_name, "resnet", functools.partial(
             ResNet, stage_sizes=_stages, block_cls=BasicBlock if _basic else Bottleneck,
             cardinality=_card, bottleneck_width=_width), **_timm_preset(_name))
-# Five timm RegNets round their widths the timm way (see timm_names); they join once RegNet takes that rounding.
-_TIMM_ROUNDING = "width_rounding" in {f.name for f in dataclasses.fields(RegNet)}
+# Five timm RegNets round their widths the timm way (see timm_names).
 for _name, (_d, _w0, _wa, _wm, _gw, _se, _timm_rounding) in TIMM_REGNETS.items():
-    if _timm_rounding and not _TIMM_ROUNDING:
-        continue
     _fields = {"width_rounding": "timm"} if _timm_rounding else {}
     _register(_name, "regnet", functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw,
                                                  se_ratio=_se, **_fields), **_timm_preset(_name))

@@ -5,7 +5,8 @@ shortcut, no pre-activation and no linear output are our `RegNet` with other key
 exist: torchvision's (`_make_divisible`, round half up and never more than 10% down), which timm uses only for its
 `*_tv` names (`group_min_ratio=0.9`), and timm's own `quantize_float` (Python's round, half to even). They give
 different widths for five names (regnetx_004, regnetx_040, regnety_008, regnety_040, regnety_080: a stage width
-whose bottleneck is an odd multiple of half the group width); `timm_regnet_widths` is timm's rule.
+whose bottleneck is an odd multiple of half the group width); `timm_regnet_widths` is timm's rule, which those
+five build with (`RegNet(width_rounding="timm")`).
 
 timm's plain ResNets (7x7 stem, conv1x1 shortcut, no attention or anti-aliasing) have torchvision's keys and
 arithmetic; where timm and torchvision share a name it is one registry entry.
