@@ -129,8 +129,8 @@ def _build(cxx: str, isa: str) -> str:
     os.replace(partial, target)
     seconds = time.perf_counter() - started
     BUILD.update(cached=False, seconds=round(seconds, 1))
-    logging.getLogger("resnext_jax").info("built the native CPU kernels (%s, %s) in %.0f s into %s",
-                                          os.path.basename(cxx), isa, seconds, target)
+    logging.getLogger("resnext_jax").warning("built the native CPU kernels (%s, %s) in %.0f s into %s",
+                                             os.path.basename(cxx), isa, seconds, target)
     return target
 
 
