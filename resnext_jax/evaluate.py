@@ -1,9 +1,10 @@
 """`python -m resnext_jax.evaluate SOURCE [--dataset NAME[:split]] [--batch-sizes 1,8,64] [--out DIR]`
 
-Evaluates a trained workdir or torchvision weights (anything `load_model` accepts) over a whole split and writes
+Evaluates a trained workdir, torchvision or timm weights (anything `load_model` accepts) over a whole split and writes
 report.json, report.md and confusion_matrix.png: top-1, top-5, loss, per-class accuracy, speed (img/s, p50/p95
 latency, compile time apart) at each batch size, peak memory, the model's per-stage table and the provenance.
-Every field is explained in docs/inference.md.
+Images go through the weights' own preset (a timm tag's crop_pct and bicubic resize). Every field is explained in
+docs/inference.md.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from resnext_jax.errors import run_cli
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.evaluate", description=__doc__.splitlines()[2])
-    parser.add_argument("source", help="a training workdir, a torchvision .pth file or a weight tag (IMAGENET1K_V2)")
+    parser.add_argument("source", help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
+                                       "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)")
     parser.add_argument("--dataset", help="NAME or NAME:split (default: the run's dataset and its eval split)")
-    parser.add_argument("--model", help="builder name; required for torchvision weights")
+    parser.add_argument("--model", help="builder name, required for torchvision weights; or a timm weight tag, "
+                                        "whose preset (crop_pct, interpolation) is then used")
     parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
     parser.add_argument("--data-dir", help="dataset directory (default: the run's, else $TFDS_DATA_DIR)")
     parser.add_argument("--batch", type=int, help="accuracy pass batch size (default: the run's eval batch)")

@@ -1,6 +1,6 @@
 """`python -m resnext_jax.predict SOURCE IMAGES... [--model NAME] [--top-k 5] [--batch 64] [--json|--csv]`
 
-Top-k classes of image files with a trained workdir or torchvision weights (anything `load_model` accepts).
+Top-k classes of image files with a trained workdir, torchvision or timm weights (anything `load_model` accepts).
 IMAGES are files, folders (searched recursively) or globs. Each bad file gets one `error: PATH: ...` line on
 stderr and the others still get predictions; the exit code is 1 if any file failed (2 if nothing could run).
 """
@@ -18,9 +18,11 @@ PROGRESS_MIN_IMAGES = 48  # below a few dozen images the bar is noise
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.predict", description=__doc__.splitlines()[2])
-    parser.add_argument("source", help="a training workdir, a torchvision .pth file or a weight tag (IMAGENET1K_V2)")
+    parser.add_argument("source", help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
+                                       "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)")
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
-    parser.add_argument("--model", help="builder name; required for torchvision weights")
+    parser.add_argument("--model", help="builder name, required for torchvision weights; or a timm weight tag, "
+                                        "whose preset (crop_pct, interpolation) is then used")
     parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="images per forward pass")

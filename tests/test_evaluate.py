@@ -109,7 +109,7 @@ REPORT_FIELDS = {
 }
 SPEED_RUN_FIELDS = ("batch_size", "compile_s", "iterations", "latency_ms_p50", "latency_ms_p95", "latency_ms_mean",
                     "images_per_s")
-NATIVE_FIELDS = ("available", "isa", "unavailable_reason", "ran", "targets")
+NATIVE_FIELDS = ("available", "isa", "unavailable_reason", "build", "used", "not_used", "ran", "targets")
 STAGE_FIELDS = ("name", "blocks", "groups", "bottleneck_width", "out_channels", "out_size", "params")
 
 

@@ -14,6 +14,7 @@ from torchvision.transforms._presets import ImageClassification
 
 from resnext_jax.data import autoaugment, loaders
 from resnext_jax.data import transforms as T
+from resnext_jax.errors import InputError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PHOTOS = load_sample_images().images  # china.jpg and flower.jpg, 427x640
@@ -37,6 +38,22 @@ def test_eval_transform_matches_torchvision_preset(photo, resize_size):
   # torchvision on a uint8 tensor resizes with torch's own antialiased kernel: within one gray level.
   from_tensor = preset(torch.from_numpy(PHOTOS[photo].copy()).permute(2, 0, 1)).permute(1, 2, 0).numpy()
   assert np.abs((ours - from_tensor) * std).max() <= 1 / 255 + 1e-5
+
+
+@pytest.mark.parametrize("photo", [0, 1])
+def test_one_resize_serves_bilinear_and_bicubic_presets(photo):
+  """"bicubic" is torchvision's Resize(size, BICUBIC) on PIL, which timm's eval transform calls; the default stays
+  the bilinear that training and torchvision's presets use, and an unknown filter fails once, at construction."""
+  image = Image.fromarray(PHOTOS[photo])
+  bicubic = TF.center_crop(TF.resize(image, 235, interpolation=TF.InterpolationMode.BICUBIC), 224)
+  np.testing.assert_array_equal(T.eval_transform(image, 235, 224, "bicubic"), np.asarray(bicubic))
+  bilinear = TF.center_crop(TF.resize(image, 235, interpolation=TF.InterpolationMode.BILINEAR), 224)
+  np.testing.assert_array_equal(T.eval_transform(image, 235, 224), np.asarray(bilinear))
+  assert np.abs(np.asarray(bicubic, np.int16) - np.asarray(bilinear, np.int16)).max() > 2
+  record = {"image": _encode(image, "PNG"), "label": 0, "mask": True}
+  np.testing.assert_array_equal(loaders._EvalTransform(235, 224, "bicubic").map(record)["image"], bicubic)
+  with pytest.raises(InputError, match=r"interpolation 'lanczos' is not supported; use one of \['bilinear', "):
+    loaders._EvalTransform(235, 224, "lanczos")
 
 
 def test_resized_crop_matches_torchvision_for_a_given_box():

@@ -183,16 +183,19 @@ class _PaddedEvalSource:
 
 
 class _EvalTransform(grain.MapTransform):
+  """Decodes one record and applies the eval preset; an undecodable image becomes zeros with mask False."""
 
-  def __init__(self, resize_size: int, image_size: int):
-    self.resize_size, self.image_size = resize_size, image_size
+  def __init__(self, resize_size: int, image_size: int, interpolation: str = "bilinear"):
+    T.resample_filter(interpolation)  # a bad name fails here, once, not as every image masked out as bad
+    self.resize_size, self.image_size, self.interpolation = resize_size, image_size, interpolation
 
   def map(self, record):
     mask = record["mask"]
     image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
     if mask:
       try:
-        image = T.eval_transform(T.decode_image(record["image"]), self.resize_size, self.image_size)
+        image = T.eval_transform(T.decode_image(record["image"]), self.resize_size, self.image_size,
+                                 self.interpolation)
       except Exception as error:  # An undecodable eval image is masked out (and counted), never fatal.
         _count_bad_image(error)
         mask = False
@@ -219,10 +222,12 @@ class EvalLoader:
 
   Every process yields `num_batches` batches; examples with mask False are padding (or undecodable images) and
   must be left out of metrics. Over all processes, every eval example appears exactly once with mask True.
+  `interpolation` is the resize filter: "bilinear" (torchvision's presets; what training evaluates with) or
+  "bicubic" (timm's, for the presets of most timm weights).
   """
 
   def __init__(self, name, *, data_dir, batch_size, image_size, resize_size, mean, std, worker_count,
-               process_index, process_count):
+               process_index, process_count, interpolation: str = "bilinear"):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
     info = datasets.dataset_info(name, data_dir)
@@ -232,7 +237,7 @@ class EvalLoader:
     self.num_batches = len(indices) // batch_size
     self._source = _PaddedEvalSource(source, indices)
     self._operations = [
-        _EvalTransform(resize_size or image_size, image_size),
+        _EvalTransform(resize_size or image_size, image_size, interpolation),
         grain.Batch(batch_size, drop_remainder=False),
         _Normalize(info.mean if mean is None else mean, info.std if std is None else std),
     ]

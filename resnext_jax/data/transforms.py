@@ -1,10 +1,11 @@
 """Per-image transforms on PIL images and uint8 numpy arrays (HWC, RGB).
 
 PIL does the resizing because its bilinear filter is the antialiased one that torchvision's presets use on PIL
-input, so `eval_transform` reproduces torchvision's `ImageClassification` preset exactly. OpenCV only decodes
-full-size RGB JPEGs for the train crop (`random_resized_crop` with `data`): the same libjpeg-turbo pixels as PIL,
-about 20% faster. Every random transform takes a numpy Generator, which grain seeds per record; that is what
-makes a restored iterator replay the same augmentations. Normalization happens once per batch in `normalize`.
+input, so `eval_transform` reproduces torchvision's `ImageClassification` preset exactly, and with "bicubic" the
+eval transform timm builds for most of its weights (`create_transform(**resolve_data_config(...))`). OpenCV only
+decodes full-size RGB JPEGs for the train crop (`random_resized_crop` with `data`): the same libjpeg-turbo pixels
+as PIL, about 20% faster. Every random transform takes a numpy Generator, which grain seeds per record; that is
+what makes a restored iterator replay the same augmentations. Normalization happens once per batch in `normalize`.
 """
 
 import io
@@ -13,6 +14,8 @@ import math
 import cv2
 import numpy as np
 from PIL import Image
+
+from resnext_jax.errors import InputError
 
 # One thread per process: the loaders parallelize over worker processes, and OpenCV's own pool would fight them.
 cv2.setNumThreads(1)
@@ -50,15 +53,33 @@ def decode_image(data: bytes) -> Image.Image:
   return to_pil(image)
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-  """Resizes so the shorter side is `size`, exactly like torchvision's `Resize(size)` (bilinear, antialiased)."""
+# PIL's filters by the names presets use (torchvision's `InterpolationMode` values, timm's `interpolation` strings).
+# Both are antialiased when they shrink: PIL widens the filter's support by the scale factor.
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resample_filter(interpolation: str) -> int:
+  """PIL's filter for `interpolation`; an InputError naming the choices for anything else (e.g. "lanczos")."""
+  if interpolation not in INTERPOLATIONS:
+    raise InputError(f"interpolation {interpolation!r} is not supported; use one of {list(INTERPOLATIONS)}")
+  return INTERPOLATIONS[interpolation]
+
+
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
+  """Resizes so the shorter side is `size`, exactly like torchvision's `Resize(size)` on PIL input.
+
+  timm's eval transform calls that same `Resize(size)` (with its bicubic for most weights), so one function serves
+  both presets: the longer side is truncated to int(size * long / short), and a shorter side already at `size`
+  leaves the image untouched.
+  """
+  resample = resample_filter(interpolation)
   width, height = image.size
   short, long = (width, height) if width <= height else (height, width)
   if short == size:
     return image
   new_short, new_long = size, int(size * long / short)
   new_size = (new_short, new_long) if width <= height else (new_long, new_short)
-  return image.resize(new_size, Image.BILINEAR)
+  return image.resize(new_size, resample)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -71,18 +92,21 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
   return image.crop((left, top, left + size, top + size))
 
 
-def eval_transform(image, resize_size: int, crop_size: int) -> np.ndarray:
-  """Resizes the shorter side to `resize_size` and center-crops `crop_size`: torchvision's eval preset.
+def eval_transform(image, resize_size: int, crop_size: int, interpolation: str = "bilinear") -> np.ndarray:
+  """Resizes the shorter side to `resize_size` and center-crops `crop_size`: torchvision's or timm's eval preset.
 
   Args:
     image: a PIL image or a uint8 (H, W, 3) array.
-    resize_size: 256 for V1-style weights, 232 for V2-style weights, as in torchvision's weight metadata.
+    resize_size: 256 for V1-style weights, 232 for V2-style weights, as in torchvision's weight metadata; for timm
+      weights floor(crop_size / crop_pct).
     crop_size: usually 224.
+    interpolation: "bilinear" (torchvision's presets, and what training runs evaluate with) or "bicubic" (most
+      timm weights).
 
   Returns:
     uint8 (crop_size, crop_size, 3).
   """
-  image = resize_shorter_side(to_pil(image), resize_size)
+  image = resize_shorter_side(to_pil(image), resize_size, interpolation)
   return np.asarray(center_crop(image, crop_size))
 
 

@@ -1,9 +1,10 @@
 """The measurements behind an evaluation report: accuracy with per-class counts, speed, peak memory.
 
-Accuracy runs the same padded, masked `create_eval_loader` pass and the same shard_map over all local devices as
-the training loop's eval step (same compiler options, same model with the BatchNorm axis name), but returns each
-example's prediction instead of sums, so the confusion matrix can be counted on the host. Its top-1 therefore
-equals the training log's top-1 for the same checkpoint exactly.
+Accuracy runs the same padded, masked `create_eval_loader` pass (with the model's interpolation: a timm weight's
+bicubic) and the same shard_map over all local devices as the training loop's eval step (same compiler options,
+same model with the BatchNorm axis name), but returns each example's prediction instead of sums, so the confusion
+matrix can be counted on the host. Its top-1 therefore equals the training log's top-1 for the same checkpoint
+exactly.
 
 Speed is measured separately on one device with random input: compile time apart, then per-batch latencies.
 """
@@ -34,15 +35,20 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
     return name, split or None
 
 
-def _eval_loader(loaded: LoadedModel, dataset: str, split: str | None, data_dir: str | None, batch_size: int):
-    from resnext_jax import data
+def eval_loader(loaded: LoadedModel, dataset: str, split: str | None = None, data_dir: str | None = None,
+                batch_size: int = 64):
+    """The padded, masked eval pass over `dataset` (its eval split, or `split`) with the model's whole preset:
+    sizes, mean and std, and its interpolation (a timm weight's bicubic; bilinear for torchvision and training
+    runs), so its pixels are the ones `predict` feeds the model and the ones its weights were evaluated with."""
+    from resnext_jax.data import loaders
 
     pre = loaded.preprocessing
     try:
-        loader = data.create_eval_loader(
+        # `create_eval_loader` builds this same EvalLoader but knows no interpolation (training evaluates bilinear).
+        loader = loaders.EvalLoader(
             dataset, data_dir=data_dir, batch_size=batch_size, image_size=pre.crop_size,
-            resize_size=pre.resize_size, mean=pre.mean, std=pre.std, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            resize_size=pre.resize_size, mean=pre.mean, std=pre.std, worker_count=0,
+            process_index=jax.process_index(), process_count=jax.process_count(), interpolation=pre.interpolation)
     except (FileNotFoundError, ValueError) as error:  # unknown or unprepared dataset: the message says what to do
         raise UserError(str(error)) from error
     if split and split != loader.info.eval_split:
@@ -98,7 +104,7 @@ def evaluate_accuracy(loaded: LoadedModel, dataset: str, *, split: str | None = 
         local_batch = distributed.check_batch_size(batch_size, mesh.size, "batch_size")
     except ValueError as error:
         raise UserError(str(error)) from error
-    loader = _eval_loader(loaded, dataset, split, data_dir, local_batch)
+    loader = eval_loader(loaded, dataset, split, data_dir, local_batch)
     num_classes = len(loaded.preprocessing.class_names)
     if loader.info.num_classes != num_classes:
         raise UserError(f"{dataset} has {loader.info.num_classes} classes but the model has {num_classes} outputs; "

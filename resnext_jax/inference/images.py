@@ -1,7 +1,8 @@
 """Reading the user's own image files safely, and the model's eval preset applied to them.
 
-The preset is `resnext_jax.data.transforms.eval_transform` and `normalize`, the functions `create_eval_loader`
-runs, so a photo gives the same input here as in evaluation, and torchvision's `ImageClassification` pixels.
+The preset is `resnext_jax.data.transforms.eval_transform` and `normalize`, the functions the eval loader runs,
+so a photo gives the same input here as in evaluation: torchvision's `ImageClassification` pixels, or timm's
+eval transform's for a timm weight's bicubic preset.
 
 A bad file raises `ImageReadError` with one line that says what is wrong with it: missing or unreadable, empty,
 not an image, truncated, or above the pixel limit. Two kinds of files that decode but would come out wrong are
@@ -97,30 +98,18 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return T.to_pil(image), notes
 
 
-# PIL filters by the names presets use (torchvision's `InterpolationMode`, timm's `interpolation` strings).
-INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
 def preprocess(image: Image.Image, resize_size: int, crop_size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """The eval preset's geometry: uint8 (crop_size, crop_size, 3).
+    """The eval preset's geometry, `transforms.eval_transform` itself: uint8 (crop_size, crop_size, 3).
 
     Bilinear is exactly `create_eval_loader`'s (torchvision's presets). "bicubic" is timm's eval transform for
     most of its weights: `create_transform(**resolve_data_config({}, model=...))` resizes the shorter side to
     `floor(crop_size / crop_pct)` (the `resize_size` of `resnext_jax.models.pretrained.PretrainedConfig`) with PIL's
     bicubic filter, then center-crops; the same pixels as timm's, before its `ToTensor` and `Normalize`.
+
+    Raises:
+      InputError: an interpolation other than "bilinear" or "bicubic" (the message names them).
     """
-    if interpolation == "bilinear":
-        return T.eval_transform(image, resize_size, crop_size)
-    if interpolation not in INTERPOLATIONS:
-        raise UserError(f"interpolation {interpolation!r} is not supported; use one of {list(INTERPOLATIONS)}")
-    image = T.to_pil(image)
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if short != resize_size:  # torchvision's Resize(int), which timm calls: the longer side is truncated
-        new_long = int(resize_size * long / short)
-        size = (resize_size, new_long) if width <= height else (new_long, resize_size)
-        image = image.resize(size, INTERPOLATIONS[interpolation])
-    return np.asarray(T.center_crop(image, crop_size))
+    return T.eval_transform(image, resize_size, crop_size, interpolation)
 
 
 def normalize(batch: np.ndarray, mean, std) -> np.ndarray:

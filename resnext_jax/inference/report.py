@@ -86,7 +86,8 @@ def provenance() -> dict:
     if backend == "cpu":
         kernels = cpu.report()  # available or why not, the build, and why each kernel unused so far is
     else:  # never build the C++ kernels just to say that a GPU or TPU does not use them
-        kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}"}
+        kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}",
+                   "build": {}, "used": [], "not_used": {}}  # cpu.report()'s fields, so every report has them
     return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
             "backend": backend, "process_count": jax.process_count(),
             "devices": [str(device) for device in jax.devices()], "git": git_commit(), "native_kernels": kernels}
@@ -120,7 +121,7 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
         "source": loaded.source,
         "model": model_section(loaded),
         "preprocessing": {"resize_size": pre.resize_size, "crop_size": pre.crop_size, "mean": list(pre.mean),
-                          "std": list(pre.std), "interpolation": "bilinear (antialiased)"},
+                          "std": list(pre.std), "interpolation": pre.interpolation},
         "dataset": {"name": accuracy["dataset"], "split": accuracy["split"], "examples": accuracy["count"],
                     "num_classes": len(names), "batch_size": accuracy["batch_size"],
                     "devices": accuracy["devices"]},
@@ -195,7 +196,7 @@ def render_markdown(report: dict) -> str:
     from resnext_jax.inference.evaluation import format_bytes
 
     acc, data, speed, memory = report["accuracy"], report["dataset"], report["speed"], report["memory"]
-    model, prov, source = report["model"], report["provenance"], report["source"]
+    model, prov, source, pre = report["model"], report["provenance"], report["source"], report["preprocessing"]
     where = source.get("path") or source.get("weights")
     step = f", step {source['step']}" if source.get("step") is not None else ""
     lines = [f"# {model['name']} on {data['name']}:{data['split']}", "",
@@ -232,9 +233,8 @@ def render_markdown(report: dict) -> str:
               f"- native CPU kernels ran: {ran}",
               f"- devices: {', '.join(prov['devices'])} ({prov['backend']}, {prov['process_count']} process(es))",
               f"- Python {prov['python']} on {prov['platform']}", f"- {versions}",
-              (f"- preprocessing: resize {report['preprocessing']['resize_size']}, crop "
-              f"{report['preprocessing']['crop_size']}, mean {report['preprocessing']['mean']}, std "
-              f"{report['preprocessing']['std']}"), "",
+              (f"- preprocessing: resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['crop_size']}, "
+               f"mean {pre['mean']}, std {pre['std']}"), "",
               "<details><summary>config</summary>", "", "```json", json.dumps(report["config"], indent=1), "```",
               "", "</details>", ""]
     return "\n".join(lines)
