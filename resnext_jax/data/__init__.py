@@ -52,11 +52,12 @@ def create_train_loader(name: str, *, data_dir: str | None = None, batch_size: i
 
 def create_eval_loader(name: str, *, data_dir: str | None = None, batch_size: int, image_size: int,
                        resize_size: int | None = None, mean=None, std=None, worker_count: int = 0,
-                       process_index: int = 0, process_count: int = 1) -> EvalLoader:
+                       process_index: int = 0, process_count: int = 1, interpolation: str = "bilinear") -> EvalLoader:
   """Returns a loader for one padded, masked pass over the eval split in this process.
 
-  Images are resized (shorter side to `resize_size`, bilinear with antialias) and center-cropped to
-  `image_size`, like torchvision's ImageClassification preset: resize_size=256 for V1 weights, 232 for V2.
+  Images are resized (shorter side to `resize_size`, bilinear with antialias, or `interpolation="bicubic"` as
+  timm's presets do) and center-cropped to `image_size`, like torchvision's ImageClassification preset:
+  resize_size=256 for V1 weights, 232 for V2.
   resize_size=None means image_size (no crop margin), which suits 32x32 datasets.
 
   Returns:
@@ -66,7 +67,7 @@ def create_eval_loader(name: str, *, data_dir: str | None = None, batch_size: in
   """
   return EvalLoader(name, data_dir=data_dir, batch_size=batch_size, image_size=image_size,
                     resize_size=resize_size, mean=mean, std=std, worker_count=worker_count,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count, interpolation=interpolation)
 
 
 def mixup_cutmix(*args, **kwargs):

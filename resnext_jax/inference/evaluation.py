@@ -40,12 +40,11 @@ def eval_loader(loaded: LoadedModel, dataset: str, split: str | None = None, dat
     """The padded, masked eval pass over `dataset` (its eval split, or `split`) with the model's whole preset:
     sizes, mean and std, and its interpolation (a timm weight's bicubic; bilinear for torchvision and training
     runs), so its pixels are the ones `predict` feeds the model and the ones its weights were evaluated with."""
-    from resnext_jax.data import loaders
+    from resnext_jax.data import create_eval_loader
 
     pre = loaded.preprocessing
     try:
-        # `create_eval_loader` builds this same EvalLoader but knows no interpolation (training evaluates bilinear).
-        loader = loaders.EvalLoader(
+        loader = create_eval_loader(
             dataset, data_dir=data_dir, batch_size=batch_size, image_size=pre.crop_size,
             resize_size=pre.resize_size, mean=pre.mean, std=pre.std, worker_count=0,
             process_index=jax.process_index(), process_count=jax.process_count(), interpolation=pre.interpolation)

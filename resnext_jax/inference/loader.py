@@ -32,10 +32,10 @@ _COMMIT_MARKER = "commit_success.txt"  # Orbax's, as in resnext_jax.training.che
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes model input, as `create_eval_loader` does it.
+    """How an image becomes model input, as `create_eval_loader(..., interpolation=...)` does it.
 
     Attributes:
-      resize_size: the shorter side is resized to this (bilinear, antialiased), then
+      resize_size: the shorter side is resized to this (with `interpolation`), then
       crop_size: the central crop_size x crop_size square is kept, and each RGB value v in [0, 1] becomes
       mean, std: (v - mean) / std per channel.
       class_names: one name per output class (torchvision's spelling for ImageNet; '0'..'9' for digits).
