@@ -22,8 +22,8 @@ from resnext_jax.errors import InputError
 from resnext_jax.models.layers import ACTIVATIONS, NORMS
 from resnext_jax.models.pretrained import pretrained_config
 from resnext_jax.models.regnet import RegNet
-from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet
-from resnext_jax.models.timm_names import TIMM_REGNETS, TIMM_RESNETS
+from resnext_jax.models.resnet import STEM_TYPES, BasicBlock, Bottleneck, ResNet
+from resnext_jax.models.timm_names import TIMM_REGNETS, TIMM_RESNETS, VARIANTS
 from resnext_jax.models.timm_pretrained_cfgs import DEFAULT_TAGS
 from resnext_jax.ops import CONV_IMPLS
 
@@ -124,15 +124,17 @@ for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_Y.items():
 
 
 # timm's names for the same modules (resnext_jax.models.timm_names). A name timm shares with torchvision stays one
-# entry, now loadable from both; a timm-only name takes the preset of timm's default weights for it.
-for _name, (_stages, _basic, _card, _width) in TIMM_RESNETS.items():
+# entry, now loadable from both; a timm-only name takes the preset of timm's default weights for it. A variant's
+# letters (resnet50d: "d") add their `VARIANTS` fields.
+for _name, (_stages, _basic, _card, _width, _variants) in TIMM_RESNETS.items():
     if _name in _BUILDERS:
         _builder, _info = _BUILDERS[_name]
         _BUILDERS[_name] = (_builder, dataclasses.replace(_info, sources=("torchvision", "timm")))
     else:
+        _fields = {k: v for variant in _variants for k, v in VARIANTS[variant].items()}
         _register(_name, "resnet", functools.partial(
             ResNet, stage_sizes=_stages, block_cls=BasicBlock if _basic else Bottleneck,
-            cardinality=_card, bottleneck_width=_width), **_timm_preset(_name))
+            cardinality=_card, bottleneck_width=_width, **_fields), **_timm_preset(_name))
 # Five timm RegNets round their widths the timm way (see timm_names).
 for _name, (_d, _w0, _wa, _wm, _gw, _se, _timm_rounding) in TIMM_REGNETS.items():
     _fields = {"width_rounding": "timm"} if _timm_rounding else {}
@@ -231,6 +233,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "num_filters": (_int_at_least(1), "an integer >= 1 (width of the first stage)"),
     "stage_sizes": (_positive_ints, "a non-empty list of integers >= 1 (blocks per stage), e.g. (3, 4, 6, 3)"),
     "stem_width": (_int_at_least(1), "an integer >= 1"),
+    "stem_type": (lambda v: v in STEM_TYPES, f"one of {list(STEM_TYPES)} ('': one 7x7 conv; timm's deep 3x3 stems)"),
+    "avg_down": (lambda v: isinstance(v, bool) or v in (0, 1), "True or False (average-pool shortcuts)"),
+    "se_divisor": (_int_at_least(1), "an integer >= 1 (SE widths round to multiples of it; 8 in timm's SE-ResNets)"),
+    "width_rounding": (lambda v: v in ("torchvision", "timm"), "'torchvision' or 'timm' (whose RegNet width rules)"),
     "depth": (_int_at_least(1), "an integer >= 1 (blocks in all)"),
     "group_width": (_int_at_least(1), "an integer >= 1 (channels per group)"),
     "w_0": (lambda v: _is_real(v) and v > 0, "a number > 0 (the first block's width)"),
@@ -278,6 +284,9 @@ def _field_problems(model: nn.Module) -> list[str]:
         problems.append(f"bottleneck_width={model.bottleneck_width} with num_filters={model.num_filters} gives "
                         f"0 channels per group in layer1 (int(num_filters * bottleneck_width / 64)); "
                         f"use num_filters * bottleneck_width >= 64")
+    if isinstance(model, ResNet) and model.stem_type == "deep_tiered" and model.stem_width < 4:
+        problems.append(f"stem_width={model.stem_width} gives the tiered stem's first conv 3 * (stem_width // 4) = 0 "
+                        f"channels; use stem_width >= 4 (timm's is 32)")
     return problems
 
 

@@ -9,7 +9,8 @@ whose bottleneck is an odd multiple of half the group width); `timm_regnet_width
 five build with (`RegNet(width_rounding="timm")`).
 
 timm's plain ResNets (7x7 stem, conv1x1 shortcut, no attention or anti-aliasing) have torchvision's keys and
-arithmetic; where timm and torchvision share a name it is one registry entry.
+arithmetic; where timm and torchvision share a name it is one registry entry. Its variants (deep stems,
+average-pool shortcuts, SE, GroupNorm: the letters of `VARIANTS`) are fields of the same `ResNet`.
 """
 from __future__ import annotations
 
@@ -60,40 +61,86 @@ SKIPPED_REGNETS = {
     "regnetz_040_h": "no shortcut on downsampling blocks, linear output, bottle_ratio 4, a final 1x1 conv, SiLU",
 }
 
-# name -> (stage_sizes, basic block?, cardinality, bottleneck_width): timm's plain ResNets (timm/models/resnet.py:
-# stem_type '', avg_down False, no attn_layer, no aa_layer, BatchNorm, ReLU).
+# timm's ResNet variant letters (timm/models/resnet.py's ResNet docstring) and prefixes -> our `ResNet` fields.
+# 't' is timm's code, a (24, 32, 64) stem (its docstring's 'tn'); 'e' (a 64-wide avg-down stem) names no model.
+VARIANTS = {
+    "c": {"stem_type": "deep"},  # three 3x3 convs (32, 32, 64) for the 7x7 one
+    "d": {"stem_type": "deep", "avg_down": True},  # 'c' and average-pool shortcuts
+    "s": {"stem_type": "deep", "stem_width": 64},  # a (64, 64, 128) deep stem
+    "t": {"stem_type": "deep_tiered", "avg_down": True},  # a tiered (24, 32, 64) deep stem and avg-pool shortcuts
+    # timm's SEModule after the last norm of every block: make_divisible(C / 16, 8) wide, ReLU, sigmoid gate.
+    "se": {"se_ratio": 1 / 16, "se_divisor": 8},
+    "gn": {"norm": "group"},  # GroupNorm of 32 groups, eps 1e-5, for every BatchNorm
+}
+
+_R18, _R34, _R101, _R152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
+# name -> (stage_sizes, basic block?, cardinality, bottleneck_width, VARIANTS keys): timm's ResNets built from
+# `_create_resnet` model_args our module expresses exactly (ReLU, no anti-aliasing, no ECA, max-pool stem).
 TIMM_RESNETS = {
-    "resnet18": ((2, 2, 2, 2), True, 1, 64),
-    "resnet26": ((2, 2, 2, 2), False, 1, 64),
-    "resnet34": ((3, 4, 6, 3), True, 1, 64),
-    "resnet50": ((3, 4, 6, 3), False, 1, 64),
-    "resnet101": ((3, 4, 23, 3), False, 1, 64),
-    "resnet152": ((3, 8, 36, 3), False, 1, 64),
-    "resnet200": ((3, 24, 36, 3), False, 1, 64),
-    "resnext50_32x4d": ((3, 4, 6, 3), False, 32, 4),
-    "resnext101_32x4d": ((3, 4, 23, 3), False, 32, 4),
-    "resnext101_32x8d": ((3, 4, 23, 3), False, 32, 8),
-    "resnext101_32x16d": ((3, 4, 23, 3), False, 32, 16),
-    "resnext101_32x32d": ((3, 4, 23, 3), False, 32, 32),
-    "resnext101_64x4d": ((3, 4, 23, 3), False, 64, 4),
-    "wide_resnet50_2": ((3, 4, 6, 3), False, 1, 128),
-    "wide_resnet101_2": ((3, 4, 23, 3), False, 1, 128),
+    "resnet10t": ((1, 1, 1, 1), True, 1, 64, ("t",)),
+    "resnet14t": ((1, 1, 1, 1), False, 1, 64, ("t",)),
+    "resnet18": (_R18, True, 1, 64, ()),
+    "resnet18d": (_R18, True, 1, 64, ("d",)),
+    "resnet26": (_R18, False, 1, 64, ()),
+    "resnet26d": (_R18, False, 1, 64, ("d",)),
+    "resnet26t": (_R18, False, 1, 64, ("t",)),
+    "resnet34": (_R34, True, 1, 64, ()),
+    "resnet34d": (_R34, True, 1, 64, ("d",)),
+    "resnet50": (_R34, False, 1, 64, ()),
+    "resnet50c": (_R34, False, 1, 64, ("c",)),
+    "resnet50d": (_R34, False, 1, 64, ("d",)),
+    "resnet50s": (_R34, False, 1, 64, ("s",)),
+    "resnet50t": (_R34, False, 1, 64, ("t",)),
+    "resnet50_gn": (_R34, False, 1, 64, ("gn",)),
+    "resnet101": (_R101, False, 1, 64, ()),
+    "resnet101c": (_R101, False, 1, 64, ("c",)),
+    "resnet101d": (_R101, False, 1, 64, ("d",)),
+    "resnet101s": (_R101, False, 1, 64, ("s",)),
+    "resnet152": (_R152, False, 1, 64, ()),
+    "resnet152c": (_R152, False, 1, 64, ("c",)),
+    "resnet152d": (_R152, False, 1, 64, ("d",)),
+    "resnet152s": (_R152, False, 1, 64, ("s",)),
+    "resnet200": ((3, 24, 36, 3), False, 1, 64, ()),
+    "resnet200d": ((3, 24, 36, 3), False, 1, 64, ("d",)),
+    "resnext50_32x4d": (_R34, False, 32, 4, ()),
+    "resnext50d_32x4d": (_R34, False, 32, 4, ("d",)),
+    "resnext101_32x4d": (_R101, False, 32, 4, ()),
+    "resnext101_32x8d": (_R101, False, 32, 8, ()),
+    "resnext101_32x16d": (_R101, False, 32, 16, ()),
+    "resnext101_32x32d": (_R101, False, 32, 32, ()),
+    "resnext101_64x4d": (_R101, False, 64, 4, ()),
+    "wide_resnet50_2": (_R34, False, 1, 128, ()),
+    "wide_resnet101_2": (_R101, False, 1, 128, ()),
+    "seresnet18": (_R18, True, 1, 64, ("se",)),
+    "seresnet34": (_R34, True, 1, 64, ("se",)),
+    "seresnet50": (_R34, False, 1, 64, ("se",)),
+    "seresnet50t": (_R34, False, 1, 64, ("se", "t")),
+    "seresnet101": (_R101, False, 1, 64, ("se",)),
+    "seresnet152": (_R152, False, 1, 64, ("se",)),
+    "seresnet152d": (_R152, False, 1, 64, ("se", "d")),
+    "seresnet200d": ((3, 24, 36, 3), False, 1, 64, ("se", "d")),
+    "seresnet269d": ((3, 30, 48, 8), False, 1, 64, ("se", "d")),
+    "seresnext26d_32x4d": (_R18, False, 32, 4, ("se", "d")),
+    "seresnext26t_32x4d": (_R18, False, 32, 4, ("se", "t")),
+    "seresnext50_32x4d": (_R34, False, 32, 4, ("se",)),
+    "seresnext101_32x4d": (_R101, False, 32, 4, ("se",)),
+    "seresnext101_32x8d": (_R101, False, 32, 8, ("se",)),
+    "seresnext101d_32x8d": (_R101, False, 32, 8, ("se", "d")),
+    "seresnext101_64x4d": (_R101, False, 64, 4, ("se",)),
 }
 
-# timm ResNet families that need model changes (in progress elsewhere), by what they add.
+# timm ResNet names (fnmatch patterns over timm.list_models(module="resnet")) our module cannot express, and why.
 SKIPPED_RESNETS = {
-    "ResNet-C/D/S/T (resnet50c, resnet50d, resnet50s, resnet50t, resnet10t, resnet14t, resnet18d, resnet26d, "
-    "resnet26t, resnet34d, resnet101c/d/s, resnet152c/d/s, resnet200d, resnext50d_32x4d)":
-        "deep 3x3 stem (conv1.0/.1/.3/.4/.6 then bn1) and, for D/T, an average-pool shortcut (downsample.1 conv, "
-        "downsample.2 bn)",
-    "SE and ECA (seresnet*, seresnext*, senet154, ecaresnet*, ecaresnext*, resnetrs*)":
-        "squeeze-excitation after the last norm of each block (se.fc1/se.fc2 with biases), or ECA's 1-D conv",
-    "resnet50_gn": "GroupNorm (bn1.weight/bias without running statistics)",
-    "anti-aliased (resnetaa*, resnetblur*, seresnetaa50d, seresnextaa*)":
-        "an average or blur pool after the strided 3x3 conv: the same keys as resnet50, different arithmetic",
-    "test_resnet": "a test model with mixed block types and channels",
+    "eca*": "ECA attention (a 1-D conv over the pooled channels, `se.conv`) instead of SE; ecaresnet50d_pruned and "
+            "ecaresnet101d_pruned also have per-layer pruned widths",
+    "resnetaa*": "an average pool after the strided 3x3 conv (aa_layer): the same keys as resnet*d, other arithmetic",
+    "resnetblur*": "a blur pool after the strided 3x3 conv (aa_layer=BlurPool2d)",
+    "seresn*aa*": "SE with the anti-aliasing pool of resnetaa*",
+    "resnetrs*": "a strided 3x3 conv-norm instead of the stem's max pool (replace_stem_pool); its SE (ratio 1/4, "
+                 "multiples of 8) would fit",
+    "senet154": "3x3 shortcut convs (down_kernel_size=3) and half-width first 1x1 convs (block_reduce_first=2)",
+    "test_resnet": "a test model mixing block types with custom channels",
 }
-
 
 def timm_regnet_widths(depth: int, w_0: float, w_a: float, w_m: float, group_width: int,
                        bottleneck_multiplier: float = 1.0) -> tuple[list[int], list[int], list[int]]:
