@@ -171,11 +171,11 @@ def test_non_torchvision_option_cannot_export():
 ], ids=["resnet", "regnet"])
 def test_fresh_head_is_the_model_init_head(name, fields):
     """`reinit_head` initializes only the head (the backbone's ops are dropped): same values as `model.init`."""
-    from resnext_jax.convert import _fresh_head
+    from resnext_jax.convert.core import fresh_head
 
     model = resnext_jax.create_model(name, num_classes=7, **fields)
     full = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(3))
-    head = _fresh_head(model, "fc", jax.random.key(3))
+    head = fresh_head(model, "fc", jax.random.key(3))
     assert set(head) == {("params", "fc", "kernel"), ("params", "fc", "bias")}
     for key, value in head.items():
         np.testing.assert_allclose(value, full["params"]["fc"][key[-1]], rtol=1e-6, atol=1e-9)
