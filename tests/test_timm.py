@@ -1,5 +1,5 @@
-"""timm's names and weights: parity with timm for every registered timm name, the converter's strictness, and
-the registry's names and patterns. Random-init timm models only: nothing is downloaded."""
+"""timm's weights: parity with timm, every registered timm name's variable tree against timm's state_dict, and the
+converter's strictness. Random-init timm models only: nothing is downloaded. (Names: tests/test_timm_names.py.)"""
 from __future__ import annotations
 
 import math
@@ -22,41 +22,52 @@ from resnext_jax.convert import (
     to_timm,
 )
 from resnext_jax.convert import timm as timm_convert
+from resnext_jax.convert.core import flax_shape
 from resnext_jax.errors import InputError
-from resnext_jax.models import timm_names
-from resnext_jax.models.regnet import regnet_widths
+from resnext_jax.models.init import variable_shapes
 
 timm = pytest.importorskip("timm")
 
 TIMM_NAMES = resnext_jax.list_models(source="timm")
-FAST = {"regnetx_002", "regnety_002", "resnet18"}
-ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in TIMM_NAMES]
+# Small names that between them take every rule of the name map (7x7, deep and tiered stems, both shortcuts, SE on
+# both blocks, group norm, RegNetX/Y, timm's width rounding); the other trees are slow-marked (eval_shape of the
+# large ones takes seconds each).
+FAST_TREES = {"resnet10t", "resnet14t", "resnet18", "resnet18d", "resnet50s", "resnet50_gn", "seresnet18",
+              "seresnext26t_32x4d", "regnetx_002", "regnetx_004", "regnety_002"}
+# Parity (forward passes: 10-60 s a name on two cores) for one name per way the modules and the converter build a
+# network: each stem, shortcut, block, SE placement and norm, and both RegNet width roundings. The other names
+# repeat these layers at other widths and depths (their trees are checked key by key above); the huge ones
+# (resnext101_32x32d, regnety_1280...) would need minutes and gigabytes each.
+PARITY_FAST = ["resnet18", "resnet18d", "regnetx_002", "regnety_002"]
+PARITY_SLOW = ["resnet10t", "seresnet18", "resnet26t", "seresnext26d_32x4d", "resnet50s", "resnet50_gn",
+               "seresnext50_32x4d", "resnext50d_32x4d", "regnetx_004", "regnety_008"]
 
 
 def _randomized_timm(name: str, seed: int = 0) -> torch.nn.Module:
-    """timm's `name` with random weights and random BN statistics and affine parameters (eval mode); the head is
-    scaled to logits of std 2, like tests/torch_reference.py's torchvision models."""
+    """timm's `name` in eval mode with random weights, and every norm's affine parameters and running statistics
+    random too (identity values would hide a swapped per-channel vector); the head is scaled to logits of std 2,
+    like tests/torch_reference.py's torchvision models."""
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for norm in norms:  # calibrate on a random batch so deep random networks keep O(1) activations
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in batch_norms:  # calibrate on a random batch (cumulative average): deep random nets keep O(1) values
         norm.reset_running_stats()
         norm.momentum = None
-    model.train()
     with torch.no_grad():
-        model(torch.randn(4, 3, 224, 224))
-        for norm in norms:
+        model.train()(torch.randn(4, 3, 224, 224))
+        for norm in (m for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))):
             norm.weight.uniform_(0.8, 1.2)
             norm.bias.normal_(0.0, 0.2)
+        for norm in batch_norms:
+            spread = torch.empty_like(norm.running_var).uniform_(0.8, 1.25)
             norm.running_mean.add_(torch.randn_like(norm.running_mean) * 0.1 * norm.running_var.sqrt())
-            norm.running_var.mul_(torch.empty_like(norm.running_var).uniform_(0.8, 1.25)).clamp_(min=0.01)
+            norm.running_var.mul_(spread).clamp_(min=0.01)  # dead channels would divide by sqrt(eps)
             norm.num_batches_tracked.zero_()
             norm.momentum = 0.1
         model.eval()
-        head = model.get_classifier()
         scale = 2.0 / model(torch.randn(1, 3, 224, 224)).std()
-        head.weight.mul_(scale)
-        head.bias.mul_(scale)
+        model.get_classifier().weight.mul_(scale)
+        model.get_classifier().bias.mul_(scale)
     return model
 
 
@@ -72,27 +83,28 @@ def _enough_memory(name: str) -> bool:
     return 16 * params + (2 << 30) < available
 
 
-@pytest.mark.parametrize("name", TIMM_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_TREES else pytest.mark.slow)
+                                  for n in TIMM_NAMES])
 def test_variable_tree_equals_timm(name):
     """Every timm parameter and buffer maps to one of our variables with the same shape, and nothing is left over:
-    a key-by-key check of the architecture (counts alone could hide two swapped widths)."""
-    model = _meta_timm(name)
-    family = resnext_jax.model_info(name).family
+    a key-by-key check of the architecture (counts alone could hide two swapped widths). Shapes only: timm's
+    model on the meta device, ours traced."""
+    reference = _meta_timm(name)
     ours = resnext_jax.create_model(name)
-    shapes = jax.eval_shape(lambda: ours.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
-    expected = {k: v.shape for k, v in traverse_util.flatten_dict(shapes).items()}
+    names = timm_convert.key_map(resnext_jax.model_info(name).family, ours)
+    expected = {k: v.shape for k, v in traverse_util.flatten_dict(variable_shapes(ours, 64)).items()}
     mapped = {}
-    for key, tensor in model.state_dict().items():
-        target = timm_convert.flax_key(family, key)
+    for key, tensor in reference.state_dict().items():
+        target = names.flax_key(key)
         assert target is not None, f"{name}: timm key {key} has no Flax counterpart"
         if target[0] is not None:
-            mapped[target[0]] = timm_convert._tv._flax_shape(target[1], target[2], tuple(tensor.shape))
+            mapped[target[0]] = flax_shape(target[1], target[2], tuple(tensor.shape))
     assert mapped == expected
     params = sum(math.prod(s) for k, s in expected.items() if k[0] == "params")
-    assert params == sum(p.numel() for p in model.parameters())
+    assert params == sum(p.numel() for p in reference.parameters())
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PARITY_FAST + [pytest.param(n, marks=pytest.mark.slow) for n in PARITY_SLOW])
 def test_timm_parity(name):
     """Our logits are about as close to timm's float64 logits as timm's own float32 ones (224x224 and 97x131)."""
     if not _enough_memory(name):
@@ -116,20 +128,31 @@ def test_timm_parity(name):
         assert error <= bound, f"{name} at {shape}: |ours - float64| {error:.3g} > {bound:.3g} (logit std 2)"
 
 
-def test_round_trip_is_exact_and_timm_loads_it():
-    reference = _randomized_timm("regnety_002")
-    original = reference.state_dict()
-    variables = from_timm("regnety_002", reference)
-    state = to_timm("regnety_002", variables)
+def _random_state(name: str) -> dict[str, torch.Tensor]:
+    """timm's state_dict keys of `name`, every float tensor random, `num_batches_tracked` 0 (no model is built)."""
+    generator = torch.Generator().manual_seed(0)
+    return {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else torch.zeros((), dtype=v.dtype)
+            for k, v in _meta_timm(name).state_dict().items()}
+
+
+# A deep stem, average-pool shortcuts and SE (where downsample.1 is a conv), group norm (no running statistics),
+# and a RegNet (blocks counted from 1 in timm).
+@pytest.mark.parametrize("name", ["seresnext26d_32x4d", "resnet50_gn", "regnety_002"])
+def test_round_trip_is_exact_and_timm_loads_it(name):
+    original = _random_state(name)
+    state = to_timm(name, from_timm(name, original))
     assert set(state) == set(original)
     for key, tensor in original.items():
-        assert torch.equal(state[key], tensor) or key.endswith("num_batches_tracked"), key
-    timm.create_model("regnety_002").load_state_dict(state, strict=True)
-    # The scanned layout converts both ways too.
-    scanned = from_timm("regnety_002", reference, scan_blocks=True)
+        assert torch.equal(state[key], tensor), key
+    timm.create_model(name).load_state_dict(state, strict=True)
+
+
+def test_scanned_layout_converts_both_ways():
+    original = _random_state("regnety_002")
+    scanned = from_timm("regnety_002", original, scan_blocks=True)
     assert "block3_rest" in scanned["params"]
-    again = to_timm("regnety_002", scanned)
-    assert all(torch.equal(again[k], state[k]) for k in state)
+    state = to_timm("regnety_002", scanned)
+    assert all(torch.equal(state[k], original[k]) for k in original)
 
 
 def test_safetensors_and_pth_files(tmp_path):
@@ -168,18 +191,27 @@ def test_weights_of_another_name_are_named():
         from_timm("regnety_004", timm.create_model("regnety_002").state_dict())
 
 
+def test_weights_of_another_variant_are_named():
+    """resnet26d's weights given as resnet26 (the stages match three names): its deep stem and average-pool
+    shortcut keys are named, and so is resnet26d."""
+    with pytest.raises(ConversionError) as error:
+        from_timm("resnet26", _random_state("resnet26d"))
+    message = str(error.value)
+    assert "they look like resnet26d's: from_timm('resnet26d', ...)" in message.splitlines()[0]
+    for line in ("missing key: conv1.weight (64, 3, 7, 7)", "unexpected key: conv1.0.weight",
+                 "unexpected key: layer1.0.downsample.2.running_var",
+                 "wrong shape: layer1.0.downsample.1.weight: checkpoint (256, 64, 1, 1), resnet26 wants (256,)"):
+        assert line in message
+
+
 def test_regnet_sent_to_the_wrong_converter_names_the_right_one():
     import torchvision
 
     with pytest.raises(ConversionError, match=r"timm RegNet weights .*from_timm\('regnetx_032'"):
-        from_torchvision("regnet_x_3_2gf", _meta_state("regnetx_032"))
+        from_torchvision("regnet_x_3_2gf", _random_state("regnetx_032"))
     tv_state = {k: torch.zeros(v.shape) for k, v in torchvision.models.regnet_y_400mf().state_dict().items()}
     with pytest.raises(ConversionError, match=r"torchvision RegNet weights .*from_torchvision\('regnet_y_400mf'"):
         from_timm("regnety_004", tv_state)
-
-
-def _meta_state(name):
-    return {k: torch.zeros(v.shape) for k, v in _meta_timm(name).state_dict().items()}
 
 
 def test_torchvision_name_points_to_timms():
@@ -204,48 +236,3 @@ def test_weight_tags_fail_in_one_line_offline(monkeypatch, tmp_path):
         from_timm("regnety_032", "regnety_032.nope")
     with pytest.raises(InputError, match="does not exist, and it is not a timm weight tag"):
         from_timm("regnety_032", str(tmp_path / "missing.safetensors"))
-
-
-def test_list_models_patterns_follow_timm():
-    for pattern in ("regnety_*", "regnetx_0?2", "resnext101*", "wide_*"):
-        ours = resnext_jax.list_models(pattern)
-        assert ours and ours == [n for n in timm.list_models(pattern) if n in ours], pattern
-    everything = resnext_jax.list_models()
-    assert {"resnet50", "regnet_y_400mf", "regnety_032", "resnext101_32x16d"} <= set(everything)
-    assert everything.index("regnet_y_128gf") < everything.index("resnet26")  # torchvision's first
-    assert "regnetx_032" not in resnext_jax.list_models(source="torchvision")
-    assert "regnet_x_3_2gf" not in resnext_jax.list_models(source="timm")
-    assert resnext_jax.model_info("resnet50").sources == ("torchvision", "timm")
-    assert resnext_jax.model_info("regnety_032").sources == ("timm",)
-    with pytest.raises(InputError, match="source='bogus'"):
-        resnext_jax.list_models(source="bogus")
-
-
-def test_every_plain_timm_name_is_registered_and_the_rest_are_explained():
-    from timm.models.regnet import model_cfgs
-
-    registered = set(resnext_jax.list_models(source="timm"))
-    for name in model_cfgs:
-        assert (name in registered) != (name in timm_names.SKIPPED_REGNETS), name
-    rounding = [n for n, cfg in timm_names.TIMM_REGNETS.items() if cfg[-1]]
-    assert all(resnext_jax.create_model(n).width_rounding == "timm" for n in rounding)
-    plain = set(timm_names.TIMM_RESNETS)
-    assert plain <= registered
-
-
-@pytest.mark.parametrize("name", list(timm_names.TIMM_REGNETS))
-def test_widths_follow_timm(name):
-    """`timm_regnet_widths` is timm's arithmetic for every config; torchvision's (`regnet_widths`, what `RegNet`
-    computes) agrees except for the five names marked for timm rounding."""
-    from timm.models.regnet import RegNet, model_cfgs
-
-    cfg = model_cfgs[name]
-    stages, _ = RegNet._get_stage_args(RegNet.__new__(RegNet), cfg)
-    expected = ([s["out_chs"] for s in stages], [s["depth"] for s in stages], [s["group_size"] for s in stages])
-    design = (cfg.depth, cfg.w0, cfg.wa, cfg.wm, cfg.group_size)
-    timm_rounding = timm_names.TIMM_REGNETS[name][-1]
-    if cfg.group_min_ratio:  # the *_tv names use torchvision's rounding
-        assert regnet_widths(*design) == expected
-    else:
-        assert timm_names.timm_regnet_widths(*design) == expected
-        assert (regnet_widths(*design) != expected) == timm_rounding
