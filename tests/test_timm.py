@@ -114,17 +114,22 @@ def test_timm_parity(name):
     model = resnext_jax.create_model(name)
     rng = np.random.default_rng(0)
     reference64 = _randomized_timm(name).double()
+    errors, noise = {}, 0.0
     for shape in [(1, 224, 224, 3), (2, 97, 131, 3)]:
         images = rng.standard_normal(shape, dtype=np.float32)
-        torch32 = torch_logits(reference, images)
         with torch.no_grad():
             torch64 = reference64(torch.from_numpy(images.transpose(0, 3, 1, 2)).double()).numpy()
         ours = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
-        # float32 summation order alone moves logits by about torch32's own error, which random RegNetYs (SE gates
-        # on random statistics) amplify to 1e-3 at times (measured up to 4.3x torch32's); a wrong layer moves
-        # them O(1) (the logits' std is about 2).
-        bound = 8 * np.abs(torch32 - torch64).max() + 1e-3 * torch64.std()
-        error = np.abs(ours - torch64).max()
+        errors[shape] = np.abs(ours - torch64).max(), torch64.std()
+        # timm's own float32 error, on the images and on two copies moved by 1e-7 (relative: float32 rounding):
+        # random SE networks (gates on random statistics) amplify rounding differently for every input, e.g. a
+        # random seresnext50_32x4d's float32 logits err by 0.001 to 0.019 over such copies, and ours by 0.037.
+        for copy in range(3):
+            moved = images * (1 + 1e-7 * rng.standard_normal(shape, dtype=np.float32)) if copy else images
+            noise = max(noise, np.abs(torch_logits(reference, moved) - torch64).max())
+    # A wrong layer moves the logits O(1) (their std is about 2); float32 order alone, up to a few times timm's.
+    for shape, (error, std) in errors.items():
+        bound = 8 * noise + 1e-3 * std
         assert error <= bound, f"{name} at {shape}: |ours - float64| {error:.3g} > {bound:.3g} (logit std 2)"
 
 
