@@ -14,6 +14,7 @@ process. The step itself (loss, optimizer, inputs) is the current working tree's
 harness, imported before any revision; only the model code and the compiler options come from the revision,
 so any revision with `resnext_jax.models.registry.create_model` can be timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,14 @@ def export(rev: str, into: str) -> str:
     if rev == ".":
         return ROOT
     try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "resnext_jax"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", ROOT, "archive", rev, "resnext_jax"], check=True, capture_output=True
+        ).stdout
     except subprocess.CalledProcessError as e:
-        raise SystemExit(f"git archive {rev} failed: {e.stderr.decode().strip()}; give a revision that "
-                         f"`git -C {ROOT} rev-parse {rev}` knows, or '.' for the working tree") from None
+        raise SystemExit(
+            f"git archive {rev} failed: {e.stderr.decode().strip()}; give a revision that "
+            f"`git -C {ROOT} rev-parse {rev}` knows, or '.' for the working tree"
+        ) from None
     target = os.path.join(into, rev.replace("/", "_"))
     os.makedirs(target)
     subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
@@ -76,6 +80,7 @@ def main(argv=None) -> int:
     # The harness: the working tree's step, timing and compile helpers, bound before any revision is imported.
     from resnext_jax.benchmarks.jax_step import make_jax_step
     from resnext_jax.benchmarks.timing import compile_step, jax_callable, time_in_blocks
+
     sys.path.remove(ROOT)
     steps, compile_s = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,14 +94,19 @@ def main(argv=None) -> int:
             print(f"{label}: compiled in {compile_s[label]:.1f} s", flush=True)
     timings = time_in_blocks(steps, args.runs, args.warmup, args.rounds)
     (a, ta), (b, tb) = timings.items()
-    print(f"{args.model} {args.mode} batch {args.batch} {args.resolution}px conv={args.conv_impl}: "
-          f"{args.rounds} rounds x {args.runs} timed steps each")
+    print(
+        f"{args.model} {args.mode} batch {args.batch} {args.resolution}px conv={args.conv_impl}: "
+        f"{args.rounds} rounds x {args.runs} timed steps each"
+    )
     for label, t in timings.items():
-        per_round = [statistics.median(t["all_s"][i:i + args.runs]) * 1e3
-                     for i in range(0, len(t["all_s"]), args.runs)]
-        print(f"  {label:>12}: median {t['median_s'] * 1e3:7.1f} ms (min {min(t['all_s']) * 1e3:.1f}, "
-              f"max {max(t['all_s']) * 1e3:.1f}); round medians {' '.join(f'{m:.0f}' for m in per_round)}; "
-              f"compile {compile_s[label]:.1f} s")
+        per_round = [
+            statistics.median(t["all_s"][i : i + args.runs]) * 1e3 for i in range(0, len(t["all_s"]), args.runs)
+        ]
+        print(
+            f"  {label:>12}: median {t['median_s'] * 1e3:7.1f} ms (min {min(t['all_s']) * 1e3:.1f}, "
+            f"max {max(t['all_s']) * 1e3:.1f}); round medians {' '.join(f'{m:.0f}' for m in per_round)}; "
+            f"compile {compile_s[label]:.1f} s"
+        )
     print(f"  {b} / {a}: {tb['median_s'] / ta['median_s']:.3f}x the step time")
     if args.json:
         with open(args.json, "w") as f:
@@ -107,5 +117,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     from resnext_jax.ops.host_memory import reexec_with_huge_pages
+
     reexec_with_huge_pages()
     sys.exit(main())

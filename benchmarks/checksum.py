@@ -5,6 +5,7 @@
 Each save computes a CRC-32 of every array of the train state (params, batch statistics, AdamW's two moments) and of
 the data-iterator state; each restore computes them again to verify. Prints the median of `--runs` timings.
 """
+
 import argparse
 import statistics
 import time
@@ -38,8 +39,10 @@ def main():
         checksums(state, iterator_state)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(f"{args.model}: train state {size / 2**20:.0f} MiB, checksums {median * 1e3:.0f} ms per save "
-          f"(median of {args.runs}; {size / 2**30 / median:.2f} GiB/s)")
+    print(
+        f"{args.model}: train state {size / 2**20:.0f} MiB, checksums {median * 1e3:.0f} ms per save "
+        f"(median of {args.runs}; {size / 2**30 / median:.2f} GiB/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ warm-up calls of:
   - the ONNX file in onnxruntime's CPU provider (its default threads: one per physical core).
 Prints a table, the artifact sizes and the command line, CPU and date to record beside them.
 """
+
 import argparse
 import datetime
 import os
@@ -59,11 +60,21 @@ def main():
     module = resnext_jax.create_model(args.model)
     variables = init_variables(module, jax.random.key(0), 64)
     info = resnext_jax.model_info(args.model)
-    loaded = LoadedModel(name=args.model, module=module, variables=variables,
-                         preprocessing=Preprocessing(resize_size=info.resize_v2 or info.resize_v1 or 256,
-                                                     crop_size=args.resolution, mean=info.mean, std=info.std,
-                                                     class_names=default_class_names(1000)),
-                         source={"kind": "benchmark"}, config=None, model_kwargs={})
+    loaded = LoadedModel(
+        name=args.model,
+        module=module,
+        variables=variables,
+        preprocessing=Preprocessing(
+            resize_size=info.resize_v2 or info.resize_v1 or 256,
+            crop_size=args.resolution,
+            mean=info.mean,
+            std=info.std,
+            class_names=default_class_names(1000),
+        ),
+        source={"kind": "benchmark"},
+        config=None,
+        model_kwargs={},
+    )
     apply = jax.jit(lambda images: module.apply(variables, images, train=False))
     rows, sizes = [], {}
     with tempfile.TemporaryDirectory() as directory:
@@ -75,28 +86,34 @@ def main():
             print(f"exported {fmt} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             sizes[fmt] = os.path.getsize(path)
             served[fmt] = load(path).run  # the bare callable: no input checks in the timing
-        runners = {"model.apply (jit, conv_impl=auto)": lambda x: jax.block_until_ready(apply(x)),
-                   "StableHLO artifact (jax)": lambda x: jax.block_until_ready(served["stablehlo"](x)),
-                   "ONNX (onnxruntime)": served["onnx"]}
+        runners = {
+            "model.apply (jit, conv_impl=auto)": lambda x: jax.block_until_ready(apply(x)),
+            "StableHLO artifact (jax)": lambda x: jax.block_until_ready(served["stablehlo"](x)),
+            "ONNX (onnxruntime)": served["onnx"],
+        }
         rng = np.random.default_rng(0)
         for batch in args.batches:
             images = rng.standard_normal((batch, args.resolution, args.resolution, 3)).astype(np.float32)
             for name, run in runners.items():
                 seconds = median_seconds(run, images, args.runs)
                 rows.append((batch, name, seconds))
-                print(f"batch {batch:3d}  {name:36s} {seconds * 1e3:9.1f} ms  {batch / seconds:7.1f} img/s",
-                      flush=True)
+                print(f"batch {batch:3d}  {name:36s} {seconds * 1e3:9.1f} ms  {batch / seconds:7.1f} img/s", flush=True)
 
     import onnxruntime
-    print(f"\n{args.model} at {args.resolution}x{args.resolution}, float32, median of {args.runs} calls after 2 "
-          f"warm-up calls")
+
+    print(
+        f"\n{args.model} at {args.resolution}x{args.resolution}, float32, median of {args.runs} calls after 2 "
+        f"warm-up calls"
+    )
     print("| batch | runtime | median latency | images/s |\n|---|---|---|---|")
     for batch, name, seconds in rows:
         print(f"| {batch} | {name} | {seconds * 1e3:.1f} ms | {batch / seconds:.1f} |")
     print(f"artifact sizes: StableHLO {sizes['stablehlo'] / 2**20:.1f} MiB, ONNX {sizes['onnx'] / 2**20:.1f} MiB")
     print(f"command: python benchmarks/export_latency.py {' '.join(sys.argv[1:])}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; jax {jax.__version__}, onnxruntime "
-          f"{onnxruntime.__version__}; {datetime.date.today().isoformat()}")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; jax {jax.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}; {datetime.date.today().isoformat()}"
+    )
 
 
 if __name__ == "__main__":

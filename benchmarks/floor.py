@@ -15,6 +15,7 @@ Prints, as medians over interleaved blocks (`resnext_jax.benchmarks.timing.time_
 - torchvision's step, and every row as a ratio against it.
 The numbers in docs/benchmarks.md ("How far the CPU targets are") come from this script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,12 +49,13 @@ def free_grouped(layers):
     real_conv, real_canonical = layers.conv2d, layers.conv2d_canonical_grad
 
     def stand_in(x, kernel, strides, padding, groups):
-        out = jax.eval_shape(lambda a, k: real_conv(a, k, strides=strides, padding=padding, groups=groups,
-                                                    impl="xla"), x, kernel)
+        out = jax.eval_shape(
+            lambda a, k: real_conv(a, k, strides=strides, padding=padding, groups=groups, impl="xla"), x, kernel
+        )
         n, ho, wo, o = out.shape
         if o != x.shape[-1]:
             raise ValueError(f"free grouped conv needs as many output as input channels, got {x.shape} -> {o}")
-        return x[:, ::strides[0], ::strides[1]][:, :ho, :wo] * kernel.mean()
+        return x[:, :: strides[0], :: strides[1]][:, :ho, :wo] * kernel.mean()
 
     def conv(x, kernel, *, strides=(1, 1), padding=((0, 0), (0, 0)), groups=1, **kwargs):
         if groups == 1:
@@ -131,7 +133,9 @@ def time_dense_convs(convs, mode: str, runs: int) -> float:
 
             def fwd(x, k):
                 return conv2d(x, k, strides=strides, padding=padding)
+
             if mode == "train":
+
                 def fn(x, k):
                     y, vjp = jax.vjp(fwd, x, k)
                     return vjp(jnp.ones_like(y))
@@ -168,17 +172,21 @@ def main(argv=None) -> int:
         steps["free grouped convs"] = jax_callable(compile_step(step, state, inputs)[0], state, inputs, args.mode)
     if not args.no_torch:
         import torch
+
         torch.set_num_threads(args.threads)
-        steps["torchvision"] = make_torch_step(args.model, args.mode, args.batch, args.resolution, "float32", False,
-                                               "adamw")
+        steps["torchvision"] = make_torch_step(
+            args.model, args.mode, args.batch, args.resolution, "float32", False, "adamw"
+        )
     timings = time_in_blocks(steps, args.runs, args.warmup, args.rounds)
     convs = dense_convs(layers, model, args.batch, args.resolution)
     rows = {key: t["median_s"] for key, t in timings.items()}
     rows["dense convs alone"] = time_dense_convs(convs, args.mode, args.runs * args.rounds)
     torch_s = rows.get("torchvision")
     print(f"# python benchmarks/floor.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"{args.model} {args.mode} batch {args.batch} {args.resolution}px float32, {jax.devices()[0].platform}; "
-          f"medians of {args.rounds} x {args.runs} steps; {len(convs)} dense convs")
+    print(
+        f"{args.model} {args.mode} batch {args.batch} {args.resolution}px float32, {jax.devices()[0].platform}; "
+        f"medians of {args.rounds} x {args.runs} steps; {len(convs)} dense convs"
+    )
     for key, seconds in rows.items():
         ratio = f"  torch / this = {torch_s / seconds:.2f}x" if torch_s and key != "torchvision" else ""
         print(f"  {key:>20}: {seconds * 1e3:8.1f} ms{ratio}")
@@ -188,5 +196,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     from resnext_jax.ops.host_memory import reexec_with_huge_pages
+
     reexec_with_huge_pages()
     sys.exit(main())

@@ -9,6 +9,7 @@ batch 8, 224x224 on this machine's backend and hashes the StableHLO text, with t
 program, so behaviour and speed cannot differ: a refactoring check that costs seconds where an A/B timing costs
 minutes and only resolves a few percent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,18 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = [("resnext50_32x4d", {}), ("resnet50", {}), ("regnet_y_1_6gf", {}), ("resnet18", {}),
-         ("regnet_x_400mf", {"scan_blocks": True}), ("resnet50", {"norm": "group"}),
-         ("resnext50_32x4d", {"dtype": "bfloat16"}), ("regnet_y_400mf", {"drop_path_rate": 0.1, "se_ratio": 0.0}),
-         ("resnet50", {"se_ratio": 0.25, "drop_path_rate": 0.1}), ("resnet50", {"conv_impl": "xla"})]
+CASES = [
+    ("resnext50_32x4d", {}),
+    ("resnet50", {}),
+    ("regnet_y_1_6gf", {}),
+    ("resnet18", {}),
+    ("regnet_x_400mf", {"scan_blocks": True}),
+    ("resnet50", {"norm": "group"}),
+    ("resnext50_32x4d", {"dtype": "bfloat16"}),
+    ("regnet_y_400mf", {"drop_path_rate": 0.1, "se_ratio": 0.0}),
+    ("resnet50", {"se_ratio": 0.25, "drop_path_rate": 0.1}),
+    ("resnet50", {"conv_impl": "xla"}),
+]
 _BUILD_SUFFIX = re.compile(r"(resnext_jax_[a-z_]+?)_[0-9a-f]{16}")
 
 
@@ -40,12 +49,15 @@ def fingerprints(registry) -> dict[str, str]:
         rest = {k: val for k, val in v.items() if k != "params"}
 
         def loss(p, s, x, y):
-            logits, updates = model.apply({"params": p, **s}, x, train=True, mutable=["batch_stats"],
-                                          rngs={"dropout": jax.random.PRNGKey(1)})
+            logits, updates = model.apply(
+                {"params": p, **s}, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)}
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-        lowered = {"train": jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(v["params"], rest, x, y),
-                   "infer": jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(v, x)}
+        lowered = {
+            "train": jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(v["params"], rest, x, y),
+            "infer": jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(v, x),
+        }
         for mode, low in lowered.items():
             text = _BUILD_SUFFIX.sub(r"\1", low.as_text())
             out[f"{name} {options or ''} {mode}".replace("  ", " ")] = hashlib.sha256(text.encode()).hexdigest()[:16]

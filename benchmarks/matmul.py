@@ -6,18 +6,42 @@ Each row: M x K -> N (batch 8 at 224², one row per distinct 1x1 conv shape), th
 `relu(a @ b * s + h)` and `relu(a @ b * s + h + r)` under `ops.inference_compiler_options()` (XLA), and of
 `cpu.matmul_affine` for the same (docs/benchmarks.md). Run it on an idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
 import time
 
 SHAPES = {
-    "resnext50_32x4d": [(25088, 64, 128), (25088, 256, 128), (25088, 128, 256), (25088, 64, 256), (25088, 256, 256),
-                        (6272, 512, 256), (6272, 256, 512), (6272, 512, 512), (1568, 1024, 512), (1568, 512, 1024),
-                        (1568, 1024, 1024), (392, 2048, 1024), (392, 1024, 2048)],
-    "resnet50": [(25088, 64, 64), (25088, 256, 64), (25088, 64, 256), (25088, 256, 128), (6272, 512, 128),
-                 (6272, 128, 512), (6272, 512, 256), (1568, 1024, 256), (1568, 256, 1024), (1568, 1024, 512),
-                 (392, 2048, 512), (392, 512, 2048)],
+    "resnext50_32x4d": [
+        (25088, 64, 128),
+        (25088, 256, 128),
+        (25088, 128, 256),
+        (25088, 64, 256),
+        (25088, 256, 256),
+        (6272, 512, 256),
+        (6272, 256, 512),
+        (6272, 512, 512),
+        (1568, 1024, 512),
+        (1568, 512, 1024),
+        (1568, 1024, 1024),
+        (392, 2048, 1024),
+        (392, 1024, 2048),
+    ],
+    "resnet50": [
+        (25088, 64, 64),
+        (25088, 256, 64),
+        (25088, 64, 256),
+        (25088, 256, 128),
+        (6272, 512, 128),
+        (6272, 128, 512),
+        (6272, 512, 256),
+        (1568, 1024, 256),
+        (1568, 256, 1024),
+        (1568, 1024, 512),
+        (392, 2048, 512),
+        (392, 512, 2048),
+    ],
 }
 
 
@@ -49,7 +73,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"the native kernels are unavailable here: {cpu.unavailable_reason()}")
     options = inference_compiler_options()
     rng = np.random.default_rng(0)
-    print(f"{'M x K -> N':>20} {'XLA+BN':>8} {'native':>8} {'XLA+BN+res':>11} {'native':>8}  (ms, medians of {args.runs})")
+    print(
+        f"{'M x K -> N':>20} {'XLA+BN':>8} {'native':>8} {'XLA+BN+res':>11} {'native':>8}  (ms, medians of {args.runs})"
+    )
     for m, k, n in SHAPES[args.model]:
         a = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
         b = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)

@@ -3,6 +3,7 @@ one process, and the dead-ReLU forward that runs once per log step.
 
     python benchmarks/stage_diagnostics.py [--model resnext50_32x4d] [--batch 8] [--resolution 224] [--rounds 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def main(argv=None):
     schedule = optax.constant_schedule(1e-3)
     tx = optax.adamw(schedule)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(args.batch, args.resolution, args.resolution, 3)).astype(np.float32),
-             "label": rng.integers(0, 1000, args.batch).astype(np.int32)}
+    batch = {
+        "image": rng.normal(size=(args.batch, args.resolution, args.resolution, 3)).astype(np.float32),
+        "label": rng.integers(0, 1000, args.batch).astype(np.int32),
+    }
     variables = init_variables(model, jax.random.key(0), args.resolution)
     steps, states, compile_s = {}, {}, {}
     for name, flag in (("without", False), ("with", True)):
@@ -49,6 +52,7 @@ def main(argv=None):
         def run(name=name, step=step):
             states[name], metrics = step(states[name], batch)
             jax.block_until_ready(metrics)
+
         steps[name] = run
     dead_relu = make_dead_relu_step(model, mesh)
     # A copy: the timed train steps donate (delete) the state buffers.
@@ -61,9 +65,18 @@ def main(argv=None):
     medians = {key: value["median_s"] for key, value in result.items()}
     norms_cost = medians["with"] / medians["without"] - 1
     dead_cost = medians["dead_relu"] / args.log_every_steps / medians["with"]
-    print(json.dumps({"args": vars(args), "median_s": medians, "compile_s": compile_s,
-                      "per_stage_norms_cost": round(norms_cost, 4),
-                      "dead_relu_cost_per_step_at_log_every": round(dead_cost, 4)}, indent=1))
+    print(
+        json.dumps(
+            {
+                "args": vars(args),
+                "median_s": medians,
+                "compile_s": compile_s,
+                "per_stage_norms_cost": round(norms_cost, 4),
+                "dead_relu_cost_per_step_at_log_every": round(dead_cost, 4),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

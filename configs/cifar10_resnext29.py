@@ -6,6 +6,7 @@ The generic ResNet gives exactly the paper's widths: grouped 3x3 widths 512/1024
 weight decay 5e-4, 300 epochs, lr 0.1) except the learning rate decays with a cosine instead of /10 at
 epochs 150 and 225, with Nesterov momentum and a short warmup.
 """
+
 from resnext_jax.training.config import default_config
 
 

@@ -7,6 +7,7 @@
 
 The weight tag needs the torch extra (`pip install -e '.[torch]'`) and network access once (torch hub cache).
 """
+
 from resnext_jax.training.config import default_config
 
 

@@ -9,6 +9,7 @@ The weight tag needs the torch extra (`pip install -e '.[torch]'`) and network a
 pass a downloaded file with --config.init_from=/path/resnext50_32x4d-1a0047aa.pth. With fewer than a few thousand
 images, keep the epochs low and consider --config.freeze_bn=True (small batches make poor BatchNorm statistics).
 """
+
 from resnext_jax.training.config import default_config
 
 

@@ -3,6 +3,7 @@ dropout 0.5 before the head, AutoAugment.
 
     python -m train --config configs/imagenette_resnext50.py
 """
+
 from resnext_jax.training.config import default_config
 
 

@@ -4,6 +4,7 @@
 
 digits are 8x8 scans (scikit-learn), so 16x16 input loses nothing and keeps each step cheap.
 """
+
 from resnext_jax.training.config import default_config
 
 

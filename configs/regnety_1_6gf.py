@@ -1,4 +1,5 @@
 """RegNetY-1.6GF on ImageNet-1k: the ResNeXt-50 recipe with RegNet's lighter weight decay and 100 epochs."""
+
 from configs import resnext50
 
 

@@ -1,4 +1,5 @@
 """ResNet-50 on ImageNet-1k with the ResNeXt-50 recipe (configs/resnext50.py), for a like-for-like comparison."""
+
 from configs import resnext50
 
 

@@ -3,6 +3,7 @@ cosine decay instead of steps, plus label smoothing and zero-init residual BN).
 
     python -m train --config configs/resnext50.py --config.data_dir=/data/tfds
 """
+
 from resnext_jax.training.config import default_config
 
 

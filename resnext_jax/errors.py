@@ -4,6 +4,7 @@ A `UserError` is a problem with what the user gave (a path, a config field, an i
 message is the whole story: the command-line tools print it as one line, and the traceback only with `--verbose`.
 Anything else is a bug of ours and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,11 +31,15 @@ def disk_error(error: OSError, path: str, what: str) -> UserError | OSError:
             space = f"{free / 2**20:.1f} MiB free"
         except OSError:
             space = "free space unknown"
-        return UserError(f"the disk holding {path} is full ({space}) while writing {what}; free some space or "
-                         f"use another directory, then rerun")
+        return UserError(
+            f"the disk holding {path} is full ({space}) while writing {what}; free some space or "
+            f"use another directory, then rerun"
+        )
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UserError(f"{path} is not writable ({os.strerror(error.errno)}) while writing {what}; "
-                         f"use a writable directory, then rerun")
+        return UserError(
+            f"{path} is not writable ({os.strerror(error.errno)}) while writing {what}; "
+            f"use a writable directory, then rerun"
+        )
     return error
 
 

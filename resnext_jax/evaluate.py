@@ -6,6 +6,7 @@ latency, compile time apart) at each batch size, peak memory, the model's per-st
 Images go through the weights' own preset (a timm tag's crop_pct and bicubic resize). Every field is explained in
 docs/inference.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,17 @@ from resnext_jax.errors import run_cli
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.evaluate", description=__doc__.splitlines()[2])
-    parser.add_argument("source", help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
-                                       "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)")
+    parser.add_argument(
+        "source",
+        help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
+        "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)",
+    )
     parser.add_argument("--dataset", help="NAME or NAME:split (default: the run's dataset and its eval split)")
-    parser.add_argument("--model", help="builder name, required for torchvision weights; or a timm weight tag, "
-                                        "whose preset (crop_pct, interpolation) is then used")
+    parser.add_argument(
+        "--model",
+        help="builder name, required for torchvision weights; or a timm weight tag, "
+        "whose preset (crop_pct, interpolation) is then used",
+    )
     parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
     parser.add_argument("--data-dir", help="dataset directory (default: the run's, else $TFDS_DATA_DIR)")
     parser.add_argument("--batch", type=int, help="accuracy pass batch size (default: the run's eval batch)")
@@ -43,14 +50,26 @@ def main(argv=None) -> int:
     from resnext_jax.inference.report import evaluate_and_report
 
     report = evaluate_and_report(
-        args.source, dataset=args.dataset, model=args.model, which=args.which, data_dir=args.data_dir,
-        batch_size=args.batch, speed_batch_sizes=args.batch_sizes, min_seconds=args.min_seconds, out_dir=args.out)
+        args.source,
+        dataset=args.dataset,
+        model=args.model,
+        which=args.which,
+        data_dir=args.data_dir,
+        batch_size=args.batch,
+        speed_batch_sizes=args.batch_sizes,
+        min_seconds=args.min_seconds,
+        out_dir=args.out,
+    )
     accuracy, data = report["accuracy"], report["dataset"]
-    print(f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
-          f"top-5 {accuracy['top5']:.2%}, loss {accuracy['loss']:.4f} over {accuracy['count']} examples")
+    print(
+        f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
+        f"top-5 {accuracy['top5']:.2%}, loss {accuracy['loss']:.4f} over {accuracy['count']} examples"
+    )
     for run in report["speed"]["runs"]:
-        print(f"batch {run['batch_size']}: {run['images_per_s']:.1f} img/s, p50 {run['latency_ms_p50']:.2f} ms, "
-              f"p95 {run['latency_ms_p95']:.2f} ms (compile {run['compile_s']:.2f} s)")
+        print(
+            f"batch {run['batch_size']}: {run['images_per_s']:.1f} img/s, p50 {run['latency_ms_p50']:.2f} ms, "
+            f"p95 {run['latency_ms_p95']:.2f} ms (compile {run['compile_s']:.2f} s)"
+        )
     print(f"report: {report['report_dir']}/report.md")
     return 0
 

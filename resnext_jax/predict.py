@@ -4,6 +4,7 @@ Top-k classes of image files with a trained workdir, torchvision or timm weights
 IMAGES are files, folders (searched recursively) or globs. Each bad file gets one `error: PATH: ...` line on
 stderr and the others still get predictions; the exit code is 1 if any file failed (2 if nothing could run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,17 @@ PROGRESS_MIN_IMAGES = 48  # below a few dozen images the bar is noise
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.predict", description=__doc__.splitlines()[2])
-    parser.add_argument("source", help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
-                                       "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)")
+    parser.add_argument(
+        "source",
+        help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
+        "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)",
+    )
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
-    parser.add_argument("--model", help="builder name, required for torchvision weights; or a timm weight tag, "
-                                        "whose preset (crop_pct, interpolation) is then used")
+    parser.add_argument(
+        "--model",
+        help="builder name, required for torchvision weights; or a timm weight tag, "
+        "whose preset (crop_pct, interpolation) is then used",
+    )
     parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="images per forward pass")
@@ -51,14 +58,14 @@ def main(argv=None) -> int:
         print(f"error: {pattern}: {message}", file=sys.stderr)
     if not paths:
         raise UserError("no image files to predict; pass image files, folders or globs")
-    loaded = load_model(args.source, model=args.model, which=args.which, resize_size=args.resize,
-                        crop_size=args.crop)
+    loaded = load_model(args.source, model=args.model, which=args.which, resize_size=args.resize, crop_size=args.crop)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["path", "rank", "class", "name", "probability"])
     failed = len(problems)
-    bar = tqdm.tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_MIN_IMAGES,
-                    dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=len(paths), unit="img", file=sys.stderr, disable=len(paths) < PROGRESS_MIN_IMAGES, dynamic_ncols=True
+    )
     kwargs = {"max_pixels": args.max_pixels} if args.max_pixels else {}
     for result in predict_files(loaded, paths, top_k=args.top_k, batch_size=args.batch, progress=bar, **kwargs):
         if result.error:

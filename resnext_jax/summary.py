@@ -4,6 +4,7 @@ Prints blocks, groups, bottleneck width, output channels, output size and params
 stage, then total params and multiply-add GFLOPs (convolutions and the classifier,
 counted from the traced program, as torchvision's published GFLOPS count them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,10 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     """
     if not isinstance(resolution, numbers.Integral) or isinstance(resolution, bool) or resolution < 1:
         # Every stride-2 layer pads, so even 1x1 runs (each stage is then 1x1); the stride-32 stages need 32.
-        raise InputError(f"resolution={resolution!r} is not allowed; use a positive number of pixels, e.g. 224 "
-                         f"(any size >= 1 runs, but below 32 the last stage of these stride-32 models is 1x1)")
+        raise InputError(
+            f"resolution={resolution!r} is not allowed; use a positive number of pixels, e.g. 224 "
+            f"(any size >= 1 runs, but below 32 the last stage of these stride-32 models is 1x1)"
+        )
     model = create_model(name, **overrides)
     images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
     variables = variable_shapes(model, resolution)
@@ -89,8 +92,15 @@ def summarize(name: str, resolution: int = 224, **overrides) -> dict:
     staged = sum(r["params"] for r in rows)
     head_params = sum(math.prod(v.shape) for k, v in params.items() if k[0] == "fc")
     macs = forward_macs(model, variables, images)
-    return {"name": name, "resolution": resolution, "stages": rows, "stem_params": total_params - staged - head_params,
-            "head_params": head_params, "params": total_params, "gflops": macs / 1e9}
+    return {
+        "name": name,
+        "resolution": resolution,
+        "stages": rows,
+        "stem_params": total_params - staged - head_params,
+        "head_params": head_params,
+        "params": total_params,
+        "gflops": macs / 1e9,
+    }
 
 
 def format_summary(summary: dict) -> str:
@@ -99,8 +109,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['name']} at {summary['resolution']}x{summary['resolution']}", header, "-" * len(header)]
     lines.append(f"{'stem':<8}{'':>7}{'':>8}{'':>8}{'':>8}{'':>10}{summary['stem_params']:>14,}")
     for row in summary["stages"]:
-        lines.append(f"{row['name']:<8}{row['blocks']:>7}{row['groups']:>8}{row['bottleneck_width']:>8}"
-                     f"{row['out_channels']:>8}{row['out_size']:>10}{row['params']:>14,}")
+        lines.append(
+            f"{row['name']:<8}{row['blocks']:>7}{row['groups']:>8}{row['bottleneck_width']:>8}"
+            f"{row['out_channels']:>8}{row['out_size']:>10}{row['params']:>14,}"
+        )
     lines.append(f"{'head':<8}{'':>7}{'':>8}{'':>8}{'':>8}{'':>10}{summary['head_params']:>14,}")
     lines.append("-" * len(header))
     lines.append(f"total params: {summary['params']:,}")

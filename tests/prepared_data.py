@@ -1,5 +1,6 @@
 """Test data in the real formats for the prepare tests: image folders of coloured shapes, CIFAR binary archives,
 tars; and the checks both prepare test files share."""
+
 import hashlib
 import io
 import os
@@ -65,9 +66,11 @@ def md5_validation(files: dict, fraction: float) -> set[str]:
     """The split rule written out independently: per class, the round(fraction * n) smallest md5s of the path."""
     expected = set()
     for label in range(len(CLASSES)):
-        paths = sorted((path for path, (lab, _) in files.items() if lab == label),
-                       key=lambda path: hashlib.md5(path.encode()).hexdigest())
-        expected |= set(paths[:max(1, round(fraction * len(paths)))])
+        paths = sorted(
+            (path for path, (lab, _) in files.items() if lab == label),
+            key=lambda path: hashlib.md5(path.encode()).hexdigest(),
+        )
+        expected |= set(paths[: max(1, round(fraction * len(paths)))])
     return expected
 
 
@@ -86,7 +89,7 @@ def cifar_archive(path, name, num_train, num_test, seed=0):
         if name == "cifar10" and split == "train":
             size = len(records) // 5
             for batch in range(5):
-                members[f"{folder}/data_batch_{batch + 1}.bin"] = records[batch * size:(batch + 1) * size]
+                members[f"{folder}/data_batch_{batch + 1}.bin"] = records[batch * size : (batch + 1) * size]
         else:
             members[f"{folder}/{'test_batch.bin' if name == 'cifar10' else split + '.bin'}"] = records
     if name == "cifar10":

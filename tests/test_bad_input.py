@@ -3,6 +3,7 @@
 Each case asserts the exception type and that the message names the offending field or key and what to do. The
 converter cases use real torchvision state_dicts (random init, no download).
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,9 @@ IMPOSSIBLE_FIELDS = [
 ]
 
 
-@pytest.mark.parametrize("name, field, value, allowed", IMPOSSIBLE_FIELDS,
-                         ids=[f"{f}={v!r}" for _, f, v, _ in IMPOSSIBLE_FIELDS])
+@pytest.mark.parametrize(
+    "name, field, value, allowed", IMPOSSIBLE_FIELDS, ids=[f"{f}={v!r}" for _, f, v, _ in IMPOSSIBLE_FIELDS]
+)
 def test_impossible_model_field_is_named(name, field, value, allowed):
     with pytest.raises(InputError) as info:
         resnext_jax.create_model(name, **{field: value})
@@ -85,16 +87,29 @@ def test_basic_blocks_refuse_resnext_fields():
 
 
 def test_zero_channel_bottleneck_is_named():
-    with pytest.raises(InputError,
-                       match=r"bottleneck_width=4 with num_filters=8 .*num_filters \* bottleneck_width >= 64"):
+    with pytest.raises(
+        InputError, match=r"bottleneck_width=4 with num_filters=8 .*num_filters \* bottleneck_width >= 64"
+    ):
         resnext_jax.create_model("resnext50_32x4d", num_filters=8, bottleneck_width=4)
 
 
 def test_boundary_values_still_build():
     """The checks refuse only what cannot work: each boundary value here builds and runs."""
-    model = resnext_jax.create_model("resnext50_32x4d", stage_sizes=[1, 1], num_filters=16, bottleneck_width=4,
-                                     cardinality=1, num_classes=0, drop_path_rate=0.0, dropout_rate=0.99,
-                                     se_ratio=1.0, norm="group", norm_groups=1, dtype="bfloat16", small_stem=1)
+    model = resnext_jax.create_model(
+        "resnext50_32x4d",
+        stage_sizes=[1, 1],
+        num_filters=16,
+        bottleneck_width=4,
+        cardinality=1,
+        num_classes=0,
+        drop_path_rate=0.0,
+        dropout_rate=0.99,
+        se_ratio=1.0,
+        norm="group",
+        norm_groups=1,
+        dtype="bfloat16",
+        small_stem=1,
+    )
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))[0])
     assert out.shape == (1, 128)
 
@@ -114,6 +129,7 @@ def test_unknown_field_is_input_error():
 
 # ---------------------------------------------------------------------------------------------- summary CLI
 
+
 def test_summary_resolution_zero_is_one_line(capsys):
     assert run_cli(summary_main, ["resnet18", "--resolution", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -121,8 +137,9 @@ def test_summary_resolution_zero_is_one_line(capsys):
     assert ">= 1" in err[0] and "224" in err[0]
 
 
-@pytest.mark.parametrize("argv, fragment", [(["resnet18x"], "closest: resnet18"),
-                                            (["resnet18", "--num-classes", "-1"], "num_classes=-1")])
+@pytest.mark.parametrize(
+    "argv, fragment", [(["resnet18x"], "closest: resnet18"), (["resnet18", "--num-classes", "-1"], "num_classes=-1")]
+)
 def test_summary_bad_model_is_one_line(capsys, argv, fragment):
     assert run_cli(summary_main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,9 +148,14 @@ def test_summary_bad_model_is_one_line(capsys, argv, fragment):
 
 def test_summary_module_exits_2_without_traceback():
     """`python -m resnext_jax.summary` itself (the __main__ wiring), not only `main`."""
-    result = subprocess.run([sys.executable, "-m", "resnext_jax.summary", "resnet18", "--resolution", "0"],
-                            check=False, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run(
+        [sys.executable, "-m", "resnext_jax.summary", "resnet18", "--resolution", "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error: resolution=0 is not allowed" in result.stderr
@@ -146,6 +168,7 @@ def test_smallest_resolution_the_message_promises_runs():
 
 
 # ---------------------------------------------------------------------------------------------- converter
+
 
 @pytest.fixture(scope="module")
 def resnet18_state():
@@ -173,11 +196,14 @@ def test_export_of_another_builders_variables_is_refused(resnet50_variables):
     assert _is_input_error(info.value)
     first = str(info.value).splitlines()[0]
     assert "they look like resnet50's: to_torchvision('resnet50', variables)" in first, first
-    assert "unexpected key: params/layer1_0/conv3/kernel (torchvision layer1.0.conv3.weight (256, 64, 1, 1))" in \
-        str(info.value)
+    assert "unexpected key: params/layer1_0/conv3/kernel (torchvision layer1.0.conv3.weight (256, 64, 1, 1))" in str(
+        info.value
+    )
     # resnet50's 1x1 conv1 where resnet18 has a 3x3: named with both shapes.
-    assert ("wrong shape: params/layer1_0/conv1/kernel (layer1.0.conv1.weight): variables (1, 1, 64, 64), resnet18 "
-            "wants (3, 3, 64, 64) (torchvision (64, 64, 3, 3))") in str(info.value)
+    assert (
+        "wrong shape: params/layer1_0/conv1/kernel (layer1.0.conv1.weight): variables (1, 1, 64, 64), resnet18 "
+        "wants (3, 3, 64, 64) (torchvision (64, 64, 3, 3))"
+    ) in str(info.value)
 
 
 def test_export_of_empty_variables_names_every_missing_key(resnet18_state):
@@ -224,8 +250,9 @@ def test_export_casts_half_precision_to_float32(resnet18_variables, resnet18_sta
 
 
 def test_export_with_another_option_is_refused():
-    variables = jax.eval_shape(lambda: resnext_jax.create_model("resnet18", norm="group").init(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    variables = jax.eval_shape(
+        lambda: resnext_jax.create_model("resnet18", norm="group").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    )
     with pytest.raises(ConversionError, match="no torchvision counterpart.*layer1_0/bn1/gn/scale"):
         to_torchvision("resnet18", variables)
 
@@ -249,8 +276,11 @@ def test_headless_model_round_trips_through_an_identity_head(resnet18_state):
 
 def test_headless_checkpoint_needs_reinit_for_a_head(resnet18_state):
     headless = {k: v for k, v in resnet18_state.items() if not k.startswith("fc.")}
-    with pytest.raises(ConversionError, match=r"no head \(fc.weight\) but num_classes=10; pass num_classes=0 for "
-                                              r"features only, or reinit_head=True"):
+    with pytest.raises(
+        ConversionError,
+        match=r"no head \(fc.weight\) but num_classes=10; pass num_classes=0 for "
+        r"features only, or reinit_head=True",
+    ):
         from_torchvision("resnet18", headless, num_classes=10)
     with pytest.raises(ConversionError, match=r"no head \(fc.weight\) but num_classes=1000; pass num_classes=0"):
         from_torchvision("resnet18", headless)
@@ -270,8 +300,7 @@ def test_wrong_shape_is_listed_once_with_both_shapes(resnet18_state):
     with pytest.raises(ConversionError) as info:
         from_torchvision("resnet18", state)
     message = str(info.value)
-    assert "wrong shape: layer3.0.conv1.weight: checkpoint (256, 128, 1, 1), resnet18 wants (256, 128, 3, 3)" in \
-        message
+    assert "wrong shape: layer3.0.conv1.weight: checkpoint (256, 128, 1, 1), resnet18 wants (256, 128, 3, 3)" in message
     assert message.count("layer3.0.conv1.weight") == 1, message
     assert not _lines(info.value, "missing key:")
 
@@ -312,8 +341,11 @@ def test_directory_and_unreadable_file_are_named(tmp_path):
         from_torchvision("resnet18", str(garbage))
 
 
-@pytest.mark.parametrize("wrap", ["model", "state_dict", "model_state_dict", "module."],
-                         ids=["model", "state_dict", "model_state_dict", "data_parallel"])
+@pytest.mark.parametrize(
+    "wrap",
+    ["model", "state_dict", "model_state_dict", "module."],
+    ids=["model", "state_dict", "model_state_dict", "data_parallel"],
+)
 def test_wrapped_state_dict_loads_the_same_from_memory_and_file(resnet18_state, resnet18_variables, tmp_path, wrap):
     if wrap.endswith("."):
         wrapped = {wrap + k: v for k, v in resnet18_state.items()}
@@ -334,18 +366,22 @@ def test_unknown_wrapper_names_the_entry(resnet18_state):
 
 # The model's input check (resnext_jax/models/checks.py): a wrong layout or an empty training batch is one InputError.
 
+
 @pytest.fixture(scope="module")
 def small_resnet():
     model = resnext_jax.create_model("resnet18", stage_sizes=(1, 1, 1, 1), num_classes=4)
     return model, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-@pytest.mark.parametrize("shape,fix", [
-    ((2, 3, 32, 32), r"channels-first \(NCHW\): pass x.transpose\(0, 2, 3, 1\)"),
-    ((2, 32, 32, 1), r"grayscale .* jnp.repeat\(x, 3, axis=-1\)"),
-    ((32, 32, 3), r"4-D NHWC .* x\[None\]"),
-    ((2, 32, 32, 4), r"with 3 channels; got shape \(2, 32, 32, 4\)"),
-])
+@pytest.mark.parametrize(
+    "shape,fix",
+    [
+        ((2, 3, 32, 32), r"channels-first \(NCHW\): pass x.transpose\(0, 2, 3, 1\)"),
+        ((2, 32, 32, 1), r"grayscale .* jnp.repeat\(x, 3, axis=-1\)"),
+        ((32, 32, 3), r"4-D NHWC .* x\[None\]"),
+        ((2, 32, 32, 4), r"with 3 channels; got shape \(2, 32, 32, 4\)"),
+    ],
+)
 def test_a_wrong_image_layout_is_one_error_naming_the_fix(small_resnet, shape, fix):
     model, variables = small_resnet
     with pytest.raises(InputError, match=fix):

@@ -1,5 +1,6 @@
 """The step benchmark (resnext_jax.benchmarks): its FLOP count against XLA's, its data-parallel check, its JSON,
 its train step against the training system's."""
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,35 @@ def test_model_flops_agree_with_xla_cost_analysis():
     ratio = compiled.cost_analysis()["flops"] / model_flops(model, "infer", batch=1, resolution=224)
     assert 0.88 < ratio < 1.05, ratio
     assert model_flops(model, "train", batch=1, resolution=224) == 3 * model_flops(
-        model, "infer", batch=1, resolution=224)
+        model, "infer", batch=1, resolution=224
+    )
     assert memory["argument_size_in_bytes"] > 0
 
 
 @pytest.mark.slow  # 17 s: two bench subprocesses; CI runs it
 def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "infer",
-               "--batch", "4", "--resolution", "32", "--runs", "2", "--devices", "2", "--flops-resolution", "32",
-               "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "resnext_jax.benchmarks.step",
+        "--model",
+        "resnet18",
+        "--mode",
+        "infer",
+        "--batch",
+        "4",
+        "--resolution",
+        "32",
+        "--runs",
+        "2",
+        "--devices",
+        "2",
+        "--flops-resolution",
+        "32",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
@@ -54,8 +74,22 @@ def test_cli_writes_json_with_torch_ratio_and_per_device_flops(tmp_path):
 def test_train_step_gradient_flops_split_over_devices():
     """Train mode: the gradient part of the shard_map step is split over devices (the optimizer update is not)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "resnext_jax.benchmarks.step", "--model", "resnet18", "--mode", "train",
-               "--batch", "4", "--devices", "2", "--flops-resolution", "32", "--_flops-check"]
+    command = [
+        sys.executable,
+        "-m",
+        "resnext_jax.benchmarks.step",
+        "--model",
+        "resnet18",
+        "--mode",
+        "train",
+        "--batch",
+        "4",
+        "--devices",
+        "2",
+        "--flops-resolution",
+        "32",
+        "--_flops-check",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     dp = json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,8 +113,7 @@ def test_benchmark_train_step_is_the_training_systems_step():
     from resnext_jax.training.distributed import create_mesh
     from resnext_jax.training.step import AXIS, create_train_state, make_train_step
 
-    fields = dict(num_classes=10, stage_sizes=(1,), num_filters=8, cardinality=4, bottleneck_width=32,
-                  small_stem=True)
+    fields = dict(num_classes=10, stage_sizes=(1,), num_filters=8, cardinality=4, bottleneck_width=32, small_stem=True)
     model = resnext_jax.create_model("resnext50_32x4d", **fields)
     variables = init_variables(model, jax.random.key(0), 16)
     rng = np.random.default_rng(0)
@@ -93,13 +126,21 @@ def test_benchmark_train_step_is_the_training_systems_step():
     (params, stats, _), loss = jax.jit(train_step(model, tx, 10))(state, images, labels)
 
     mesh = create_mesh(jax.devices()[:1])
-    trainer = make_train_step(resnext_jax.create_model("resnext50_32x4d", bn_axis_name=AXIS, **fields), tx,
-                              optax.constant_schedule(1e-3), mesh, num_classes=10, stage_diagnostics=False)
-    trained, metrics = trainer(create_train_state(tx, copy(variables), jax.random.key(1), False),
-                               {"image": images, "label": labels})
+    trainer = make_train_step(
+        resnext_jax.create_model("resnext50_32x4d", bn_axis_name=AXIS, **fields),
+        tx,
+        optax.constant_schedule(1e-3),
+        mesh,
+        num_classes=10,
+        stage_diagnostics=False,
+    )
+    trained, metrics = trainer(
+        create_train_state(tx, copy(variables), jax.random.key(1), False), {"image": images, "label": labels}
+    )
     np.testing.assert_allclose(loss, metrics["loss"], rtol=1e-6)
-    for got, want, before in zip(jax.tree.leaves(params), jax.tree.leaves(trained.params),
-                                 jax.tree.leaves(variables["params"])):
+    for got, want, before in zip(
+        jax.tree.leaves(params), jax.tree.leaves(trained.params), jax.tree.leaves(variables["params"])
+    ):
         np.testing.assert_allclose(got - before, want - before, rtol=1e-4, atol=1e-7)
     for got, want in zip(jax.tree.leaves(stats), jax.tree.leaves(trained.batch_stats)):
         np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -140,7 +181,6 @@ def test_inference_options_take_matmuls_out_of_ynn_with_the_same_logits():
     """On CPU the inference options move the 1x1 convs' matmuls from YNN library fusions to XLA's runtime
     matmuls (faster there, docs/benchmarks.md); the logits must not change beyond float32 rounding."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from resnext_jax.ops import inference_compiler_options, step_compiler_options
@@ -153,8 +193,11 @@ def test_inference_options_take_matmuls_out_of_ynn_with_the_same_logits():
     images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     outputs, texts = [], []
     for options in (step_compiler_options(), inference_compiler_options()):
-        compiled = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options).lower(
-            variables, images).compile()
+        compiled = (
+            jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
+            .lower(variables, images)
+            .compile()
+        )
         outputs.append(np.asarray(compiled(variables, images)))
         texts.append(compiled.as_text())
     assert "__ynn_fusion" in texts[0] and "__ynn_fusion" not in texts[1]

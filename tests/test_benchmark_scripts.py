@@ -1,4 +1,5 @@
 """benchmarks/floor.py and benchmarks/ab.py: what they patch, record and import is what they say."""
+
 from __future__ import annotations
 
 import os
@@ -19,12 +20,14 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import floor  # noqa: E402
 
 
-
 def _torch_dense_kernels(name):
     """HWIO shapes of torchvision's ungrouped Conv2d weights (OIHW), sorted."""
     model = torchvision.models.get_model(name, num_classes=1000)
-    return sorted((m.kernel_size[0], m.kernel_size[1], m.in_channels, m.out_channels)
-                  for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1)
+    return sorted(
+        (m.kernel_size[0], m.kernel_size[1], m.in_channels, m.out_channels)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.groups == 1
+    )
 
 
 @pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf"])
@@ -46,6 +49,7 @@ def _conv_count(model, x):
                 if hasattr(param, "jaxpr"):
                     n += count(param.jaxpr)
         return n
+
     return count(jaxpr.jaxpr)
 
 
@@ -79,6 +83,12 @@ def test_ab_imports_each_revision_from_its_own_export(tmp_path):
     head_file, tree_file = result.stdout.split()
     assert head_file.startswith(str(tmp_path)) and os.path.exists(head_file)
     assert tree_file == os.path.join(ROOT, "resnext_jax", "models", "registry.py")
-    bad = subprocess.run([sys.executable, "benchmarks/ab.py", "no-such-revision", "."], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "RESNEXT_JAX_HUGEPAGES": "0"})
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/ab.py", "no-such-revision", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RESNEXT_JAX_HUGEPAGES": "0"},
+    )
     assert bad.returncode != 0 and "git archive no-such-revision failed" in bad.stderr

@@ -1,4 +1,5 @@
 """torchvision parity for every registered builder, plus the converter's strictness."""
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,8 @@ def test_param_count_equals_torchvision(name):
     reference = torchvision_skeleton(name)
     assert _param_count(shapes["params"]) == sum(p.numel() for p in reference.parameters())
     assert _param_count(shapes["batch_stats"]) == sum(
-        b.numel() for n, b in reference.named_buffers() if not n.endswith("num_batches_tracked"))
+        b.numel() for n, b in reference.named_buffers() if not n.endswith("num_batches_tracked")
+    )
 
 
 def _meta_at_224(name: str) -> dict:
@@ -57,8 +59,11 @@ def test_summary_matches_torchvision_meta(name):
     assert summary["params"] == meta["num_params"]
     assert summary["gflops"] == pytest.approx(meta["_ops"], rel=0.01)
     reference = torchvision_skeleton(name)
-    stages = reference.trunk_output if hasattr(reference, "trunk_output") else [
-        getattr(reference, f"layer{i}") for i in (1, 2, 3, 4)]
+    stages = (
+        reference.trunk_output
+        if hasattr(reference, "trunk_output")
+        else [getattr(reference, f"layer{i}") for i in (1, 2, 3, 4)]
+    )
     assert [row["params"] for row in summary["stages"]] == [sum(p.numel() for p in s.parameters()) for s in stages]
     assert summary["head_params"] == sum(p.numel() for p in reference.fc.parameters())
 
@@ -136,8 +141,9 @@ def test_new_head_only_when_asked(resnet18_state, caplog):
     variables = from_torchvision("resnet18", resnet18_state, num_classes=10, reinit_head=True)
     assert variables["params"]["fc"]["kernel"].shape == (512, 10)
     assert "re-initialized" in caplog.text
-    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
-                                  resnet18_state["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        variables["params"]["conv1"]["kernel"], resnet18_state["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    )
 
 
 def test_sources_module_state_dict_and_path_agree(resnet18_state, tmp_path):
@@ -165,10 +171,14 @@ def test_non_torchvision_option_cannot_export():
         to_torchvision("resnet18", variables)
 
 
-@pytest.mark.parametrize("name, fields", [
-    ("resnext50_32x4d", {"stage_sizes": (1, 1), "num_filters": 16, "cardinality": 4}),
-    ("regnet_x_400mf", {"depth": 4}),
-], ids=["resnet", "regnet"])
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("resnext50_32x4d", {"stage_sizes": (1, 1), "num_filters": 16, "cardinality": 4}),
+        ("regnet_x_400mf", {"depth": 4}),
+    ],
+    ids=["resnet", "regnet"],
+)
 def test_fresh_head_is_the_model_init_head(name, fields):
     """`reinit_head` initializes only the head (the backbone's ops are dropped): same values as `model.init`."""
     from resnext_jax.convert.core import fresh_head

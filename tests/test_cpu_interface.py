@@ -1,4 +1,5 @@
 """`resnext_jax.cpu`'s interface: the build's one log line, `eligible` and `report()`, and the command line."""
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from resnext_jax.cpu import build
 def test_a_fresh_build_logs_one_line_and_a_cached_one_none(tmp_path, monkeypatch, caplog):
     """The compiler is replaced by a stand-in that writes the library: what is checked is the bookkeeping around
     it (one line naming compiler, instruction set, seconds and path; nothing when the cache has it)."""
+
     def fake_run(command, capture_output=True, text=True):
         if "--version" in command:
             return types.SimpleNamespace(returncode=0, stdout="g++ (fake) 13.2\n", stderr="")
@@ -45,8 +47,7 @@ def test_eligible_records_why_a_kernel_was_refused(monkeypatch):
     monkeypatch.setattr(cpu, "USED", set())
     x32, x16 = jnp.zeros((2, 4), jnp.float32), jnp.zeros((2, 4), jnp.bfloat16)
     assert not cpu.eligible("channel_sums", "gpu", x32)
-    assert cpu.report()["not_used"]["channel_sums"] == ("gpu backend" if cpu.available()
-                                                         else cpu.unavailable_reason())
+    assert cpu.report()["not_used"]["channel_sums"] == ("gpu backend" if cpu.available() else cpu.unavailable_reason())
     if cpu.available():
         assert not cpu.eligible("max_pool_grad", "cpu", x16)
         assert "bfloat16" in cpu.report()["not_used"]["max_pool_grad"]
@@ -70,8 +71,9 @@ def test_report_names_the_kernels_a_traced_step_uses():
 
 
 def test_command_line_info_and_build():
-    info = subprocess.run([sys.executable, "-m", "resnext_jax.cpu", "info", "--json"], capture_output=True,
-                          text=True, check=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "resnext_jax.cpu", "info", "--json"], capture_output=True, text=True, check=True
+    )
     state = json.loads(info.stdout)
     assert state["available"] == cpu.available() and state["cache"] == cpu.cache_dir()
     assert set(state["not_used"]) == set(cpu.KERNELS)  # a fresh process has traced nothing

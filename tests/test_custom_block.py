@@ -1,5 +1,6 @@
 """A user's own block, written in a test file from the public conv/norm definitions only, trains on CPU with the
 native kernels still computing its grouped convs, and matches the same network on pure-XLA convolutions."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from resnext_jax.models import ResidualBlock, ResNet, SqueezeExcite, bottleneck_
 class SEResNeXtBlock(ResidualBlock):
     """A ResNeXt bottleneck with squeeze-excitation before the add, as a newcomer would write it: plain calls of
     the `conv` and `norm` definitions the network hands every block (no conv-norm unit, no fusion)."""
+
     filters: int
     cardinality: int = 1
     bottleneck_width: int = 64
@@ -39,28 +41,43 @@ class SEResNeXtBlock(ResidualBlock):
 
 def _model(conv_impl):
     # 8 groups of 4 channels (32 wide) in layer1 and of 8 in layer2: shapes the native grouped conv takes.
-    return ResNet(stage_sizes=(1, 1), block_cls=SEResNeXtBlock, cardinality=8, bottleneck_width=4, num_classes=5,
-                  small_stem=True, conv_impl=conv_impl)
+    return ResNet(
+        stage_sizes=(1, 1),
+        block_cls=SEResNeXtBlock,
+        cardinality=8,
+        bottleneck_width=4,
+        num_classes=5,
+        small_stem=True,
+        conv_impl=conv_impl,
+    )
 
 
 def _train_step(model):
     def loss_fn(params, stats, images, labels):
-        logits, updates = model.apply({"params": params, "batch_stats": stats}, images, train=True,
-                                      mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": stats}, images, train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates["batch_stats"]
+
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
 def test_custom_block_trains_with_native_kernels_and_matches_xla():
     if not cpu.available():
-        pytest.skip(f"native kernels unavailable ({cpu.unavailable_reason()}): "
-                    "tests/test_grouped_conv.py::test_native_builds_wherever_it_can says why")
+        pytest.skip(
+            f"native kernels unavailable ({cpu.unavailable_reason()}): "
+            "tests/test_grouped_conv.py::test_native_builds_wherever_it_can says why"
+        )
     images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
     labels = jnp.array([0, 1, 2, 3])
     native, xla = _model("auto"), _model("xla")
     variables = native.init(jax.random.PRNGKey(0), images[:1])
     assert "se" in variables["params"]["layer1_0"] and variables["params"]["layer1_0"]["conv2"]["kernel"].shape == (
-        3, 3, 4, 32)
+        3,
+        3,
+        4,
+        32,
+    )
     args = (variables["params"], variables["batch_stats"], images, labels)
     step = _train_step(native)
     hlo = step.lower(*args).as_text()

@@ -4,6 +4,7 @@ accuracy pass runs on them, and the report names the interpolation.
 The reference is timm itself, `create_transform(**resolve_data_config(...))`, on scikit-learn's two sample JPEGs,
 prepared as a two-class folder dataset (the files are stored as they are, so the loader decodes the same bytes).
 """
+
 import json
 import math
 import os
@@ -50,8 +51,14 @@ def photo(label: int) -> Image.Image:
 def preset(tag: str) -> Preprocessing:
     """What `load_model` gives a timm tag (tests/test_timm_preprocessing.py checks that it does)."""
     cfg = pretrained_config(tag)
-    return Preprocessing(resize_size=cfg.resize_size, crop_size=cfg.crop_size, mean=tuple(cfg.mean),
-                         std=tuple(cfg.std), class_names=CLASSES, interpolation=cfg.interpolation)
+    return Preprocessing(
+        resize_size=cfg.resize_size,
+        crop_size=cfg.crop_size,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        class_names=CLASSES,
+        interpolation=cfg.interpolation,
+    )
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -62,10 +69,12 @@ def test_the_eval_loader_gives_timms_pixels(photos, tag):
     config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(tag).to_dict())
     transform = timm.data.create_transform(**config)
     assert (pre.resize_size, pre.crop_size, pre.interpolation) == (
-        math.floor(config["input_size"][-1] / config["crop_pct"]), config["input_size"][-1], config["interpolation"])
+        math.floor(config["input_size"][-1] / config["crop_pct"]),
+        config["input_size"][-1],
+        config["interpolation"],
+    )
     # Only the preprocessing of a LoadedModel is read to build the loader: no weights needed.
-    loader = evaluation.eval_loader(types.SimpleNamespace(preprocessing=pre), "photos", data_dir=photos,
-                                    batch_size=4)
+    loader = evaluation.eval_loader(types.SimpleNamespace(preprocessing=pre), "photos", data_dir=photos, batch_size=4)
     [batch] = list(loader)
     assert batch["mask"].tolist() == [True, True, False, False] and sorted(batch["label"][:2].tolist()) == [0, 1]
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
@@ -97,14 +106,36 @@ def test_evaluate_with_a_timm_tag_runs_and_reports_its_bicubic_preset(photos, tm
     out = tmp_path / "report"
     # float32 convolutions on both sides (a GPU's default TF32 would blur the comparison of losses below).
     with jax.default_matmul_precision("highest"):
-        code = run_cli(evaluate_main, [str(weights), "--model", "resnet18.a1_in1k", "--dataset", "photos",
-                                       "--data-dir", photos, "--batch", "2", "--batch-sizes", "1", "--min-seconds",
-                                       "0.01", "--out", str(out)])
+        code = run_cli(
+            evaluate_main,
+            [
+                str(weights),
+                "--model",
+                "resnet18.a1_in1k",
+                "--dataset",
+                "photos",
+                "--data-dir",
+                photos,
+                "--batch",
+                "2",
+                "--batch-sizes",
+                "1",
+                "--min-seconds",
+                "0.01",
+                "--out",
+                str(out),
+            ],
+        )
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     pre = preset("resnet18.a1_in1k")
-    assert report["preprocessing"] == {"resize_size": 235, "crop_size": 224, "mean": list(pre.mean),
-                                       "std": list(pre.std), "interpolation": "bicubic"}
+    assert report["preprocessing"] == {
+        "resize_size": 235,
+        "crop_size": 224,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "interpolation": "bicubic",
+    }
     assert "- preprocessing: resize 235 (bicubic), crop 224," in (out / "report.md").read_text()
     assert report["accuracy"]["count"] == 2
 

@@ -2,6 +2,7 @@
 the same checkpoint, every example counts once, the report holds (and docs/inference.md explains) every field,
 and predict's preprocessing of image files equals the eval loader's.
 """
+
 import json
 import os
 import re
@@ -78,8 +79,9 @@ def test_predict_on_image_files_equals_the_eval_loader(workdir, tmp_path):
         path = tmp_path / f"{index}.png"
         path.write_bytes(source[index]["image"])
         paths.append(str(path))
-    loader = data.create_eval_loader("digits", batch_size=8, image_size=pre.crop_size, resize_size=pre.resize_size,
-                                     mean=pre.mean, std=pre.std)
+    loader = data.create_eval_loader(
+        "digits", batch_size=8, image_size=pre.crop_size, resize_size=pre.resize_size, mean=pre.mean, std=pre.std
+    )
     batch = next(iter(loader))
     logits = loaded.module.apply(loaded.variables, batch["image"], train=False)
     expected = np.asarray(jax.nn.softmax(logits, -1))
@@ -93,10 +95,22 @@ def test_predict_on_image_files_equals_the_eval_loader(workdir, tmp_path):
 
 
 REPORT_FIELDS = {
-    "schema_version": None, "created": None, "report_dir": None,
+    "schema_version": None,
+    "created": None,
+    "report_dir": None,
     "source": ("kind", "path", "step", "which", "weights"),
-    "model": ("name", "model_kwargs", "dtype", "params", "gflops", "resolution", "stem_params", "head_params",
-              "stages", "table"),
+    "model": (
+        "name",
+        "model_kwargs",
+        "dtype",
+        "params",
+        "gflops",
+        "resolution",
+        "stem_params",
+        "head_params",
+        "stages",
+        "table",
+    ),
     "preprocessing": ("resize_size", "crop_size", "mean", "std", "interpolation"),
     "dataset": ("name", "split", "examples", "num_classes", "batch_size", "devices"),
     "accuracy": ("top1", "top5", "loss", "count", "correct", "correct_top5", "seconds"),
@@ -107,16 +121,25 @@ REPORT_FIELDS = {
     "config": None,
     "provenance": ("versions", "python", "platform", "backend", "process_count", "devices", "git", "native_kernels"),
 }
-SPEED_RUN_FIELDS = ("batch_size", "compile_s", "iterations", "latency_ms_p50", "latency_ms_p95", "latency_ms_mean",
-                    "images_per_s")
+SPEED_RUN_FIELDS = (
+    "batch_size",
+    "compile_s",
+    "iterations",
+    "latency_ms_p50",
+    "latency_ms_p95",
+    "latency_ms_mean",
+    "images_per_s",
+)
 NATIVE_FIELDS = ("available", "isa", "unavailable_reason", "build", "used", "not_used", "ran", "targets")
 STAGE_FIELDS = ("name", "blocks", "groups", "bottleneck_width", "out_channels", "out_size", "params")
 
 
 def test_report_holds_every_field_and_docs_explain_them(workdir, tmp_path, capsys):
     out = tmp_path / "report"
-    code = run_cli(evaluate_main, [workdir, "--which", "latest", "--batch-sizes", "1,4", "--min-seconds", "0.05",
-                                   "--out", str(out)])
+    code = run_cli(
+        evaluate_main,
+        [workdir, "--which", "latest", "--batch-sizes", "1,4", "--min-seconds", "0.05", "--out", str(out)],
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -143,12 +166,14 @@ def test_report_holds_every_field_and_docs_explain_them(workdir, tmp_path, capsy
     assert report["memory"]["peak_bytes"] > 2**20
     with open(os.path.join(workdir, "config.json")) as f:
         assert report["config"] == json.load(f)
-    assert report["model"]["params"] == sum(x.size for x in jax.tree.leaves(
-        resnext_jax.load_model(workdir).variables["params"]))
+    assert report["model"]["params"] == sum(
+        x.size for x in jax.tree.leaves(resnext_jax.load_model(workdir).variables["params"])
+    )
     provenance = report["provenance"]
     assert provenance["versions"]["jax"] == jax.__version__
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(__file__)).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
+    ).stdout.strip()
     assert provenance["git"]["commit"] == head
     native = provenance["native_kernels"]
     assert native["ran"] == bool(native["targets"]) == (jax.default_backend() == "cpu" and native["available"])
@@ -175,15 +200,18 @@ def test_evaluate_errors_are_one_line(workdir, tmp_path, capsys):
 def test_two_devices_count_every_example_once_with_the_same_predictions(workdir):
     """Accuracy over all local devices: two simulated CPU devices split each batch, every example still counts
     once, and the confusion matrix equals the one-device pass (the logged top-1)."""
-    script = ("import json, jax, resnext_jax\n"
-              "from resnext_jax.inference.evaluation import evaluate_accuracy\n"
-              "assert jax.device_count() == 2\n"
-              f"result = evaluate_accuracy(resnext_jax.load_model({workdir!r}, which='latest'), 'digits')\n"
-              "print(json.dumps({'devices': result['devices'], 'count': result['count'],\n"
-              "                  'confusion': result['confusion'].tolist()}))\n")
+    script = (
+        "import json, jax, resnext_jax\n"
+        "from resnext_jax.inference.evaluation import evaluate_accuracy\n"
+        "assert jax.device_count() == 2\n"
+        f"result = evaluate_accuracy(resnext_jax.load_model({workdir!r}, which='latest'), 'digits')\n"
+        "print(json.dumps({'devices': result['devices'], 'count': result['count'],\n"
+        "                  'confusion': result['confusion'].tolist()}))\n"
+    )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     two = json.loads(result.stdout.strip().splitlines()[-1])
     one = evaluate_accuracy(resnext_jax.load_model(workdir, which="latest"), "digits")

@@ -7,6 +7,7 @@ var 1, behind which a wrong normalization would hide). Their heads are scaled to
 about 2, as a trained classifier's; errors are judged as max-abs error over max(1, std of the logits), as the
 exporter's own check does (`resnext_jax.export.common.TOLERANCE`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ def _random_model(name: str, seed: int = 0, **fields) -> LoadedModel:
         if path[-1].key == "mean":
             return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), leaf.dtype)
         return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+
     if "batch_stats" in variables:
         variables = {**variables, "batch_stats": jax.tree_util.tree_map_with_path(perturb, variables["batch_stats"])}
     # A trained classifier's logits have a std of about 2; random heads give anything from 0.1 to 200, which would
@@ -53,10 +55,22 @@ def _random_model(name: str, seed: int = 0, **fields) -> LoadedModel:
     scale = 2.0 / float(jnp.std(jax.jit(functools.partial(module.apply, train=False))(variables, probe)))
     head = jax.tree.map(lambda leaf: leaf * scale, variables["params"]["fc"])
     variables = {**variables, "params": {**variables["params"], "fc": head}}
-    pre = Preprocessing(resize_size=232, crop_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                        class_names=imagenet_class_names())
-    return LoadedModel(name=name, module=module, variables=variables, preprocessing=pre, source={"kind": "test"},
-                       config=None, model_kwargs=fields)
+    pre = Preprocessing(
+        resize_size=232,
+        crop_size=224,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        class_names=imagenet_class_names(),
+    )
+    return LoadedModel(
+        name=name,
+        module=module,
+        variables=variables,
+        preprocessing=pre,
+        source={"kind": "test"},
+        config=None,
+        model_kwargs=fields,
+    )
 
 
 @functools.cache
@@ -97,8 +111,15 @@ def _run_fresh(tmp_path, jobs) -> dict:
     for index, (artifact, batches) in enumerate(jobs):
         np.savez(tmp_path / f"in{index}.npz", **batches)
         spec.append((str(artifact), str(tmp_path / f"in{index}.npz"), str(tmp_path / f"out{index}.npz")))
-    done = subprocess.run([sys.executable, "-c", FRESH, json.dumps(spec)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, check=False, env={**os.environ, "PYTHONPATH": ""})
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH, json.dumps(spec)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
     assert report.pop("imported") == []
@@ -107,9 +128,14 @@ def _run_fresh(tmp_path, jobs) -> dict:
     return report
 
 
-@pytest.mark.parametrize("name,resolution", [
-    pytest.param(name, size, marks=() if (name, size) in FAST else pytest.mark.slow)
-    for name in MODELS for size in (224, ODD)])
+@pytest.mark.parametrize(
+    "name,resolution",
+    [
+        pytest.param(name, size, marks=() if (name, size) in FAST else pytest.mark.slow)
+        for name in MODELS
+        for size in (224, ODD)
+    ],
+)
 def test_stablehlo_runs_with_only_jax_and_matches_apply(tmp_path, name, resolution):
     loaded = _model(name)
     artifact = tmp_path / f"{name}.stablehlo"
@@ -125,11 +151,14 @@ def test_stablehlo_runs_with_only_jax_and_matches_apply(tmp_path, name, resoluti
 
 
 def test_our_custom_calls_are_found_in_module_text():
-    text = ('%0 = stablehlo.custom_call @resnext_jax_grouped_conv_forward(%arg0) : ...\n'
-            '%1 = stablehlo.custom_call @Sharding(%0)\n'
-            '"stablehlo.custom_call"(%1) {call_target_name = "resnext_jax_affine_add_relu"}')
+    text = (
+        "%0 = stablehlo.custom_call @resnext_jax_grouped_conv_forward(%arg0) : ...\n"
+        "%1 = stablehlo.custom_call @Sharding(%0)\n"
+        '"stablehlo.custom_call"(%1) {call_target_name = "resnext_jax_affine_add_relu"}'
+    )
     assert common.our_custom_calls(text) == ["resnext_jax_affine_add_relu", "resnext_jax_grouped_conv_forward"]
     from resnext_jax import cpu
+
     if cpu.available():  # the module as trained (conv_impl='auto') calls them; the export must not
         module = create_model("resnext50_32x4d", stage_sizes=(1, 1, 1, 1), num_classes=10)
         variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
@@ -168,13 +197,18 @@ def test_with_preprocessing_uint8_gives_the_float_pipelines_logits(small_artifac
     from sklearn.datasets import load_sample_images
 
     from resnext_jax.inference import images as image_io
+
     loaded, paths = small_artifacts
     served = load(paths[fmt])
     assert served.preprocessing["inside"] and served.metadata["input"]["dtype"] == "uint8"
     assert served.class_names == loaded.preprocessing.class_names
     pre = served.preprocessing
-    photos = np.stack([image_io.preprocess(Image.fromarray(photo), pre["resize_size"], pre["crop_size"])
-                       for photo in load_sample_images().images])
+    photos = np.stack(
+        [
+            image_io.preprocess(Image.fromarray(photo), pre["resize_size"], pre["crop_size"])
+            for photo in load_sample_images().images
+        ]
+    )
     normalized = image_io.normalize(photos, pre["mean"], pre["std"])  # what predict and evaluate feed the model
     _assert_close(served(photos), _apply(loaded, normalized), 1e-5 if fmt == "stablehlo" else 1e-4)
     with pytest.raises(UserError, match="uint8"):
@@ -219,9 +253,15 @@ def test_exporter_writes_nothing_that_misses_jax(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("fields,named", [({"se_ratio": 0.25}, "se_ratio=0.25"), ({"norm": "group"}, "norm='group'"),
-                                          ({"activation": "silu"}, "activation='silu'"),
-                                          ({"small_stem": True}, "small_stem=True")])
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"se_ratio": 0.25}, "se_ratio=0.25"),
+        ({"norm": "group"}, "norm='group'"),
+        ({"activation": "silu"}, "activation='silu'"),
+        ({"small_stem": True}, "small_stem=True"),
+    ],
+)
 def test_onnx_refuses_what_torchvision_cannot_build(tmp_path, fields, named):
     loaded = dataclasses.replace(_model("resnet18"), module=create_model("resnet18", **fields))  # checked first
     with pytest.raises(UserError, match=f"no {named}.*--format stablehlo"):
@@ -246,11 +286,23 @@ def test_cli_exports_torchvision_weights_with_a_fixed_batch(tmp_path, capsys):
     import torch
 
     from resnext_jax.convert import to_torchvision
+
     loaded = _model("resnet18")
     torch.save(to_torchvision("resnet18", loaded.variables), tmp_path / "r18.pth")
     out = tmp_path / "r18.onnx"
-    argv = [str(tmp_path / "r18.pth"), "--model", "resnet18", "--format", "onnx", "--out", str(out),
-            "--batch", "3", "--resolution", "64"]
+    argv = [
+        str(tmp_path / "r18.pth"),
+        "--model",
+        "resnet18",
+        "--format",
+        "onnx",
+        "--out",
+        str(out),
+        "--batch",
+        "3",
+        "--resolution",
+        "64",
+    ]
     assert run_cli(cli.main, argv) == 0
     assert "wrote" in capsys.readouterr().out
     served = load(out)
@@ -267,6 +319,7 @@ def test_cli_exports_torchvision_weights_with_a_fixed_batch(tmp_path, capsys):
 
 def test_load_model_points_an_artifact_to_export_load(small_artifacts):
     from resnext_jax import load_model
+
     _, paths = small_artifacts
     for path in paths.values():
         with pytest.raises(UserError, match=r"is an exported model .* resnext_jax\.export\.load\("):

@@ -4,6 +4,7 @@ divergence, full and read-only disks. Each case ends in a fallback that loses no
 docs/reliability.md lists every case with the test that proves it. NaN propagation is in test_nonfinite.py,
 the model and converter cases in test_bad_input.py / test_convert.py, kill -9 and SIGTERM in test_train_cli.py.
 """
+
 import glob
 import json
 import os
@@ -14,7 +15,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from test_training import tiny_config
 
 from resnext_jax.errors import UserError
@@ -121,8 +121,11 @@ def test_flipped_bytes_are_caught_by_the_checksums_when_the_file_still_parses(ru
 def test_no_checkpoint_that_verifies_is_one_error_that_deletes_nothing(run):
     for step in (15, 20, 22):
         os.remove(os.path.join(run, "checkpoints", str(step), "state", "_METADATA"))
-    with pytest.raises(UserError, match=r"no checkpoint in .* verifies \(step 22: .*step 20: .*step 15: .*\)\. "
-                                        r"Nothing was deleted"):
+    with pytest.raises(
+        UserError,
+        match=r"no checkpoint in .* verifies \(step 22: .*step 20: .*step 15: .*\)\. "
+        r"Nothing was deleted",
+    ):
         _restore(run)
     assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["15", "20", "22"]
 
@@ -147,10 +150,19 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from resnext_jax.training.workdir import WorkdirLock;"
-                               "lock = WorkdirLock(sys.argv[2]); lock.acquire(); print('locked', flush=True); time.sleep(60)",
-                               ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from resnext_jax.training.workdir import WorkdirLock;"
+            "lock = WorkdirLock(sys.argv[2]); lock.acquire(); print('locked', flush=True); time.sleep(60)",
+            ROOT,
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
         WorkdirLock(str(tmp_path)).acquire()
@@ -202,8 +214,10 @@ def test_the_divergence_message_gives_a_command_the_guard_accepts(tmp_path):
     summary = train_and_evaluate(sane, str(tmp_path), allow_changes=True)
     assert summary["step"] == 22 and np.isfinite(summary["train"]["loss"])
     records = [json.loads(line) for line in open(tmp_path / "config_changes.jsonl")]
-    assert [r["changes"] for r in records] == [{"learning_rate": {"from": 1e-3, "to": 1e12}},
-                                               {"learning_rate": {"from": 1e12, "to": 1e-3}}]
+    assert [r["changes"] for r in records] == [
+        {"learning_rate": {"from": 1e-3, "to": 1e12}},
+        {"learning_rate": {"from": 1e12, "to": 1e-3}},
+    ]
     assert [r["step"] for r in records] == [10, 10]
     assert json.load(open(tmp_path / "config.json"))["learning_rate"] == 1e-3
     steps = [r["step"] for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
@@ -251,9 +265,15 @@ def test_a_read_only_workdir_is_one_line(tmp_path):
 @pytest.mark.slow  # a training run or a subprocess; CI runs it
 def test_cli_prints_known_errors_as_one_line_and_takes_model_kwargs_overrides(tmp_path):
     """A typo'd model is one line (traceback behind --verbose); a documented model_kwargs field overrides."""
+
     def train(*args):
-        return subprocess.run([sys.executable, "-m", "train", "--config", "configs/quickstart.py", "--workdir",
-                               str(tmp_path), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     result = train("--config.model=resnext51")
     assert result.returncode == 2
@@ -276,9 +296,19 @@ def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path):
     import time
 
     def command(workdir):
-        return [sys.executable, "-m", "train", "--config", "configs/quickstart.py", "--workdir", str(workdir),
-                "--config.num_epochs=1", "--config.checkpoint_every_steps=5", "--config.progress_bar=False",
-                "--config.write_report=False"]
+        return [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            "configs/quickstart.py",
+            "--workdir",
+            str(workdir),
+            "--config.num_epochs=1",
+            "--config.checkpoint_every_steps=5",
+            "--config.progress_bar=False",
+            "--config.write_report=False",
+        ]
 
     env = dict(os.environ, RESNEXT_JAX_HUGEPAGES="0")
     reference = tmp_path / "reference"
@@ -287,14 +317,18 @@ def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path):
     killed = tmp_path / "killed"
     rng = random.Random(0)
     kills = []
-    for attempt in range(3):
-        process = subprocess.Popen(command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+    for _attempt in range(3):
+        process = subprocess.Popen(
+            command(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         # Start-up takes seconds; kill somewhere between the first steps and the end of the epoch.
         records = len(open(killed / "metrics.jsonl").readlines()) if (killed / "metrics.jsonl").exists() else 0
         deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None and not (
-                (killed / "metrics.jsonl").exists() and len(open(killed / "metrics.jsonl").readlines()) > records):
+        while (
+            time.time() < deadline
+            and process.poll() is None
+            and not ((killed / "metrics.jsonl").exists() and len(open(killed / "metrics.jsonl").readlines()) > records)
+        ):
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 2.0))
         process.kill()

@@ -3,16 +3,16 @@
 The reference is a direct convolution written with numpy loops over kernel taps, so it
 shares no code with XLA; gradients are checked for L = sum(conv(x, w) * ct).
 """
+
 import os
 import platform
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from resnext_jax import cpu
 from resnext_jax.ops import CONV_IMPLS, conv2d
@@ -59,7 +59,7 @@ def reference_conv_and_grads(x, w, ct, strides, padding, groups):
                 y[..., cout] += window @ w[i, j, :, cout]
                 dxp[:, rows, cols, cin] += ct[..., cout] @ w[i, j, :, cout].T
                 dw[i, j, :, cout] += np.einsum("nhwc,nhwo->co", window, ct[..., cout])
-    dx = dxp[:, padding[0][0]:hp - padding[0][1], padding[1][0]:wp - padding[1][1]]
+    dx = dxp[:, padding[0][0] : hp - padding[0][1], padding[1][0] : wp - padding[1][1]]
     return y, dx, dw
 
 
@@ -74,8 +74,9 @@ def _inputs(x_shape, kernel_hw, out, groups, strides, padding, seed=0):
 
 
 def _run(impl, x, w, ct, strides, padding, groups):
-    conv = lambda x, w: conv2d(x, w, strides=strides, padding=padding, groups=groups, impl=impl,
-                               precision=jax.lax.Precision.HIGHEST)
+    conv = lambda x, w: conv2d(
+        x, w, strides=strides, padding=padding, groups=groups, impl=impl, precision=jax.lax.Precision.HIGHEST
+    )
     # One jit per case compiles faster than eager split's dozens of per-op dispatches.
     step = jax.jit(lambda x, w, ct: (lambda y, vjp: (y, *vjp(ct)))(*jax.vjp(conv, x, w)))
     return step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct, x.dtype))
@@ -117,11 +118,10 @@ def test_bfloat16_close_to_float32(impl):
     x, w, ct = _inputs(x_shape, kernel_hw, out, groups, strides, padding, seed=1)
     x, w, ct = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (x, w, ct))
     y_ref, dx_ref, dw_ref = reference_conv_and_grads(x, w, ct, strides, padding, groups)
-    y, dx, dw = _run(impl, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ct, strides, padding,
-                     groups)
+    y, dx, dw = _run(impl, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), ct, strides, padding, groups)
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
     for got, ref, what in ((y, y_ref, "output"), (dx, dx_ref, "d/dx"), (dw, dw_ref, "d/dw")):
-        _assert_close(got, ref, 2.0 ** -6, f"{impl} bf16 {what}")
+        _assert_close(got, ref, 2.0**-6, f"{impl} bf16 {what}")
 
 
 def test_reference_detects_wrong_group_mapping():
@@ -136,12 +136,15 @@ def test_reference_detects_wrong_group_mapping():
         _assert_close(y, y_ref, 1e-5, "interleaved")
 
 
-@pytest.mark.parametrize("channels, kernel_in, out, groups, match", [
-    (16, 4, 16, 3, "groups=3"),      # 16 channels do not split into 3 groups
-    (16, 4, 18, 4, "O % groups"),    # 18 outputs do not split into 4 groups
-    (16, 8, 16, 4, r"kernel \(kh, kw, 4, O\)"),  # kernel in-channels must be C // groups
-    (16, 4, 16, 0, "groups >= 1"),
-])
+@pytest.mark.parametrize(
+    "channels, kernel_in, out, groups, match",
+    [
+        (16, 4, 16, 3, "groups=3"),  # 16 channels do not split into 3 groups
+        (16, 4, 18, 4, "O % groups"),  # 18 outputs do not split into 4 groups
+        (16, 8, 16, 4, r"kernel \(kh, kw, 4, O\)"),  # kernel in-channels must be C // groups
+        (16, 4, 16, 0, "groups >= 1"),
+    ],
+)
 def test_bad_groups_raise_clear_error(channels, kernel_in, out, groups, match):
     x = jnp.zeros((1, 4, 4, channels))
     w = jnp.zeros((3, 3, kernel_in, out))
@@ -174,16 +177,30 @@ def test_auto_forward_only_narrow_groups_use_chunks():
     strides, padding, groups = (2, 1), ((1, 1), (1, 0)), 8
     x, w, ct = _inputs((2, 7, 6, 16), (3, 3), 24, groups, strides, padding)
     y_ref, _, _ = reference_conv_and_grads(x, w, ct, strides, padding, groups)
-    y = conv2d(jnp.asarray(x), jnp.asarray(w), strides=strides, padding=padding, groups=groups, impl="auto",
-               forward_only=True, precision=jax.lax.Precision.HIGHEST)
+    y = conv2d(
+        jnp.asarray(x),
+        jnp.asarray(w),
+        strides=strides,
+        padding=padding,
+        groups=groups,
+        impl="auto",
+        forward_only=True,
+        precision=jax.lax.Precision.HIGHEST,
+    )
     _assert_close(y, y_ref, 1e-5, "auto forward-only output")
 
 
 # ---------------------------------------------------------------------------------------- the native kernel
 def _native_prerequisites() -> bool:
     import platform
-    return platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma"} <= cpu.cpu_flags() and bool(
-        cpu.compiler()) and jax.default_backend() == "cpu" and os.environ.get(cpu.ISA_ENV, "") in ("", "avx2", "avx512")
+
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and {"avx2", "fma"} <= cpu.cpu_flags()
+        and bool(cpu.compiler())
+        and jax.default_backend() == "cpu"
+        and os.environ.get(cpu.ISA_ENV, "") in ("", "avx2", "avx512")
+    )
 
 
 def test_native_builds_wherever_it_can():
@@ -222,10 +239,24 @@ def test_native_avx2_build_on_an_avx512_cpu():
     if cpu.isa() != "avx512" or os.environ.get(cpu.ISA_ENV):
         pytest.skip(f"the default run already tests the only build this CPU runs ({cpu.isa()})")
     env = {**os.environ, cpu.ISA_ENV: "avx2"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_grouped_conv.py", "tests/test_batch_norm.py", "-k", "native"],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_grouped_conv.py",
+            "tests/test_batch_norm.py",
+            "-k",
+            "native",
+        ],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 
@@ -309,11 +340,13 @@ def test_native_matches_float64_reference(case):
     _assert_close(dx, dx_ref, 1e-5, "native d/dx")
     _assert_close(dw, dw_ref, 1e-5, "native d/dw")
     from resnext_jax.ops.conv_grad import conv2d_canonical_grad
+
     canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, groups, "native")
     grads = jax.jit(lambda x, w, ct: jax.vjp(canonical, x, w)[1](ct))
     text = grads.lower(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct)).as_text()
     assert cpu.TARGET in text
     from resnext_jax.ops.grouped_conv import native_kernel_grad_by_taps
+
     by_taps = native_kernel_grad_by_taps(w.shape, strides, ct.shape[1:3])
     assert (cpu.GRAD_TARGET in text) != by_taps
     assert by_taps == (cpu.isa() == "avx2" and groups == 1 and (max(strides) > 1 or ct.shape[1] * ct.shape[2] <= 196))
@@ -349,6 +382,7 @@ def test_few_channel_conv_matches_float64_reference(case):
     assert cpu.supports_few_channels(x.shape, w.shape, x.dtype, 1)
     _assert_close(forward(jnp.asarray(x), jnp.asarray(w)), y_ref, 1e-5, "few-channel output")
     from resnext_jax.ops.conv_grad import conv2d_canonical_grad
+
     canonical = lambda x, w: conv2d_canonical_grad(x, w, strides, padding, 1, "auto")
     step = jax.jit(lambda x, w, ct: (lambda y, vjp: (y, *vjp(ct)))(*jax.vjp(canonical, x, w)))
     y, dx, dw = step(jnp.asarray(x), jnp.asarray(w), jnp.asarray(ct))
@@ -365,8 +399,9 @@ def test_few_channel_conv_only_where_it_applies():
     # Not without forward_only (it has no VJP of its own), nor for an explicit 'xla'.
     x, w = jnp.zeros((1, 16, 16, 3)), jnp.zeros((7, 7, 3, 64))
     for kwargs in ({}, {"impl": "xla", "forward_only": True}):
-        text = jax.jit(lambda x, w: conv2d(x, w, strides=(2, 2), padding=((3, 3), (3, 3)), **kwargs)).lower(
-            x, w).as_text()
+        text = (
+            jax.jit(lambda x, w: conv2d(x, w, strides=(2, 2), padding=((3, 3), (3, 3)), **kwargs)).lower(x, w).as_text()
+        )
         assert cpu.FEW_CHANNEL_CONV_TARGET not in text
 
 
@@ -379,10 +414,10 @@ def test_auto_picks_native_where_it_runs():
     assert resolve_impl("auto", 32, (3, 3), channels=128, native_shape=True) == expected
     # Dense 3x3 convs too (ResNet's), but not 1x1 ones: those are single matmuls ('gemm').
     assert cpu.supports((8, 56, 56, 64), (3, 3, 64, 64), jnp.float32, 1)
-    assert resolve_impl("auto", 1, (3, 3), channels=64, native_shape=True) == (
-        "native" if cpu.available() else "xla")
+    assert resolve_impl("auto", 1, (3, 3), channels=64, native_shape=True) == ("native" if cpu.available() else "xla")
     assert resolve_impl("auto", 1, (1, 1), channels=64, native_shape=True) == (
-        "gemm" if jax.default_backend() == "cpu" else "xla")
+        "gemm" if jax.default_backend() == "cpu" else "xla"
+    )
     # An explicit 'native' on a conv the kernel does not support is 'split' ('xla' when dense).
     if cpu.available():
         assert resolve_impl("native", 5, (3, 3), channels=60, native_shape=False) == "split"

@@ -1,5 +1,6 @@
 """`resnext_jax.models.init` (one way to create variables) and the training system's `loss_and_grads`, each
 against a second implementation: `model.init` called directly, and the loss and gradients written out by hand."""
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,16 @@ from resnext_jax.training.step import loss_and_grads
 
 def tiny_model(**fields):
     """A one-stage ResNeXt with 4 groups: seconds to trace and run at 16x16."""
-    return resnext_jax.create_model("resnext50_32x4d", num_classes=10, stage_sizes=(1,), num_filters=8,
-                                    cardinality=4, bottleneck_width=32, small_stem=True, **fields)
+    return resnext_jax.create_model(
+        "resnext50_32x4d",
+        num_classes=10,
+        stage_sizes=(1,),
+        num_filters=8,
+        cardinality=4,
+        bottleneck_width=32,
+        small_stem=True,
+        **fields,
+    )
 
 
 def test_init_variables_is_model_init_on_a_zero_batch():
@@ -56,14 +65,16 @@ def test_loss_and_grads_match_cross_entropy_written_out():
     images, targets, labels = _batch()
 
     def reference(params):
-        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
-                                      train=True, mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True, mutable=["batch_stats"]
+        )
         loss = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
         return loss, (updates["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == labels))
 
     (loss, (stats, top1)), grads = jax.value_and_grad(reference, has_aux=True)(variables["params"])
-    out = loss_and_grads(model, variables["params"], variables["batch_stats"], images, targets, labels,
-                         jax.random.key(1))
+    out = loss_and_grads(
+        model, variables["params"], variables["batch_stats"], images, targets, labels, jax.random.key(1)
+    )
     np.testing.assert_allclose(out.loss, loss, rtol=1e-6)
     np.testing.assert_allclose(out.top1, top1)
     for got, want in zip(jax.tree.leaves((out.grads, out.batch_stats)), jax.tree.leaves((grads, stats))):
@@ -78,8 +89,9 @@ def test_frozen_batch_norm_loss_is_the_inference_forward_and_keeps_the_statistic
     # Running statistics other than init's zeros and ones, so that using them differs from batch statistics.
     variables["batch_stats"] = jax.tree.map(lambda a: a + 0.1, variables["batch_stats"])
     images, targets, labels = _batch()
-    out = loss_and_grads(model, variables["params"], variables["batch_stats"], images, targets, labels,
-                         jax.random.key(1), freeze_bn=True)
+    out = loss_and_grads(
+        model, variables["params"], variables["batch_stats"], images, targets, labels, jax.random.key(1), freeze_bn=True
+    )
     logits = model.apply(variables, images, train=False)
     np.testing.assert_allclose(out.loss, -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1)), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(out.batch_stats), jax.tree.leaves(variables["batch_stats"])):

@@ -1,4 +1,5 @@
 """Model options, feature outputs and the registry (the torchvision parity lives in test_convert.py)."""
+
 from __future__ import annotations
 
 import jax
@@ -28,9 +29,15 @@ def images(batch=4, size=32, seed=0):
 
 def train_grads(model, variables, x, seed=1):
     def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": jax.random.key(seed)})
+        logits, _ = model.apply(
+            {**variables, "params": params},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(seed)},
+        )
         return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
@@ -156,8 +163,13 @@ def test_drop_path_and_dropout_train_vs_eval():
     model = tiny(drop_path_rate=0.5, dropout_rate=0.5)
     variables = init(model)
     x = images()
-    run = lambda seed: model.apply(variables, x, train=True, mutable=["batch_stats"],  # noqa: E731
-                                   rngs={"dropout": jax.random.key(seed)})[0]
+    run = lambda seed: model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats"],  # noqa: E731
+        rngs={"dropout": jax.random.key(seed)},
+    )[0]
     assert not np.allclose(run(0), run(1))
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
     grads = train_grads(model, variables, x)
@@ -204,8 +216,9 @@ def test_stem_max_pool_gradient_matches_torch(hw, channels):
 @pytest.mark.slow  # 11 s; CI runs it
 def test_conv_impls_agree_in_a_model():
     variables = init(tiny(conv_impl="xla"))
-    np.testing.assert_allclose(tiny(conv_impl="xla").apply(variables, images()),
-                               tiny(conv_impl="split").apply(variables, images()), atol=1e-5)
+    np.testing.assert_allclose(
+        tiny(conv_impl="xla").apply(variables, images()), tiny(conv_impl="split").apply(variables, images()), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
@@ -216,7 +229,12 @@ def test_stem_max_pool_matches_torch_definition(train, hw):
     x = np.asarray(jax.random.normal(jax.random.key(3), (2, *hw, 5))) - 1.0
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
     ho, wo = (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1
-    expected = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2)) for j in range(wo)], 1)
-                         for i in range(ho)], 1)
+    expected = np.stack(
+        [
+            np.stack([padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2)) for j in range(wo)], 1)
+            for i in range(ho)
+        ],
+        1,
+    )
     out = jax.jit(max_pool_3x3s2, static_argnums=(1, 2))(jnp.asarray(x), train, "cpu")
     np.testing.assert_array_equal(out, expected)

@@ -5,11 +5,11 @@ training loop's non-finite-loss guard and returns finite logits for a broken inp
 with the same computation in plain XLA on inputs holding NaN and Inf: the non-finite entries must sit in the
 same places and the finite ones must agree.
 """
-import numpy as np
-import pytest
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from resnext_jax import cpu
 
@@ -107,8 +107,9 @@ def test_channel_sums_keep_nonfinite(masked):
     b[0, 0, 0, 5] = np.nan
     shift = rng.standard_normal(16).astype(np.float32)
     mask = rng.standard_normal(a.shape).astype(np.float32) if masked else None
-    got = cpu.channel_sums(jnp.asarray(a), jnp.asarray(b), jnp.asarray(shift),
-                              None if mask is None else jnp.asarray(mask))
+    got = cpu.channel_sums(
+        jnp.asarray(a), jnp.asarray(b), jnp.asarray(shift), None if mask is None else jnp.asarray(mask)
+    )
     a64 = np.where(mask > 0, a, 0.0) if masked else a.astype(np.float64)
     with np.errstate(invalid="ignore"):
         expected = (a64.sum(axis=(0, 1, 2)), (a64 * (b.astype(np.float64) - shift)).sum(axis=(0, 1, 2)))
@@ -126,8 +127,9 @@ def test_max_pool_gradient_reaches_nonfinite_inputs():
     dy = rng.standard_normal((1, 5, 5, 8)).astype(np.float32)
 
     def pool(x):
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                     ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        )
 
     got = np.asarray(cpu.max_pool_grad(jnp.asarray(x), jnp.asarray(dy), (3, 3), (2, 2), (1, 1)))
     assert np.isnan(np.asarray(pool(jnp.asarray(x)))[0, :, :, 5]).sum() == 4  # the NaN sits in 4 windows
@@ -143,8 +145,10 @@ def test_max_pool_gradient_reaches_nonfinite_inputs():
     np.testing.assert_allclose(got_inf[..., 2], expected[..., 2], rtol=1e-6)
     # NaN output gradients reach the inputs that won.
     dy_nan = _poison(dy, 9, values=(np.nan,))
-    _assert_same(cpu.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy_nan), (3, 3), (2, 2), (1, 1)),
-                 jax.vjp(pool, jnp.asarray(clean))[1](jnp.asarray(dy_nan))[0])
+    _assert_same(
+        cpu.max_pool_grad(jnp.asarray(clean), jnp.asarray(dy_nan), (3, 3), (2, 2), (1, 1)),
+        jax.vjp(pool, jnp.asarray(clean))[1](jnp.asarray(dy_nan))[0],
+    )
 
 
 def test_few_channel_conv_and_kernel_grad_keep_nonfinite():
@@ -152,14 +156,15 @@ def test_few_channel_conv_and_kernel_grad_keep_nonfinite():
     x = _poison(rng.standard_normal((1, 17, 15, 3)).astype(np.float32), 11)
     w = rng.standard_normal((7, 7, 3, 16)).astype(np.float32)
     strides, padding = (2, 2), ((3, 3), (3, 3))
-    expected = jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), strides, padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    expected = jax.lax.conv_general_dilated(
+        jnp.asarray(x), jnp.asarray(w), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST
+    )
     _assert_same(cpu.few_channel_conv(jnp.asarray(x), jnp.asarray(w), strides, padding), expected)
 
     xs = _poison(rng.standard_normal((2, 8, 8, 12)).astype(np.float32), 12)
     dy = rng.standard_normal((2, 6, 6, 32)).astype(np.float32)
     got = cpu.few_channel_kernel_grad(jnp.asarray(xs), jnp.asarray(dy), (3, 3))
-    windows = np.stack([np.stack([xs[:, p:p + 6, q:q + 6] for q in range(3)]) for p in range(3)])
+    windows = np.stack([np.stack([xs[:, p : p + 6, q : q + 6] for q in range(3)]) for p in range(3)])
     with np.errstate(invalid="ignore"):
         expected = np.einsum("pqnyxi,nyxo->pqio", windows.astype(np.float64), dy.astype(np.float64))
     _assert_same(got, expected)
@@ -179,18 +184,33 @@ def test_matmul_affine_keeps_nonfinite(prologue_relu, with_residual):
     residual = rng.standard_normal((m, n)).astype(np.float32) if with_residual else None
     if with_residual:
         residual[6, 3], residual[7, 4] = np.nan, -np.inf
-    args = dict(residual=None if residual is None else jnp.asarray(residual), relu=True,
-                prologue=(jnp.asarray(a_scale), jnp.asarray(a_shift)), prologue_relu=prologue_relu)
+    args = dict(
+        residual=None if residual is None else jnp.asarray(residual),
+        relu=True,
+        prologue=(jnp.asarray(a_scale), jnp.asarray(a_shift)),
+        prologue_relu=prologue_relu,
+    )
     got = cpu.matmul_affine(jnp.asarray(a), jnp.asarray(b), jnp.asarray(scale), jnp.asarray(shift), **args)
-    expected = cpu.kernels._matmul_affine_reference(True, with_residual, True, prologue_relu, jnp.asarray(a),
-                                               jnp.asarray(b), jnp.asarray(scale), jnp.asarray(shift),
-                                               args["residual"], jnp.asarray(a_scale), jnp.asarray(a_shift))
+    expected = cpu.kernels._matmul_affine_reference(
+        True,
+        with_residual,
+        True,
+        prologue_relu,
+        jnp.asarray(a),
+        jnp.asarray(b),
+        jnp.asarray(scale),
+        jnp.asarray(shift),
+        args["residual"],
+        jnp.asarray(a_scale),
+        jnp.asarray(a_shift),
+    )
     _assert_same(got, expected)
 
 
 MODELS = [
-    pytest.param("resnext50_32x4d", dict(stage_sizes=(1, 1, 1, 1), num_filters=16), id="resnext50_32x4d",
-                 marks=pytest.mark.slow),
+    pytest.param(
+        "resnext50_32x4d", dict(stage_sizes=(1, 1, 1, 1), num_filters=16), id="resnext50_32x4d", marks=pytest.mark.slow
+    ),
     pytest.param("resnet18", dict(stage_sizes=(1, 1, 1, 1)), id="resnet18"),
     pytest.param("regnet_y_400mf", dict(depth=4), id="regnet_y_400mf", marks=pytest.mark.slow),
 ]
@@ -198,12 +218,14 @@ MODELS = [
 
 def _model_pair(name, kwargs):
     import resnext_jax
+
     return tuple(resnext_jax.create_model(name, num_classes=5, conv_impl=impl, **kwargs) for impl in ("auto", "xla"))
 
 
 @pytest.mark.parametrize("name,kwargs", MODELS)
-@pytest.mark.parametrize("force_matmul", [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=["build-default", "matmul"])
+@pytest.mark.parametrize(
+    "force_matmul", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["build-default", "matmul"]
+)
 def test_models_return_nan_logits_for_a_nan_pixel_or_nan_statistics(name, kwargs, force_matmul, monkeypatch):
     """One NaN pixel makes that image's logits NaN and leaves the others; NaN running statistics make every
     logit NaN; an Inf pixel gives what XLA gives. At inference, on every native path."""
@@ -246,6 +268,7 @@ def test_train_step_loss_and_gradients_are_nan_for_a_nan_pixel(name, kwargs):
         def loss(params):
             logits, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
     (loss_fast, grads_fast), (loss_plain, grads_plain) = loss_and_grad(fast), loss_and_grad(plain)

@@ -5,6 +5,7 @@ and the conv-norm unit (commit fd174b4), so any change of a parameter name, nest
 only in the parity tests of the families they cover. The torchvision parity tests check the same trees against
 torchvision's state_dicts; this one also covers group norm and the scanned layout, which torchvision has not.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def test_variable_tree_is_pinned(name):
 
 if __name__ == "__main__":  # writes the pinned file (done once, before the restructuring)
     trees = {name: tree_of({"name": name, **case}) for name, case in CASES.items()}
-    lines = ",\n".join(f"{json.dumps(name)}: {{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}"
-                                                                for k, v in sorted(tree.items())) + "}"
-                        for name, tree in sorted(trees.items()))
+    lines = ",\n".join(
+        f"{json.dumps(name)}: {{\n"
+        + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(tree.items()))
+        + "}"
+        for name, tree in sorted(trees.items())
+    )
     with open(PINNED, "w") as f:
         f.write("{\n" + lines + "\n}\n")

@@ -3,6 +3,7 @@
 The parity reference is torchvision itself: its model (random weights, randomized BatchNorm statistics) run on
 its own eval preset (`ResNet18_Weights.IMAGENET1K_V1.transforms()`), on scikit-learn's two JPEGs.
 """
+
 import json
 import os
 import struct
@@ -85,8 +86,9 @@ def write_huge_png(path, side=20000):
     compressor = zlib.compressobj(9)
     data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    )
 
 
 def test_bad_files_each_get_one_error_line_and_good_files_still_predict(resnet18, tmp_path, capsys):
@@ -102,13 +104,18 @@ def test_bad_files_each_get_one_error_line_and_good_files_still_predict(resnet18
     (tmp_path / "notes.jpg").write_text("this is a text file, not a JPEG\n")
     with open(CHINA, "rb") as f:
         data = f.read()
-    (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.png").write_bytes(b"")
     write_huge_png(tmp_path / "huge.png")
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
-    bad = {"notes.jpg": "not an image", "truncated.jpg": "truncated", "empty.png": "empty (0 bytes)",
-           "huge.png": "20000x20000 is 400 megapixels, above the 100 MP limit", "dangling.jpg": "cannot read",
-           "missing.jpg": "cannot read"}
+    bad = {
+        "notes.jpg": "not an image",
+        "truncated.jpg": "truncated",
+        "empty.png": "empty (0 bytes)",
+        "huge.png": "20000x20000 is 400 megapixels, above the 100 MP limit",
+        "dangling.jpg": "cannot read",
+        "missing.jpg": "cannot read",
+    }
     good = ["gray8.png", "gray16.png", "palette.png", "palette_as_rgb.png"]
     paths = [str(tmp_path / name) for name in [*good[:2], *bad, *good[2:]]] + [CHINA]
 
@@ -128,12 +135,14 @@ def test_bad_files_each_get_one_error_line_and_good_files_still_predict(resnet18
     assert f"note: {tmp_path / 'gray16.png'}: 16-bit" in err
     # A good file's prediction does not depend on the bad files batched around it.
     _, alone, _ = run_predict(capsys, [weights, CHINA, "--model", "resnet18", "--json"])
-    np.testing.assert_allclose([r["probability"] for r in results[CHINA]],
-                               [r["probability"] for r in by_path(alone)[CHINA]], atol=1e-6)
+    np.testing.assert_allclose(
+        [r["probability"] for r in results[CHINA]], [r["probability"] for r in by_path(alone)[CHINA]], atol=1e-6
+    )
 
 
 def test_folders_and_globs_expand_recursively(tmp_path):
     from resnext_jax.inference.images import find_images
+
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/x.jpg", "a/b/y.PNG", "a/b/readme.txt", "z.jpg"):
         (tmp_path / name).write_bytes(b"")

@@ -3,6 +3,7 @@
 Every check compares against what the test itself generated: each file comes back exactly once, byte for byte,
 with its label, and the split is the one an independent md5 rule gives. Bad input: test_prepare_bad_input.py.
 """
+
 import collections
 import io
 import os
@@ -85,13 +86,17 @@ def test_folder_round_trip_every_file_once_with_its_label_and_a_stable_split(sha
 def test_val_dir_and_the_eval_loader(tmp_path):
     train = make_folder(str(tmp_path / "train"), per_class=4, seed=1)
     val = make_folder(str(tmp_path / "val"), per_class=3, seed=2)
-    prepare_folder(str(tmp_path / "train"), "two_folders", data_dir=str(tmp_path / "d"), val_dir=str(tmp_path / "val"),
-                   quiet=True)
+    prepare_folder(
+        str(tmp_path / "train"), "two_folders", data_dir=str(tmp_path / "d"), val_dir=str(tmp_path / "val"), quiet=True
+    )
     assert {r["file_name"].decode() for r in read_split("two_folders", str(tmp_path / "d"), "train")} == set(train)
     raw = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255,) * 3}
-    batches = list(create_eval_loader("two_folders", data_dir=str(tmp_path / "d"), batch_size=4, image_size=36,
-                                      resize_size=36, **raw))
-    labels = collections.Counter(int(l) for b in batches for l, m in zip(b["label"], b["mask"]) if m)
+    batches = list(
+        create_eval_loader(
+            "two_folders", data_dir=str(tmp_path / "d"), batch_size=4, image_size=36, resize_size=36, **raw
+        )
+    )
+    labels = collections.Counter(int(y) for b in batches for y, m in zip(b["label"], b["mask"]) if m)
     assert labels == collections.Counter(label for label, _ in val.values())
 
 
@@ -103,11 +108,23 @@ def test_short_training_on_a_prepared_folder_beats_chance(shapes, tmp_path):
     _, _, data_dir, _ = shapes
     config = default_config()
     config.model = "resnext50_32x4d"
-    config.model_kwargs.update(stage_sizes=(1, 1), num_filters=16, cardinality=8, bottleneck_width=16,
-                               small_stem=True)
-    config.update(dataset="shapes", data_dir=data_dir, image_size=32, transform="none", batch_size=16,
-                  eval_batch_size=32, optimizer="adamw", learning_rate=5e-3, weight_decay=0.05, warmup_epochs=1,
-                  num_epochs=4, log_every_steps=10, checkpoint_every_steps=1000, progress_bar=False)
+    config.model_kwargs.update(stage_sizes=(1, 1), num_filters=16, cardinality=8, bottleneck_width=16, small_stem=True)
+    config.update(
+        dataset="shapes",
+        data_dir=data_dir,
+        image_size=32,
+        transform="none",
+        batch_size=16,
+        eval_batch_size=32,
+        optimizer="adamw",
+        learning_rate=5e-3,
+        weight_decay=0.05,
+        warmup_epochs=1,
+        num_epochs=4,
+        log_every_steps=10,
+        checkpoint_every_steps=1000,
+        progress_bar=False,
+    )
     summary = train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["eval"]["top1"] >= 0.8, summary  # three classes: chance is 1/3
 
@@ -132,8 +149,9 @@ def test_cifar_binary_archive_round_trips(name, tmp_path):
                 assert int(record["coarse_label"]) == coarse[index]
 
 
-@pytest.mark.parametrize("name,member", [("cifar10", "cifar-10-batches-py/data_batch_1"),
-                                         ("cifar100", "cifar-100-python/train")])
+@pytest.mark.parametrize(
+    "name,member", [("cifar10", "cifar-10-batches-py/data_batch_1"), ("cifar100", "cifar-100-python/train")]
+)
 def test_cifar_pickled_python_version_is_refused(name, member, tmp_path):
     archive = str(tmp_path / "python.tar.gz")
     write_tar(archive, {member: b"\x80\x04pickle"}, "w:gz")
@@ -145,8 +163,20 @@ def test_cifar_pickled_python_version_is_refused(name, member, tmp_path):
 def test_imagenette_archive_round_trips(tmp_path):
     from resnext_jax.data.datasets import IMAGENETTE_CLASSES
 
-    synsets = sorted(["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",
-                      "n03425413", "n03445777", "n03888257"])
+    synsets = sorted(
+        [
+            "n01440764",
+            "n02102040",
+            "n02979186",
+            "n03000684",
+            "n03028079",
+            "n03394916",
+            "n03417042",
+            "n03425413",
+            "n03445777",
+            "n03888257",
+        ]
+    )
     rng = np.random.default_rng(3)
     members, truth = {}, {}
     for split in ("train", "val"):
@@ -214,20 +244,22 @@ def test_imagenet_tars_round_trip_with_validation_labels_cmyk_and_png_as_jpeg(tm
 def test_preparing_never_imports_tensorflow(tmp_path):
     make_folder(str(tmp_path / "f"), per_class=2)
     cifar_archive(str(tmp_path / "c.tar.gz"), "cifar10", 5, 5)
-    code = ("import sys; from resnext_jax.data.prepare.__main__ import main; from resnext_jax.data import "
-            "dataset_info, create_train_loader\n"
-            f"main(['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', {str(tmp_path / 'd')!r}, "
-            "'--workers', '0', '--quiet'])\n"
-            f"main(['cifar10', '--from', {str(tmp_path / 'c.tar.gz')!r}, '--data-dir', {str(tmp_path / 'd')!r}, "
-            "'--workers', '0', '--quiet'])\n"
-            f"next(iter(create_train_loader('f', data_dir={str(tmp_path / 'd')!r}, batch_size=2, image_size=8)))\n"
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nprint('ok')")
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+    code = (
+        "import sys; from resnext_jax.data.prepare.__main__ import main; from resnext_jax.data import "
+        "dataset_info, create_train_loader\n"
+        f"main(['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', {str(tmp_path / 'd')!r}, "
+        "'--workers', '0', '--quiet'])\n"
+        f"main(['cifar10', '--from', {str(tmp_path / 'c.tar.gz')!r}, '--data-dir', {str(tmp_path / 'd')!r}, "
+        "'--workers', '0', '--quiet'])\n"
+        f"next(iter(create_train_loader('f', data_dir={str(tmp_path / 'd')!r}, batch_size=2, image_size=8)))\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\nprint('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
     # The same folder prepared here (another process, another string-hash seed) gives byte-identical files.
     prepare_folder(str(tmp_path / "f"), "f", data_dir=str(tmp_path / "here"), quiet=True)
     for split in ("train", "validation"):
         name = f"f/1.0.0/f-{split}.array_record-00000-of-00001"
         assert (tmp_path / "here" / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
-

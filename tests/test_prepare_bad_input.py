@@ -1,5 +1,6 @@
 """Bad input to `python -m resnext_jax.data.prepare` and damaged datasets: each case is one line that names the
 fix, or a listed skip, and nothing half-written ever loads."""
+
 import os
 import signal
 import subprocess
@@ -78,8 +79,11 @@ def test_truncated_zero_byte_unreadable_and_looping_files_are_skipped_and_listed
     assert skipped[str(root / "circle" / "dangling.png")] == "broken symbolic link"
     assert skipped[str(root / "triangle" / "loop")].startswith("symlink loop")
     assert len(report.skipped) == 6
-    stored = {r["file_name"].decode() for split in ("train", "validation")
-              for r in read_split("bad", str(tmp_path / "d"), split)}
+    stored = {
+        r["file_name"].decode()
+        for split in ("train", "validation")
+        for r in read_split("bad", str(tmp_path / "d"), split)
+    }
     assert stored == set(files)  # every good file once, nothing through the loop twice
     summary = report.summary(report.target)
     assert "skipped 6 unusable file(s)" in summary and "truncated.jpg: cannot be decoded" in summary
@@ -102,8 +106,9 @@ def test_existing_dataset_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(UserError, match="already holds a prepared same; pass --overwrite"):
         prepare_folder(str(tmp_path / "b"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, quiet=True)
     assert dataset_info("same", str(tmp_path / "d")).num_train == 3  # untouched
-    prepare_folder(str(tmp_path / "b"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, overwrite=True,
-                   quiet=True)
+    prepare_folder(
+        str(tmp_path / "b"), "same", data_dir=str(tmp_path / "d"), val_fraction=0.34, overwrite=True, quiet=True
+    )
     assert dataset_info("same", str(tmp_path / "d")).num_train == 6
     assert sorted(os.listdir(tmp_path / "d" / "same")) == ["1.0.0"]
     with pytest.raises(UserError, match="built-in dataset"):
@@ -117,11 +122,13 @@ def small_tmpfs(tmp_path):
     """A 3 MiB tmpfs (needs root and mount permission; the test is skipped, with the reason, without them)."""
     mount = tmp_path / "full"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=False, capture_output=True, text=True
+    )
     if result.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the full-disk "
-                    f"path needs one")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); the full-disk path needs one"
+        )
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
@@ -129,7 +136,7 @@ def small_tmpfs(tmp_path):
 def test_full_disk_removes_the_partial_output_and_says_so(tmp_path, small_tmpfs):
     root = tmp_path / "noise"
     rng = np.random.default_rng(0)
-    for label, name in enumerate(CLASSES):
+    for name in CLASSES:
         (root / name).mkdir(parents=True)
         for index in range(12):  # 12 x 3 incompressible 100 KB PNGs: 3.6 MB for a 3 MiB disk
             pixels = rng.integers(0, 256, (190, 180, 3), dtype=np.uint8)
@@ -145,11 +152,13 @@ def test_interrupted_run_leaves_nothing_that_loads(tmp_path, workers):
     make_folder(str(tmp_path / "f"), per_class=40)
     data_dir = tmp_path / "d"
     # Each image takes 50 ms to check (6 s in all), so the run is surely mid-write when Ctrl-C arrives.
-    code = ("import sys, time; from resnext_jax.data.prepare import images, __main__ as cli; real = images.load_item\n"
-            "images.load_item = lambda source: (time.sleep(0.05), real(source))[1]\n"
-            "from resnext_jax.errors import run_cli\n"
-            f"sys.exit(run_cli(cli.main, ['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', "
-            f"{str(data_dir)!r}, '--workers', '{workers}', '--quiet']))")
+    code = (
+        "import sys, time; from resnext_jax.data.prepare import images, __main__ as cli; real = images.load_item\n"
+        "images.load_item = lambda source: (time.sleep(0.05), real(source))[1]\n"
+        "from resnext_jax.errors import run_cli\n"
+        f"sys.exit(run_cli(cli.main, ['folder', {str(tmp_path / 'f')!r}, '--name', 'f', '--data-dir', "
+        f"{str(data_dir)!r}, '--workers', '{workers}', '--quiet']))"
+    )
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not any(".incomplete-" in p for p, _, _ in os.walk(data_dir)):
@@ -166,11 +175,17 @@ def test_cli_help_and_errors_are_one_line(tmp_path):
     run = [sys.executable, "-m", "resnext_jax.data.prepare"]
     helped = subprocess.run(run + ["folder", "--help"], check=False, capture_output=True, text=True, cwd=REPO)
     assert helped.returncode == 0 and "--val-fraction" in helped.stdout and "--overwrite" in helped.stdout
-    failed = subprocess.run(run + ["folder", str(tmp_path / "nope"), "--name", "x", "--data-dir", str(tmp_path)],
-                            check=False, capture_output=True, text=True, cwd=REPO)
+    failed = subprocess.run(
+        run + ["folder", str(tmp_path / "nope"), "--name", "x", "--data-dir", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines() == [
-        f"error: DIR {tmp_path / 'nope'} is not a directory; pass a folder laid out as DIR/<class>/<image>.jpg"]
+        f"error: DIR {tmp_path / 'nope'} is not a directory; pass a folder laid out as DIR/<class>/<image>.jpg"
+    ]
 
 
 def test_corrupt_array_record_file_names_the_file_and_the_fix(tmp_path):
@@ -189,7 +204,7 @@ def test_corrupt_array_record_file_names_the_file_and_the_fix(tmp_path):
     message = str(caught.value)
     assert str(shard) in message and "damaged" in message
     assert "python -m resnext_jax.data.prepare folder" in message and "--overwrite" in message
-    shard.write_bytes(bytes(data[:len(data) // 4]))  # cut short: fails when the source opens
+    shard.write_bytes(bytes(data[: len(data) // 4]))  # cut short: fails when the source opens
     with pytest.raises(UserError, match="damaged"):
         datasets.open_source("shapes", "train", str(copy))
 
@@ -197,8 +212,9 @@ def test_corrupt_array_record_file_names_the_file_and_the_fix(tmp_path):
 def test_read_only_data_dir_for_digits_names_the_fix(tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount)], check=False, capture_output=True, text=True
+    )
     if result.returncode:
         pytest.skip(f"cannot mount a read-only tmpfs here ({result.stderr.strip() or 'mount failed'})")
     try:
@@ -214,7 +230,8 @@ def test_first_digits_build_prints_one_line(tmp_path):
     result = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"Building the digits dataset once (offline, from scikit-learn) in {tmp_path}"]
+        f"Building the digits dataset once (offline, from scikit-learn) in {tmp_path}"
+    ]
     again = subprocess.run(run, check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert again.stderr.strip() == ""
 
@@ -222,7 +239,7 @@ def test_first_digits_build_prints_one_line(tmp_path):
 def test_cut_off_or_wrong_archives_are_refused(tmp_path):
     cifar_archive(str(tmp_path / "c.tar.gz"), "cifar10", 20, 5)
     data = (tmp_path / "c.tar.gz").read_bytes()
-    (tmp_path / "cut.tar.gz").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="ends early or is damaged.*download it again"):
         prepare_cifar("cifar10", str(tmp_path / "cut.tar.gz"), data_dir=str(tmp_path / "d"), quiet=True)
     with pytest.raises(UserError, match="lacks.*not cifar100's binary archive.*cifar-100-binary.tar.gz"):

@@ -1,4 +1,5 @@
 """`scan_blocks=True`: same math as the default layout, exact layout round trip, torchvision parity."""
+
 from __future__ import annotations
 
 import math
@@ -10,24 +11,28 @@ import numpy as np
 import optax
 import pytest
 import torch
+from torch_reference import randomized_torchvision, torch_logits
 
 import resnext_jax
 from resnext_jax.convert import from_torchvision, to_torchvision
 from resnext_jax.models import DropPath, stack_blocks, unstack_blocks
-from torch_reference import randomized_torchvision, torch_logits
 
 # Tiny models that still have stages of 1, 2 and 3 blocks, grouped convs, projections and SE.
 TINY = {
-    "resnext": ("resnext50_32x4d", dict(stage_sizes=(2, 3, 1), num_filters=16, cardinality=4, bottleneck_width=16,
-                                        num_classes=10)),
+    "resnext": (
+        "resnext50_32x4d",
+        dict(stage_sizes=(2, 3, 1), num_filters=16, cardinality=4, bottleneck_width=16, num_classes=10),
+    ),
     "regnet_y": ("regnet_y_400mf", dict(depth=4, w_0=16, w_a=8.0, w_m=2.0, group_width=8, num_classes=10)),
 }
 
 
 def _models(key, **extra):
     name, fields = TINY[key]
-    return (resnext_jax.create_model(name, **fields, **extra),
-            resnext_jax.create_model(name, **fields, scan_blocks=True, **extra))
+    return (
+        resnext_jax.create_model(name, **fields, **extra),
+        resnext_jax.create_model(name, **fields, scan_blocks=True, **extra),
+    )
 
 
 def _init(model, images):
@@ -70,9 +75,11 @@ def test_scanned_logits_stats_and_gradients_equal_unscanned(key):
 
     def loss_fn(model):
         def loss(params, batch_stats):
-            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                          mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
         return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
     (loss_p, updates_p), grads_p = loss_fn(plain)(variables["params"], variables["batch_stats"])
@@ -82,9 +89,10 @@ def test_scanned_logits_stats_and_gradients_equal_unscanned(key):
     stats_s = unstack_blocks(updates_s)["batch_stats"]
     jax.tree_util.tree_map_with_path(
         lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path)),
-        grads_s, grads_p)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_s,
-                 updates_p["batch_stats"])
+        grads_s,
+        grads_p,
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats_s, updates_p["batch_stats"])
 
 
 def _seen_drop_path_rates(model, variables, images):
@@ -97,8 +105,13 @@ def _seen_drop_path_rates(model, variables, images):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.block_until_ready(jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"],
-                                                            rngs={"dropout": jax.random.key(3)}))(variables))
+        jax.block_until_ready(
+            jax.jit(
+                lambda v: model.apply(
+                    v, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)}
+                )
+            )(variables)
+        )
     return sorted(seen)
 
 
@@ -138,25 +151,48 @@ def test_torchvision_parity_with_scanned_blocks(name):
 # Convs with >= 16 input channels per group, at most 8 groups and outputs of at least 28x28 take their kernel
 # gradient as per-tap matmuls (dense 30 and 57 stride 2; 2 groups at 28 and 57 stride 2); a strided dense conv
 # with fewer channels and such an output by space-to-depth taps (the 3-channel 7x7/2 stem at even and odd sizes,
-# a 4-channel 5x5/3 whose blocks the padding does not fill, a 2-channel 4x4/2). Strided convs with at most 8 chunks take their input gradient one output phase at a
-# time, others dilated (16 chunks): odd and even sizes, a 1x1 kernel smaller than its stride (phases no tap
-# reaches), a 5x5 kernel and stride 3.
-@pytest.mark.parametrize("size,kernel,stride,groups,channels", [
-    (15, 3, 2, 4, 8), (9, 7, 2, 1, 8), (6, 1, 2, 1, 8), (6, 3, 1, 2, 8), (7, 3, 1, 8, 32), (8, 3, 2, 8, 64),
-    (5, 3, 1, 2, 32), (30, 3, 1, 1, 16), (57, 3, 2, 1, 16), (58, 7, 2, 1, 3), (10, 5, 2, 1, 8), (11, 3, 3, 1, 8),
-    (11, 3, 3, 2, 8), (13, 5, 3, 4, 16), (28, 3, 1, 2, 32), (57, 3, 2, 2, 32), (6, 3, 2, 16, 256),
-    (57, 7, 2, 1, 3), (85, 5, 3, 1, 4), (60, 4, 2, 1, 2)])
+# a 4-channel 5x5/3 whose blocks the padding does not fill, a 2-channel 4x4/2). Strided convs with at most 8 chunks
+# take their input gradient one output phase at a time, others dilated (16 chunks): odd and even sizes, a 1x1
+# kernel smaller than its stride (phases no tap reaches), a 5x5 kernel and stride 3.
+@pytest.mark.parametrize(
+    "size,kernel,stride,groups,channels",
+    [
+        (15, 3, 2, 4, 8),
+        (9, 7, 2, 1, 8),
+        (6, 1, 2, 1, 8),
+        (6, 3, 1, 2, 8),
+        (7, 3, 1, 8, 32),
+        (8, 3, 2, 8, 64),
+        (5, 3, 1, 2, 32),
+        (30, 3, 1, 1, 16),
+        (57, 3, 2, 1, 16),
+        (58, 7, 2, 1, 3),
+        (10, 5, 2, 1, 8),
+        (11, 3, 3, 1, 8),
+        (11, 3, 3, 2, 8),
+        (13, 5, 3, 4, 16),
+        (28, 3, 1, 2, 32),
+        (57, 3, 2, 2, 32),
+        (6, 3, 2, 16, 256),
+        (57, 7, 2, 1, 3),
+        (85, 5, 3, 1, 4),
+        (60, 4, 2, 1, 2),
+    ],
+)
 def test_canonical_grad_conv_matches_autodiff(size, kernel, stride, groups, channels):
-    from resnext_jax.ops.conv_grad import conv2d_canonical_grad
     from resnext_jax.ops import conv2d
+    from resnext_jax.ops.conv_grad import conv2d_canonical_grad
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, channels))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, channels // groups, math.lcm(12, groups)))
     pad = (((kernel - 1) // 2,) * 2,) * 2
-    reference = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, strides=(stride, stride), padding=pad, groups=groups,
-                                                     impl="xla") ** 2), (0, 1))(x, w)
-    ours = jax.grad(lambda x, w: jnp.sum(conv2d_canonical_grad(x, w, (stride, stride), pad, groups, "split") ** 2),
-                    (0, 1))(x, w)
+    reference = jax.grad(
+        lambda x, w: jnp.sum(conv2d(x, w, strides=(stride, stride), padding=pad, groups=groups, impl="xla") ** 2),
+        (0, 1),
+    )(x, w)
+    ours = jax.grad(
+        lambda x, w: jnp.sum(conv2d_canonical_grad(x, w, (stride, stride), pad, groups, "split") ** 2), (0, 1)
+    )(x, w)
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
 
@@ -166,9 +202,21 @@ def _kernel_grad_float64(x, dy, kernel, stride, pad):
     x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     ho, wo = dy.shape[1:3]
-    return np.stack([np.stack([np.tensordot(xp[:, i:i + stride * (ho - 1) + 1:stride,
-                                                j:j + stride * (wo - 1) + 1:stride], dy, axes=([0, 1, 2], [0, 1, 2]))
-                               for j in range(kernel)]) for i in range(kernel)])
+    return np.stack(
+        [
+            np.stack(
+                [
+                    np.tensordot(
+                        xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride],
+                        dy,
+                        axes=([0, 1, 2], [0, 1, 2]),
+                    )
+                    for j in range(kernel)
+                ]
+            )
+            for i in range(kernel)
+        ]
+    )
 
 
 # The stem's kernel gradient by space-to-depth with output channels a multiple of 32 (on CPU, the native
@@ -176,9 +224,17 @@ def _kernel_grad_float64(x, dy, kernel, stride, pad):
 # 32-channel blocks), RegNet's 3x3/2 stem (32 outputs), 5 channels at stride 2 (20 after space-to-depth) and
 # 3 at stride 3 (27: an odd count, so the one-channel register block runs too), and 256 outputs over 200
 # output rows (13 items of 16 rows, in two waves of partial sums).
-@pytest.mark.parametrize("size,kernel,stride,channels,out", [
-    (58, 7, 2, 3, 64), (57, 7, 2, 3, 64), (33, 3, 2, 3, 32), (30, 5, 2, 5, 32), (31, 5, 3, 3, 32),
-    (200, 7, 2, 5, 256)])
+@pytest.mark.parametrize(
+    "size,kernel,stride,channels,out",
+    [
+        (58, 7, 2, 3, 64),
+        (57, 7, 2, 3, 64),
+        (33, 3, 2, 3, 32),
+        (30, 5, 2, 5, 32),
+        (31, 5, 3, 3, 32),
+        (200, 7, 2, 5, 256),
+    ],
+)
 def test_space_to_depth_kernel_grad_matches_float64(size, kernel, stride, channels, out):
     from resnext_jax.ops.conv_grad import _kernel_grad_space_to_depth
 
@@ -186,14 +242,16 @@ def test_space_to_depth_kernel_grad_matches_float64(size, kernel, stride, channe
     pad = (kernel - 1) // 2
     ho = (size + 2 * pad - kernel) // stride + 1
     dy = jax.random.normal(jax.random.key(1), (2, ho, ho, out))
-    dw = jax.jit(lambda x, dy: _kernel_grad_space_to_depth(x, dy, (kernel, kernel), (stride, stride),
-                                                          ((pad, pad), (pad, pad))))(x, dy)
+    dw = jax.jit(
+        lambda x, dy: _kernel_grad_space_to_depth(x, dy, (kernel, kernel), (stride, stride), ((pad, pad), (pad, pad)))
+    )(x, dy)
     want = _kernel_grad_float64(x, dy, kernel, stride, pad)
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_mac_count_covers_every_scanned_block():
     from resnext_jax.summary import summarize
+
     plain = summarize("resnext50_32x4d", 64)
     scanned = summarize("resnext50_32x4d", 64, scan_blocks=True)
     assert scanned["gflops"] == pytest.approx(plain["gflops"], rel=1e-12)

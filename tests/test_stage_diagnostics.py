@@ -4,6 +4,7 @@ References: the global norms the step already reports (root of the sum of the st
 norm of each stage's parameters, and models whose units are made dead on purpose (zero kernels give BatchNorm a
 zero batch, whose normalized output is its bias, 0, so the ReLU after it outputs 0 everywhere).
 """
+
 import json
 import os
 import subprocess
@@ -27,8 +28,14 @@ from resnext_jax.training.step import (
     stage_name,
 )
 
-TINY = {"stage_sizes": (1, 1), "num_filters": 8, "cardinality": 4, "bottleneck_width": 32, "small_stem": True,
-        "num_classes": 10}
+TINY = {
+    "stage_sizes": (1, 1),
+    "num_filters": 8,
+    "cardinality": 4,
+    "bottleneck_width": 32,
+    "small_stem": True,
+    "num_classes": 10,
+}
 
 
 def tiny_model():
@@ -37,13 +44,22 @@ def tiny_model():
 
 def random_batch(size=8, resolution=16, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": rng.normal(size=(size, resolution, resolution, 3)).astype(np.float32),
-            "label": rng.integers(0, 10, size).astype(np.int32)}
+    return {
+        "image": rng.normal(size=(size, resolution, resolution, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size).astype(np.int32),
+    }
 
 
 def test_stage_names_follow_the_models_stages():
-    assert [stage_name(n) for n in ("conv1", "bn1", "stem_conv", "layer1_0", "layer3_rest", "block4_12", "fc")] == \
-        ["stem", "stem", "stem", "layer1", "layer3", "block4", "head"]
+    assert [stage_name(n) for n in ("conv1", "bn1", "stem_conv", "layer1_0", "layer3_rest", "block4_12", "fc")] == [
+        "stem",
+        "stem",
+        "stem",
+        "layer1",
+        "layer3",
+        "block4",
+        "head",
+    ]
 
 
 def test_stage_norms_add_up_to_the_global_norms():
@@ -64,6 +80,7 @@ def test_stage_norms_add_up_to_the_global_norms():
         assert all(metrics[f"{kind}/{s}"] > 0 for s in stages)
     # stage_norms itself against a float64 numpy norm of each stage's parameters.
     from resnext_jax.training.step import stage_norms
+
     ours = jax.device_get(stage_norms(params))
     for stage in stages:
         leaves = [leaf for name, sub in params.items() if stage_name(name) == stage for leaf in jax.tree.leaves(sub)]
@@ -82,12 +99,14 @@ def test_stage_diagnostics_can_be_turned_off():
 
 def _zeroed(variables, module_path, channels=None):
     """Copies `variables` with the conv kernels under `module_path` zeroed (all, or only output `channels`)."""
+
     def zero(path, leaf):
         names = tuple(getattr(p, "key", "") for p in path)
-        if names[1:1 + len(module_path)] == module_path and names[-1] == "kernel":
+        if names[1 : 1 + len(module_path)] == module_path and names[-1] == "kernel":
             leaf = np.array(leaf)
             leaf[..., slice(None) if channels is None else channels] = 0
         return leaf
+
     return jax.tree_util.tree_map_with_path(zero, variables)
 
 
@@ -141,8 +160,14 @@ def test_dead_units_are_counted_over_the_global_batch_on_several_devices():
     """A unit zero on one device's images but not on the other's is alive: two devices give the one-device
     result on the same global batch (the per-device answer would differ, as the zero half alone shows)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT % json.dumps(TINY)], capture_output=True,
-                            text=True, env=env, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", DEVICES_SCRIPT % json.dumps(TINY)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     fractions = json.loads(result.stdout.strip().splitlines()[-1])
     assert fractions["two"] == fractions["one"]

@@ -1,5 +1,6 @@
 """The package's layering: models -> ops -> cpu (the native kernels), never the other way, and models free of
 backend details; no library file far over 400 lines."""
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,10 @@ FORBIDDEN = {
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_imports_run_one_way(folder):
-    bad = {os.path.relpath(path, PACKAGE): sorted(n for n in _imports(path) if n.startswith(FORBIDDEN[folder]))
-           for path in _files(folder)}
+    bad = {
+        os.path.relpath(path, PACKAGE): sorted(n for n in _imports(path) if n.startswith(FORBIDDEN[folder]))
+        for path in _files(folder)
+    }
     assert not {k: v for k, v in bad.items() if v}
 
 

@@ -1,5 +1,6 @@
 """timm's weights: parity with timm, every registered timm name's variable tree against timm's state_dict, and the
 converter's strictness. Random-init timm models only: nothing is downloaded. (Names: tests/test_timm_names.py.)"""
+
 from __future__ import annotations
 
 import math
@@ -32,15 +33,36 @@ TIMM_NAMES = resnext_jax.list_models(source="timm")
 # Small names that between them take every rule of the name map (7x7, deep and tiered stems, both shortcuts, SE on
 # both blocks, group norm, RegNetX/Y, timm's width rounding); the other trees are slow-marked (eval_shape of the
 # large ones takes seconds each).
-FAST_TREES = {"resnet10t", "resnet14t", "resnet18", "resnet18d", "resnet50s", "resnet50_gn", "seresnet18",
-              "seresnext26t_32x4d", "regnetx_002", "regnetx_004", "regnety_002"}
+FAST_TREES = {
+    "resnet10t",
+    "resnet14t",
+    "resnet18",
+    "resnet18d",
+    "resnet50s",
+    "resnet50_gn",
+    "seresnet18",
+    "seresnext26t_32x4d",
+    "regnetx_002",
+    "regnetx_004",
+    "regnety_002",
+}
 # Parity (forward passes: 10-60 s a name on two cores) for one name per way the modules and the converter build a
 # network: each stem, shortcut, block, SE placement and norm, and both RegNet width roundings. The other names
 # repeat these layers at other widths and depths (their trees are checked key by key above); the huge ones
 # (resnext101_32x32d, regnety_1280...) would need minutes and gigabytes each.
 PARITY_FAST = ["resnet18", "resnet18d", "regnetx_002", "regnety_002"]
-PARITY_SLOW = ["resnet10t", "seresnet18", "resnet26t", "seresnext26d_32x4d", "resnet50s", "resnet50_gn",
-               "seresnext50_32x4d", "resnext50d_32x4d", "regnetx_004", "regnety_008"]
+PARITY_SLOW = [
+    "resnet10t",
+    "seresnet18",
+    "resnet26t",
+    "seresnext26d_32x4d",
+    "resnet50s",
+    "resnet50_gn",
+    "seresnext50_32x4d",
+    "resnext50d_32x4d",
+    "regnetx_004",
+    "regnety_008",
+]
 
 
 def _randomized_timm(name: str, seed: int = 0) -> torch.nn.Module:
@@ -83,8 +105,9 @@ def _enough_memory(name: str) -> bool:
     return 16 * params + (2 << 30) < available
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_TREES else pytest.mark.slow)
-                                  for n in TIMM_NAMES])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n in FAST_TREES else pytest.mark.slow) for n in TIMM_NAMES]
+)
 def test_variable_tree_equals_timm(name):
     """Every timm parameter and buffer maps to one of our variables with the same shape, and nothing is left over:
     a key-by-key check of the architecture (counts alone could hide two swapped widths). Shapes only: timm's
@@ -136,8 +159,10 @@ def test_timm_parity(name):
 def _random_state(name: str) -> dict[str, torch.Tensor]:
     """timm's state_dict keys of `name`, every float tensor random, `num_batches_tracked` 0 (no model is built)."""
     generator = torch.Generator().manual_seed(0)
-    return {k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else torch.zeros((), dtype=v.dtype)
-            for k, v in _meta_timm(name).state_dict().items()}
+    return {
+        k: torch.randn(v.shape, generator=generator) if v.is_floating_point() else torch.zeros((), dtype=v.dtype)
+        for k, v in _meta_timm(name).state_dict().items()
+    }
 
 
 # A deep stem, average-pool shortcuts and SE (where downsample.1 is a conv), group norm (no running statistics),
@@ -184,10 +209,15 @@ def test_every_wrong_key_is_named_in_one_error():
     with pytest.raises(ConversionError) as error:
         from_timm("regnetx_002", state)
     message = str(error.value)
-    assert message.splitlines()[0].startswith("cannot load this checkpoint into regnetx_002: 1 missing, 2 unexpected, "
-                                              "1 wrong shape")
-    for key in ("missing key: s2.b1.conv2.conv.weight (56, 8, 3, 3)", "unexpected key: s1.b1.extra.weight",
-                "unexpected key: s1.b0.conv1.conv.weight", "wrong shape: s3.b2.conv1.bn.weight: checkpoint (7,)"):
+    assert message.splitlines()[0].startswith(
+        "cannot load this checkpoint into regnetx_002: 1 missing, 2 unexpected, 1 wrong shape"
+    )
+    for key in (
+        "missing key: s2.b1.conv2.conv.weight (56, 8, 3, 3)",
+        "unexpected key: s1.b1.extra.weight",
+        "unexpected key: s1.b0.conv1.conv.weight",
+        "wrong shape: s3.b2.conv1.bn.weight: checkpoint (7,)",
+    ):
         assert key in message
 
 
@@ -203,9 +233,12 @@ def test_weights_of_another_variant_are_named():
         from_timm("resnet26", _random_state("resnet26d"))
     message = str(error.value)
     assert "they look like resnet26d's: from_timm('resnet26d', ...)" in message.splitlines()[0]
-    for line in ("missing key: conv1.weight (64, 3, 7, 7)", "unexpected key: conv1.0.weight",
-                 "unexpected key: layer1.0.downsample.2.running_var",
-                 "wrong shape: layer1.0.downsample.1.weight: checkpoint (256, 64, 1, 1), resnet26 wants (256,)"):
+    for line in (
+        "missing key: conv1.weight (64, 3, 7, 7)",
+        "unexpected key: conv1.0.weight",
+        "unexpected key: layer1.0.downsample.2.running_var",
+        "wrong shape: layer1.0.downsample.1.weight: checkpoint (256, 64, 1, 1), resnet26 wants (256,)",
+    ):
         assert line in message
 
 

@@ -1,5 +1,6 @@
 """timm's names in our registry: which ones we register, why the others wait, the patterns `list_models` takes
 and the arithmetic of timm's RegNet widths. Nothing here runs a network."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -49,15 +50,28 @@ def test_every_resnet_is_registered_or_explained_once():
     assert all(fnmatch.filter(timm.list_models(module="resnet"), p) for p in timm_names.SKIPPED_RESNETS)
 
 
-@pytest.mark.parametrize("name, fields", [
-    ("resnet50d", {"stem_type": "deep", "stem_width": 32, "avg_down": True, "se_ratio": 0.0}),
-    ("resnet50s", {"stem_type": "deep", "stem_width": 64, "avg_down": False}),
-    ("resnet26t", {"stem_type": "deep_tiered", "avg_down": True}),
-    ("seresnext26d_32x4d", {"stem_type": "deep", "avg_down": True, "se_ratio": 1 / 16, "se_divisor": 8,
-                            "cardinality": 32, "bottleneck_width": 4, "stage_sizes": (2, 2, 2, 2)}),
-    ("seresnet18", {"stem_type": "", "se_ratio": 1 / 16, "se_divisor": 8}),
-    ("resnet50_gn", {"norm": "group", "norm_groups": 32, "stem_type": ""}),
-])
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("resnet50d", {"stem_type": "deep", "stem_width": 32, "avg_down": True, "se_ratio": 0.0}),
+        ("resnet50s", {"stem_type": "deep", "stem_width": 64, "avg_down": False}),
+        ("resnet26t", {"stem_type": "deep_tiered", "avg_down": True}),
+        (
+            "seresnext26d_32x4d",
+            {
+                "stem_type": "deep",
+                "avg_down": True,
+                "se_ratio": 1 / 16,
+                "se_divisor": 8,
+                "cardinality": 32,
+                "bottleneck_width": 4,
+                "stage_sizes": (2, 2, 2, 2),
+            },
+        ),
+        ("seresnet18", {"stem_type": "", "se_ratio": 1 / 16, "se_divisor": 8}),
+        ("resnet50_gn", {"norm": "group", "norm_groups": 32, "stem_type": ""}),
+    ],
+)
 def test_variants_are_timms_model_args(name, fields):
     """The variant letters give the fields timm's `_create_resnet` model_args name (the per-name tree and
     parity tests in test_timm.py check what they build)."""
@@ -66,13 +80,16 @@ def test_variants_are_timms_model_args(name, fields):
     assert resnext_jax.model_info(name).sources == ("timm",)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"stem_type": "deeper"}, r"stem_type='deeper' is not allowed; use one of \['', 'deep', 'deep_tiered'\]"),
-    ({"stem_type": "deep_tiered", "stem_width": 3}, r"stem_width=3 gives the tiered stem's first conv .* >= 4"),
-    ({"stem_width": 0}, "stem_width=0 is not allowed; use an integer >= 1"),
-    ({"avg_down": "yes"}, "avg_down='yes' is not allowed; use True or False"),
-    ({"se_divisor": 0}, "se_divisor=0 is not allowed; use an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"stem_type": "deeper"}, r"stem_type='deeper' is not allowed; use one of \['', 'deep', 'deep_tiered'\]"),
+        ({"stem_type": "deep_tiered", "stem_width": 3}, r"stem_width=3 gives the tiered stem's first conv .* >= 4"),
+        ({"stem_width": 0}, "stem_width=0 is not allowed; use an integer >= 1"),
+        ({"avg_down": "yes"}, "avg_down='yes' is not allowed; use True or False"),
+        ({"se_divisor": 0}, "se_divisor=0 is not allowed; use an integer >= 1"),
+    ],
+)
 def test_variant_fields_are_checked(fields, message):
     with pytest.raises(InputError, match=message):
         resnext_jax.create_model("resnet50d", **fields)

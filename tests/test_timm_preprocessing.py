@@ -3,6 +3,7 @@
 `python tests/test_timm_preprocessing.py` rewrites resnext_jax/models/timm_pretrained_cfgs.py from the installed
 timm (run it after a timm upgrade, then review the diff).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,10 @@ TAGS = {{"""
             assert cfg.crop_mode == "center" and cfg.input_size[1] == cfg.input_size[2], tag
             test_size = cfg.test_input_size[-1] if cfg.test_input_size else None
             norm = constants[(tuple(cfg.mean), tuple(cfg.std))]
-            lines.append(f"    {tag!r}: ({cfg.input_size[-1]}, {test_size}, {cfg.crop_pct}, {cfg.test_crop_pct}, "
-                         f"{cfg.interpolation!r}, *{norm}, {cfg.num_classes}),")
+            lines.append(
+                f"    {tag!r}: ({cfg.input_size[-1]}, {test_size}, {cfg.crop_pct}, {cfg.test_crop_pct}, "
+                f"{cfg.interpolation!r}, *{norm}, {cfg.num_classes}),"
+            )
     lines += ["}", "", "DEFAULT_TAGS = {"]
     lines += [f"    {name!r}: {tag!r}," for name, tag in defaults.items()]
     lines += ["}", ""]
@@ -63,8 +66,13 @@ def test_table_matches_timm():
 
 # (tag, preset): bicubic with crop_pct 0.95, torchvision's V2 weights as timm serves them (bilinear, 176 px at
 # 0.875), a small-input tag, and a test-size preset (288 at crop_pct 1.0).
-PRESETS = [("resnext50_32x4d.a1h_in1k", False), ("resnet50.tv2_in1k", False), ("resnet18.a3_in1k", False),
-           ("regnety_032.ra_in1k", True), ("regnetx_002.pycls_in1k", False)]
+PRESETS = [
+    ("resnext50_32x4d.a1h_in1k", False),
+    ("resnet50.tv2_in1k", False),
+    ("resnet18.a3_in1k", False),
+    ("regnety_032.ra_in1k", True),
+    ("regnetx_002.pycls_in1k", False),
+]
 
 
 def _sample_images():
@@ -81,20 +89,25 @@ def test_eval_transform_matches_timms(tag, test_size):
     from resnext_jax.inference.images import normalize, preprocess
     from resnext_jax.models.pretrained import pretrained_config
 
-    config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(tag).to_dict(),
-                                           use_test_size=test_size)
+    config = timm.data.resolve_data_config(
+        {}, pretrained_cfg=timm.models.get_pretrained_cfg(tag).to_dict(), use_test_size=test_size
+    )
     transform = timm.data.create_transform(**config)
     ours = pretrained_config(tag).test_preset() if test_size else pretrained_config(tag)
-    assert (ours.crop_size, ours.crop_pct, ours.interpolation) == (config["input_size"][-1], config["crop_pct"],
-                                                                   config["interpolation"])
+    assert (ours.crop_size, ours.crop_pct, ours.interpolation) == (
+        config["input_size"][-1],
+        config["crop_pct"],
+        config["interpolation"],
+    )
     for image in _sample_images():
         expected = transform(image).numpy().transpose(1, 2, 0)  # normalized CHW -> HWC
         pixels = preprocess(image, ours.resize_size, ours.crop_size, ours.interpolation)
         assert pixels.shape == expected.shape
         mean, std = np.asarray(config["mean"]), np.asarray(config["std"])
         np.testing.assert_allclose(pixels / 255.0, expected * std + mean, rtol=0, atol=1 / 255 + 1e-6)
-        np.testing.assert_allclose(normalize(pixels[None], ours.mean, ours.std)[0], expected, rtol=0,
-                                   atol=1e-5 / min(ours.std))
+        np.testing.assert_allclose(
+            normalize(pixels[None], ours.mean, ours.std)[0], expected, rtol=0, atol=1e-5 / min(ours.std)
+        )
 
 
 def test_unknown_tags_and_interpolations_name_the_choices():
@@ -106,8 +119,7 @@ def test_unknown_tags_and_interpolations_name_the_choices():
 
     assert pretrained_config("regnety_032").tag == "regnety_032.ra_in1k"  # a bare name: timm's default weights
     assert pretrained_config("resnext50_32x4d.a1h_in1k").resize_size == 235  # floor(224 / 0.95)
-    assert list_pretrained("regnety_032.*") == ["regnety_032.pycls_in1k", "regnety_032.ra_in1k",
-                                                "regnety_032.tv2_in1k"]
+    assert list_pretrained("regnety_032.*") == ["regnety_032.pycls_in1k", "regnety_032.ra_in1k", "regnety_032.tv2_in1k"]
     with pytest.raises(InputError, match="regnety_032's tags: regnety_032.pycls_in1k"):
         pretrained_config("regnety_032.in22k")
     with pytest.raises(UserError, match="use one of"):

@@ -1,4 +1,5 @@
 """The `python -m train` entry point: flag overrides, SIGTERM (finish the step, save, exit 0) and resuming."""
+
 import json
 import os
 import signal
@@ -16,8 +17,13 @@ def _train(*args):
 
 
 def test_misspelled_override_names_the_closest_key(tmp_path):
-    result = subprocess.run(_train("--workdir", str(tmp_path), "--config.learnin_rate=0.1"), cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        _train("--workdir", str(tmp_path), "--config.learnin_rate=0.1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert 'Did you mean "learning_rate"' in result.stderr
 

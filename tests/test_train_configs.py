@@ -1,4 +1,5 @@
 """Every shipped config loads, validates and builds its model; the CIFAR ResNeXt-29 has the paper's size."""
+
 import glob
 import importlib.util
 import os
@@ -24,8 +25,14 @@ def load(path):
 
 def test_the_issue_s_configs_exist():
     names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-    assert {"quickstart", "resnext50", "resnet50", "imagenette_resnext50", "cifar10_resnext29",
-            "finetune_cifar10"} <= names
+    assert {
+        "quickstart",
+        "resnext50",
+        "resnet50",
+        "imagenette_resnext50",
+        "cifar10_resnext29",
+        "finetune_cifar10",
+    } <= names
     assert any(n.startswith("regnet") for n in names)
 
 

@@ -1,4 +1,5 @@
 """Fine-tuning end to end: torchvision weights from a .pth through the converter into the training loop."""
+
 import os
 
 import numpy as np

@@ -4,6 +4,7 @@ This is what proves the shard_map step right: BatchNorm statistics synchronized 
 gradients averaged with pmean. The device count must be set before JAX starts, so the check runs in a
 subprocess. Tolerance: params, BN statistics and metrics within atol 2e-5 / rtol 1e-4 (float32 reduction order).
 """
+
 import json
 import os
 import subprocess

@@ -1,5 +1,6 @@
 """Multi-host path on one machine: 2 CPU processes x 2 devices talking through gloo, launched with the explicit
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, as a cluster launcher would."""
+
 import json
 import os
 import socket
@@ -22,13 +23,35 @@ def test_two_processes_train_one_run(tmp_path):
     port = _free_port()
     processes = []
     for index in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index))
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path),
-             "--config.num_epochs=1", "--config.progress_bar=False"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(index),
+        )
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "train",
+                    "--config",
+                    "configs/quickstart.py",
+                    "--workdir",
+                    str(tmp_path),
+                    "--config.num_epochs=1",
+                    "--config.progress_bar=False",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[1] for p in processes]
     for process, stderr in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]

@@ -3,6 +3,7 @@
 The multi-device equivalence test is in test_train_multidevice.py; slow end-to-end CLI tests in
 test_train_cli.py.
 """
+
 import importlib.util
 import json
 import os
@@ -18,7 +19,6 @@ from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.distributed import check_batch_size
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 from resnext_jax.training.workdir import check_compatible
-
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -119,8 +119,11 @@ def test_misspelled_config_key_names_it_and_the_closest_match():
 def test_bad_values_name_the_field():
     with pytest.raises(ConfigError, match="optimizer.*'adamw', 'sgd'"):
         validate_config(tiny_config(optimizer="adam"))
-    with pytest.raises(ValueError, match=r"batch_size=100 is not divisible by 8 devices; use a multiple of 8 "
-                                         r"\(e.g. --config.batch_size=96 or 104\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size=100 is not divisible by 8 devices; use a multiple of 8 "
+        r"\(e.g. --config.batch_size=96 or 104\)",
+    ):
         check_batch_size(100, 8)
     with pytest.raises(ValueError, match="multiple of 16"):
         check_batch_size(24, 8, grad_accum_steps=2)
@@ -149,8 +152,7 @@ def test_incomplete_checkpoint_is_never_taken(tmp_path):
 def test_schedule_warms_up_then_decays_to_the_end_value():
     config = tiny_config(learning_rate=1.0, warmup_epochs=1, num_epochs=4, end_learning_rate_ratio=0.1)
     schedule = create_learning_rate_schedule(config, steps_per_epoch=10)
-    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(40)], [0.0, 0.5, 1.0, 0.1],
-                               atol=1e-6)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(40)], [0.0, 0.5, 1.0, 0.1], atol=1e-6)
     assert schedule(20) > schedule(30)
 
 
@@ -166,8 +168,7 @@ def test_weight_decay_skips_norm_scales_and_biases(optimizer):
 
 
 def test_backbone_learning_rate_multiplier_scales_only_the_backbone():
-    config = tiny_config(optimizer="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0,
-                         backbone_lr_mult=0.1)
+    config = tiny_config(optimizer="sgd", momentum=0.0, weight_decay=0.0, grad_clip_norm=0.0, backbone_lr_mult=0.1)
     params = {"layer1": {"kernel": jnp.ones((2, 2))}, "fc": {"kernel": jnp.ones((2, 2))}}
     tx = create_optimizer(config, lambda step: 1.0, params)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
@@ -177,8 +178,15 @@ def test_backbone_learning_rate_multiplier_scales_only_the_backbone():
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
-    config = tiny_config(optimizer="sgd", learning_rate=1e12, grad_clip_norm=0.0, warmup_epochs=0,
-                         checkpoint_every_steps=1, log_every_steps=1, num_epochs=1)
+    config = tiny_config(
+        optimizer="sgd",
+        learning_rate=1e12,
+        grad_clip_norm=0.0,
+        warmup_epochs=0,
+        checkpoint_every_steps=1,
+        log_every_steps=1,
+        num_epochs=1,
+    )
     with pytest.raises(FloatingPointError, match=r"training diverged: the loss is (nan|inf) at step \d+") as error:
         train_and_evaluate(config, str(tmp_path))
     bad_step = int(str(error.value).split(" at step ")[1].split(".")[0])
@@ -189,8 +197,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
 
 
 def _one_step(config, norm, **step_options):
-    from resnext_jax.training import distributed, step as step_lib
+    from resnext_jax.training import distributed
+    from resnext_jax.training import step as step_lib
     from resnext_jax.training.loop import build_model
+
     mesh = distributed.create_mesh(jax.devices()[:1])
     config.model_kwargs.norm = norm
     model = build_model(config, 10)
@@ -201,8 +211,10 @@ def _one_step(config, norm, **step_options):
     state = step_lib.create_train_state(tx, variables, jax.random.PRNGKey(1), step_options.get("ema_decay", 0) > 0)
     state = jax.device_put(state, distributed.replicated(mesh))
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, size=16).astype(np.int32)}
+    batch = {
+        "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=16).astype(np.int32),
+    }
     train_step = step_lib.make_train_step(model, tx, schedule, mesh, num_classes=10, **step_options)
     new_state, metrics = train_step(state, distributed.global_batch(batch, mesh))
     return initial, jax.device_get(new_state), jax.device_get(metrics)
@@ -212,10 +224,12 @@ def test_gradient_accumulation_equals_the_full_batch_step():
     # Group norm: per-example statistics, so 2 micro-batches of 8 see exactly what one batch of 16 sees.
     config = tiny_config(optimizer="sgd", learning_rate=0.5, warmup_epochs=0)
     _, full, full_metrics = _one_step(config, "group")
-    _, accumulated, accumulated_metrics = _one_step(tiny_config(optimizer="sgd", learning_rate=0.5, warmup_epochs=0),
-                                                    "group", grad_accum_steps=2)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
-                           accumulated.params, full.params)
+    _, accumulated, accumulated_metrics = _one_step(
+        tiny_config(optimizer="sgd", learning_rate=0.5, warmup_epochs=0), "group", grad_accum_steps=2
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), accumulated.params, full.params
+    )
     np.testing.assert_allclose(accumulated_metrics["loss"], full_metrics["loss"], rtol=1e-5)
 
 
@@ -223,8 +237,9 @@ def test_ema_tracks_the_weights_and_frozen_bn_keeps_statistics_and_affine():
     config = tiny_config(optimizer="sgd", learning_rate=0.5, warmup_epochs=0)
     initial, state, _ = _one_step(config, "batch", ema_decay=0.75, freeze_bn=True)
     expected = jax.tree_util.tree_map(lambda e, p: 0.75 * e + 0.25 * p, initial["params"], state.params)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                           state.ema_params, expected)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema_params, expected
+    )
     jax.tree_util.tree_map(np.testing.assert_array_equal, state.batch_stats, initial["batch_stats"])
     np.testing.assert_array_equal(state.params["bn1"]["scale"], initial["params"]["bn1"]["scale"])
     assert not np.allclose(state.params["conv1"]["kernel"], initial["params"]["conv1"]["kernel"])
@@ -245,5 +260,6 @@ def test_first_log_line_names_the_overrides_and_counts_params_like_torchvision()
     config = tiny_config()
     params = jax.eval_shape(lambda: init_variables(build_model(config, 10), jax.random.key(0), 16))["params"]
     line = describe_model(config, params)
-    assert line.startswith("resnext50_32x4d (bottleneck_width=32, cardinality=4, num_filters=8, small_stem=True, "
-                           "stage_sizes=(1,); ")
+    assert line.startswith(
+        "resnext50_32x4d (bottleneck_width=32, cardinality=4, num_filters=8, small_stem=True, stage_sizes=(1,); "
+    )

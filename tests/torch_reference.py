@@ -3,6 +3,7 @@
 Random init alone leaves BatchNorm at scale 1, bias 0, mean 0 and var 1, behind which
 a wrong transpose of a per-channel vector would hide; here every one of them differs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,17 @@ def torch_logits(model: torch.nn.Module, images_nhwc: np.ndarray) -> np.ndarray:
 def torchvision_skeleton(name: str) -> torch.nn.Module:
     """torchvision's `name` with uninitialized tensors: for shapes and counts, without seconds of init."""
     noop = lambda tensor, *args, **kwargs: tensor  # noqa: E731
-    inits = ["kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_", "zeros_", "ones_", "constant_",
-             "trunc_normal_", "xavier_uniform_"]
+    inits = [
+        "kaiming_normal_",
+        "kaiming_uniform_",
+        "normal_",
+        "uniform_",
+        "zeros_",
+        "ones_",
+        "constant_",
+        "trunc_normal_",
+        "xavier_uniform_",
+    ]
     with contextlib.ExitStack() as stack:
         for fn in inits:
             stack.enter_context(mock.patch.object(torch.nn.init, fn, noop))

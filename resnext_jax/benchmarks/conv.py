@@ -12,6 +12,7 @@ the same thread count in the same process, as the ratio baseline; on CUDA when J
 ones; `dense` is ResNet-50's dense 1x1 and 3x3 convs, where `gemm` (one matmul) is compared with XLA's
 convolution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,22 +31,28 @@ from resnext_jax.ops.grouped_conv import conv2d
 # (name, H=W, in channels, out channels, kernel size, stride, groups) at 224x224 input.
 SHAPE_SETS = {
     # The 3x3, 32-group convs of ResNeXt-50 32x4d.
-    "grouped": tuple((name, size, channels, channels, 3, stride, 32) for name, size, channels, stride in (
-        ("s1 56x56x128", 56, 128, 1),
-        ("s2 first 56->28x256", 56, 256, 2),
-        ("s2 28x28x256", 28, 256, 1),
-        ("s3 first 28->14x512", 28, 512, 2),
-        ("s3 14x14x512", 14, 512, 1),
-        ("s4 first 14->7x1024", 14, 1024, 2),
-        ("s4 7x7x1024", 7, 1024, 1),
-    )),
+    "grouped": tuple(
+        (name, size, channels, channels, 3, stride, 32)
+        for name, size, channels, stride in (
+            ("s1 56x56x128", 56, 128, 1),
+            ("s2 first 56->28x256", 56, 256, 2),
+            ("s2 28x28x256", 28, 256, 1),
+            ("s3 first 28->14x512", 28, 512, 2),
+            ("s3 14x14x512", 14, 512, 1),
+            ("s4 first 14->7x1024", 14, 1024, 2),
+            ("s4 7x7x1024", 7, 1024, 1),
+        )
+    ),
     # The 3x3 convs of RegNetY-1.6GF: groups of 24 channels.
-    "regnet": tuple((name, size, channels, channels, 3, stride, channels // 24) for name, size, channels, stride in (
-        ("s1 first 112->56x48", 112, 48, 2),
-        ("s2 28x28x120", 28, 120, 1),
-        ("s3 14x14x336", 14, 336, 1),
-        ("s4 7x7x888", 7, 888, 1),
-    )),
+    "regnet": tuple(
+        (name, size, channels, channels, 3, stride, channels // 24)
+        for name, size, channels, stride in (
+            ("s1 first 112->56x48", 112, 48, 2),
+            ("s2 28x28x120", 28, 120, 1),
+            ("s3 14x14x336", 14, 336, 1),
+            ("s4 7x7x888", 7, 888, 1),
+        )
+    ),
     # Dense convs of ResNet-50's bottlenecks.
     "dense": (
         ("56x56 1x1 64->256", 56, 64, 256, 1, 1, 1),
@@ -79,8 +86,9 @@ def jax_step(impl, batch, shape, dtype, grad):
     x = jax.random.normal(key_x, (batch, size, size, cin), dtype)
     w = jax.random.normal(key_w, (k, k, cin // groups, cout), dtype) * 0.1
     pad = k // 2
-    conv = lambda x, w: conv2d(x, w, strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                               groups=groups, impl=impl)
+    conv = lambda x, w: conv2d(
+        x, w, strides=(stride, stride), padding=((pad, pad), (pad, pad)), groups=groups, impl=impl
+    )
     if grad:
         ct = jax.random.normal(key_c, jax.eval_shape(conv, x, w).shape, dtype)
         fn = jax.jit(lambda x, w, ct: jax.vjp(conv, x, w)[1](ct))
@@ -98,21 +106,26 @@ def torch_step(layout, batch, shape, dtype, grad, device="cpu"):
     """torch's conv forward (or forward+backward) as a zero-arg callable (which waits for the GPU on 'cuda')."""
     import torch
     import torch.nn.functional as F
+
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     _, size, cin, cout, k, stride, groups = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, size, size, generator=gen).to(device, tdtype).contiguous(
-        memory_format=memory_format)
-    w = (0.1 * torch.randn(cout, cin // groups, k, k, generator=gen)).to(device, tdtype).contiguous(
-        memory_format=memory_format)
+    x = torch.randn(batch, cin, size, size, generator=gen).to(device, tdtype).contiguous(memory_format=memory_format)
+    w = (
+        (0.1 * torch.randn(cout, cin // groups, k, k, generator=gen))
+        .to(device, tdtype)
+        .contiguous(memory_format=memory_format)
+    )
     conv = lambda: F.conv2d(x, w, stride=stride, padding=k // 2, groups=groups)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if not grad:
+
         def step():
             with torch.no_grad():
                 conv()
             sync()
+
         return step
     x.requires_grad_(True)
     w.requires_grad_(True)
@@ -122,6 +135,7 @@ def torch_step(layout, batch, shape, dtype, grad, device="cpu"):
         x.grad = w.grad = None
         conv().backward(ct)
         sync()
+
     return step
 
 
@@ -134,27 +148,31 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--shape-set", choices=tuple(SHAPE_SETS), default="grouped")
     parser.add_argument("--shapes", default="", help="substrings of shape names to keep")
-    parser.add_argument("--no-xla-grad", action="store_true",
-                        help="skip the VJP of 'xla' (seconds per call on CPU)")
+    parser.add_argument("--no-xla-grad", action="store_true", help="skip the VJP of 'xla' (seconds per call on CPU)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
-    shapes = [s for s in SHAPE_SETS[args.shape_set]
-              if not args.shapes or any(k in s[0] for k in args.shapes.split(","))]
+    shapes = [
+        s for s in SHAPE_SETS[args.shape_set] if not args.shapes or any(k in s[0] for k in args.shapes.split(","))
+    ]
     torch_on = None
     if not args.no_torch:
         import torch
 
         from resnext_jax.benchmarks.torch_step import torch_device
+
         torch.set_num_threads(args.threads)
         torch_on = torch_device(jax.default_backend())
         torch.backends.cudnn.benchmark = True
     print(f"# python -m resnext_jax.benchmarks.conv {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cpus, jax {jax.__version__} "
-          f"{jax.default_backend()} ({jax.devices()[0].device_kind}), torch on {torch_on}, batch {args.batch}, "
-          f"median of {args.reps}, {args.shape_set} shapes")
-    print("| shape | dtype | pass | " + " | ".join(
-        impls + ([] if args.no_torch else ["torch NCHW", "torch NHWC"])) + " |")
+    print(
+        f"# {datetime.date.today()} {platform.node()} {os.cpu_count()} cpus, jax {jax.__version__} "
+        f"{jax.default_backend()} ({jax.devices()[0].device_kind}), torch on {torch_on}, batch {args.batch}, "
+        f"median of {args.reps}, {args.shape_set} shapes"
+    )
+    print(
+        "| shape | dtype | pass | " + " | ".join(impls + ([] if args.no_torch else ["torch NCHW", "torch NHWC"])) + " |"
+    )
     print("|---" * (3 + len(impls) + (0 if args.no_torch else 2)) + "|")
     for shape in shapes:
         for dtype in args.dtypes.split(","):
@@ -174,8 +192,9 @@ def main(argv=None):
                 cells = [f"{ms[i]:.1f} ({compiles[i]:.1f}s)" if i in ms else "skip" for i in impls]
                 if not args.no_torch:
                     cells += [f"{ms['nchw']:.1f}", f"{ms['channels_last']:.1f}"]
-                print(f"| {shape[0]} | {dtype} | {'fwd+vjp' if grad else 'fwd'} | " + " | ".join(cells)
-                      + " |", flush=True)
+                print(
+                    f"| {shape[0]} | {dtype} | {'fwd+vjp' if grad else 'fwd'} | " + " | ".join(cells) + " |", flush=True
+                )
     print("# cells: median ms (jit compile s); torch cells: median ms")
 
 

@@ -53,11 +53,17 @@ def time_ours(jpegs: list[bytes], workers: int, jpeg_draft: bool) -> float:
     loaders.ensure_grain_flags()
     records = [{"image": data, "label": index % 1000} for index, data in enumerate(jpegs)]
     # The operations, read options and buffer size of TrainLoader with its defaults (prefetch=2).
-    operations = loaders.train_operations("imagenet", 224, None, BATCH_SIZE, datasets.IMAGENET_MEAN,
-                                          datasets.IMAGENET_STD, jpeg_draft=jpeg_draft)
+    operations = loaders.train_operations(
+        "imagenet", 224, None, BATCH_SIZE, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD, jpeg_draft=jpeg_draft
+    )
     loader = grain.DataLoader(
-        data_source=records, sampler=grain.IndexSampler(len(records), shuffle=True, num_epochs=1, seed=0),
-        operations=operations, worker_count=workers, worker_buffer_size=2, read_options=loaders.READ_OPTIONS)
+        data_source=records,
+        sampler=grain.IndexSampler(len(records), shuffle=True, num_epochs=1, seed=0),
+        operations=operations,
+        worker_count=workers,
+        worker_buffer_size=2,
+        read_options=loaders.READ_OPTIONS,
+    )
     return _time_batches(iter(loader), workers)
 
 
@@ -88,13 +94,24 @@ def time_torchvision(jpegs: list[bytes], workers: int) -> float:
 
     from resnext_jax.data import datasets
 
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)])
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD),
+        ]
+    )
     torch.set_num_threads(1)
     loader = torch.utils.data.DataLoader(
-        _TorchJpegs(jpegs, transform), batch_size=BATCH_SIZE, shuffle=True, drop_last=True, num_workers=workers,
-        worker_init_fn=_one_thread if workers else None, prefetch_factor=2 if workers else None)
+        _TorchJpegs(jpegs, transform),
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        worker_init_fn=_one_thread if workers else None,
+        prefetch_factor=2 if workers else None,
+    )
     return _time_batches(iter(loader), workers)
 
 

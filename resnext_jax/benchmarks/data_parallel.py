@@ -5,6 +5,7 @@ can leave every device recomputing the whole batch; the training system's `shard
 own slice. The check compiles both over N host devices and compares each one's per-device FLOPs with the
 single-device step's. It needs N devices before JAX starts, so it runs in a child process.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ def flops_check(args) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from resnext_jax.benchmarks.jax_step import train_step
     from resnext_jax.models.init import variable_shapes
@@ -52,12 +54,16 @@ def flops_check(args) -> dict:
             return lambda v, x, y: model.apply(v, x, train=False)
         return train_step(model, tx, classes, axis_name, update)
 
-    state = variables if args.mode == "infer" else (
-        variables["params"], variables["batch_stats"], jax.eval_shape(tx.init, variables["params"]))
+    state = (
+        variables
+        if args.mode == "infer"
+        else (variables["params"], variables["batch_stats"], jax.eval_shape(tx.init, variables["params"]))
+    )
 
     def flops(fn, sharded_batch: bool = False):
         def spec(tree, sharding):
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
         args = (state, images, labels)
         if sharded_batch:
             args = (spec(state, NamedSharding(mesh, P())), *spec((images, labels), NamedSharding(mesh, P("data"))))
@@ -65,18 +71,28 @@ def flops_check(args) -> dict:
 
     def shard_mapped(update=True):
         out_specs = P("data") if args.mode == "infer" else (P(), P())
-        return jax.shard_map(step_for(synced, "data", update), mesh=mesh, in_specs=(P(), P("data"), P("data")),
-                             out_specs=out_specs, check_vma=False)
+        return jax.shard_map(
+            step_for(synced, "data", update),
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=out_specs,
+            check_vma=False,
+        )
 
     single = flops(step_for(local))
     per_device_shard_map = flops(shard_mapped(), sharded_batch=True)
     per_device_jit = flops(step_for(local), sharded_batch=True)
-    result = {"devices": num, "conv_impl": args.flops_conv_impl, "resolution": res, "mode": args.mode,
-              "single_device_flops": single,
-              "shard_map_per_device_flops": per_device_shard_map,
-              "shard_map_ratio": per_device_shard_map * num / single,
-              "jit_per_device_flops": per_device_jit,
-              "jit_ratio": per_device_jit * num / single}
+    result = {
+        "devices": num,
+        "conv_impl": args.flops_conv_impl,
+        "resolution": res,
+        "mode": args.mode,
+        "single_device_flops": single,
+        "shard_map_per_device_flops": per_device_shard_map,
+        "shard_map_ratio": per_device_shard_map * num / single,
+        "jit_per_device_flops": per_device_jit,
+        "jit_ratio": per_device_jit * num / single,
+    }
     if args.mode == "train":
         # Without the optimizer update, which every data-parallel replica runs in full on its copy of the params.
         grads_single = flops(step_for(local, update=False))

@@ -5,6 +5,7 @@ benchmarks/ab.py imports this module from the working tree and then times models
 revisions with it, so the loss, gradients and initializer are bound here at import time; only the compiler
 options are looked up in the imported `resnext_jax.ops` when a step is built.
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,8 +42,9 @@ def make_jax_step(model, mode: str, batch: int, resolution: int, num_classes: in
     return step, state, (images, labels)
 
 
-def train_step(model, tx: optax.GradientTransformation, num_classes: int, axis_name: str | None = None,
-               update: bool = True):
+def train_step(
+    model, tx: optax.GradientTransformation, num_classes: int, axis_name: str | None = None, update: bool = True
+):
     """`(state, images, labels) -> (state, loss)` with `state = (params, batch_stats, opt_state)`.
 
     The forward, loss and gradients are `resnext_jax.training.step.loss_and_grads` against one-hot targets;
@@ -50,10 +52,12 @@ def train_step(model, tx: optax.GradientTransformation, num_classes: int, axis_n
     `update=False` stops after the (averaged) gradients and returns `(grads, loss)`: the part of the step
     whose work data parallelism splits; the optimizer update runs on every device's full copy of the params.
     """
+
     def step(state, images, labels):
         params, batch_stats, opt_state = state
-        out = loss_and_grads(model, params, batch_stats, images, jax.nn.one_hot(labels, num_classes), labels,
-                             jax.random.key(0))
+        out = loss_and_grads(
+            model, params, batch_stats, images, jax.nn.one_hot(labels, num_classes), labels, jax.random.key(0)
+        )
         grads, loss = out.grads, out.loss
         if axis_name:
             grads, loss = jax.lax.pmean((grads, loss), axis_name)

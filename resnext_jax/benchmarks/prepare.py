@@ -7,6 +7,7 @@ once and reused. The prepare command runs as a child process, as a user would ru
 0.2 s with psutil: the main process's peak RSS (what grows if preparing is not streamed) and the peak of the sum
 over the process and its workers (which counts the workers' shared pages once per worker).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,20 @@ def run(root: str, workers: int) -> dict:
     import psutil
 
     data_dir = tempfile.mkdtemp(prefix="prepare_bench_")
-    command = [sys.executable, "-m", "resnext_jax.data.prepare", "folder", root, "--name", "bench", "--data-dir",
-               data_dir, "--workers", str(workers), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "resnext_jax.data.prepare",
+        "folder",
+        root,
+        "--name",
+        "bench",
+        "--data-dir",
+        data_dir,
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
     started = time.perf_counter()
     child = subprocess.Popen(command)
     process = psutil.Process(child.pid)
@@ -90,8 +103,13 @@ def run(root: str, workers: int) -> dict:
         raise SystemExit(f"prepare failed with exit code {child.returncode}")
     size = sum(os.path.getsize(os.path.join(path, name)) for path, _, names in os.walk(data_dir) for name in names)
     shutil.rmtree(data_dir)
-    return {"command": " ".join(command), "seconds": seconds, "main_peak_mib": main_peak / 2**20,
-            "tree_peak_mib": tree_peak / 2**20, "output_mib": size / 2**20}
+    return {
+        "command": " ".join(command),
+        "seconds": seconds,
+        "main_peak_mib": main_peak / 2**20,
+        "tree_peak_mib": tree_peak / 2**20,
+        "output_mib": size / 2**20,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,15 +121,21 @@ def main(argv: list[str] | None = None) -> None:
     root = os.path.join(args.dir, f"folder_{args.images}")
     made = time.perf_counter()
     make_folder(root, args.images)
-    print(f"folder: {args.images} JPEGs of {WIDTH}x{HEIGHT} in {root} (made or found in "
-          f"{time.perf_counter() - made:.0f} s)")
+    print(
+        f"folder: {args.images} JPEGs of {WIDTH}x{HEIGHT} in {root} (made or found in "
+        f"{time.perf_counter() - made:.0f} s)"
+    )
     result = run(root, args.workers)
     print(f"command: {result['command']}")
-    print(f"{args.images / result['seconds']:.0f} images/s ({result['seconds']:.1f} s, {args.workers} workers); "
-          f"peak RSS {result['main_peak_mib']:.0f} MiB (main process), {result['tree_peak_mib']:.0f} MiB (with "
-          f"workers); output {result['output_mib']:.0f} MiB")
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; {datetime.date.today().isoformat()}; "
-          f"bench: python -m resnext_jax.benchmarks.prepare --images {args.images} --workers {args.workers}")
+    print(
+        f"{args.images / result['seconds']:.0f} images/s ({result['seconds']:.1f} s, {args.workers} workers); "
+        f"peak RSS {result['main_peak_mib']:.0f} MiB (main process), {result['tree_peak_mib']:.0f} MiB (with "
+        f"workers); output {result['output_mib']:.0f} MiB"
+    )
+    print(
+        f"machine: {_cpu_model()}, {os.cpu_count()} CPUs; {datetime.date.today().isoformat()}; "
+        f"bench: python -m resnext_jax.benchmarks.prepare --images {args.images} --workers {args.workers}"
+    )
 
 
 if __name__ == "__main__":

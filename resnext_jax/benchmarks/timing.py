@@ -1,6 +1,7 @@
 """Compiling, timing and profiling a step: the harness shared by the step benchmark and benchmarks/ab.py, floor.py
 and stage_diagnostics.py.
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,8 +26,13 @@ def compile_step(step, state, inputs):
     memory = {}
     analysis = compiled.memory_analysis()
     if analysis is not None:
-        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                      "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "generated_code_size_in_bytes",
+        ):
             memory[field] = getattr(analysis, field, None)
     return compiled, seconds, memory
 
@@ -42,6 +48,7 @@ def jax_callable(compiled, state, inputs, mode: str):
         else:
             holder[0], loss = compiled(holder[0], *inputs)
             jax.block_until_ready(loss)
+
     return call
 
 
@@ -69,8 +76,15 @@ def time_in_blocks(steps: dict, runs: int, warmup: int, rounds: int) -> dict:
             faults[key] += after.ru_minflt - before.ru_minflt
             kernel_s[key] += after.ru_stime - before.ru_stime
     # Page faults and kernel CPU time per timed step (getrusage: the whole process, but only one side runs at a time).
-    return {key: {"median_s": statistics.median(t), "all_s": t, "minor_faults_per_step": faults[key] / len(t),
-                  "kernel_s_per_step": kernel_s[key] / len(t)} for key, t in times.items()}
+    return {
+        key: {
+            "median_s": statistics.median(t),
+            "all_s": t,
+            "minor_faults_per_step": faults[key] / len(t),
+            "kernel_s_per_step": kernel_s[key] / len(t),
+        }
+        for key, t in times.items()
+    }
 
 
 def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 9) -> float:
@@ -84,7 +98,7 @@ def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 9) -> float
         start = time.perf_counter()
         matmul(a).block_until_ready()
         times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e12
+    return 2 * size**3 / statistics.median(times) / 1e12
 
 
 def profile_step(call, compiled, trace_dir: str, top: int = 15) -> dict:
@@ -110,13 +124,19 @@ def profile_step(call, compiled, trace_dir: str, top: int = 15) -> dict:
         if match:
             kind = re.search(r"kind=(\w+)", line) if match.group(2) == "fusion" else None
             op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[match.group(1)] = (match.group(2) + (f":{kind.group(1)}" if kind else ""),
-                                   re.sub(r"(layer|block)\d_\d+", r"\1*", op_name.group(1)) if op_name else "?")
+            ops[match.group(1)] = (
+                match.group(2) + (f":{kind.group(1)}" if kind else ""),
+                re.sub(r"(layer|block)\d_\d+", r"\1*", op_name.group(1)) if op_name else "?",
+            )
     by_kind, by_op = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") == "X" and event.get("name") in ops:
             kind, op_name = ops[event["name"]]
             by_kind[kind] += event["dur"] / 1e3
             by_op[f"{kind} {op_name}"] += event["dur"] / 1e3
-    return {"trace_dir": trace_dir, "total_ms": sum(by_kind.values()),
-            "by_kind_ms": dict(by_kind.most_common(top)), "by_op_ms": dict(by_op.most_common(top))}
+    return {
+        "trace_dir": trace_dir,
+        "total_ms": sum(by_kind.values()),
+        "by_kind_ms": dict(by_kind.most_common(top)),
+        "by_op_ms": dict(by_op.most_common(top)),
+    }

@@ -1,4 +1,5 @@
 """torchvision's train or inference step, the baseline the JAX step is timed against in the same process."""
+
 from __future__ import annotations
 
 
@@ -11,8 +12,17 @@ def torch_device(jax_platform: str) -> str:
     return "cpu"
 
 
-def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: str, channels_last: bool,
-                    optimizer: str, num_classes: int = 1000, device: str = "cpu"):
+def make_torch_step(
+    name: str,
+    mode: str,
+    batch: int,
+    resolution: int,
+    dtype: str,
+    channels_last: bool,
+    optimizer: str,
+    num_classes: int = 1000,
+    device: str = "cpu",
+):
     """Returns a zero-arg callable running one torchvision train (loss, backward, optimizer) or no-grad step.
 
     On 'cuda' the call waits for the GPU (`torch.cuda.synchronize`), as the JAX step waits for its result;
@@ -44,10 +54,14 @@ def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: st
             with torch.inference_mode():
                 forward()
             sync()
+
         return infer
     model.train()
-    opt = (torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05) if optimizer == "adamw"
-           else torch.optim.SGD(model.parameters(), 0.1, momentum=0.9))
+    opt = (
+        torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
+        if optimizer == "adamw"
+        else torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    )
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def train():
@@ -55,4 +69,5 @@ def make_torch_step(name: str, mode: str, batch: int, resolution: int, dtype: st
         loss_fn(forward().float(), labels).backward()
         opt.step()
         sync()
+
     return train

@@ -7,6 +7,7 @@
 The name map lives in `names.py` (timm's in `timm.py`), the loops both libraries share in `core.py`; torch is
 imported only when a function needs it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -36,14 +37,25 @@ __all__ = [
 ]
 
 TORCHVISION = Library(
-    "torchvision", family=lambda name: model_info(name).family, read=load_torch_state_dict,
+    "torchvision",
+    family=lambda name: model_info(name).family,
+    read=load_torch_state_dict,
     misplaced=lambda family, state: wrong_converter_hint(family, state, "from_torchvision"),
-    key_map=lambda family, model: torchvision_key_map(family), origin="torchvision's {} (built with the same options)",
-    foreign="a non-torchvision option such as se_ratio or norm='group'?")
+    key_map=lambda family, model: torchvision_key_map(family),
+    origin="torchvision's {} (built with the same options)",
+    foreign="a non-torchvision option such as se_ratio or norm='group'?",
+)
 
 
-def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, reinit_head: bool = False,
-                     rng: jax.Array | None = None, **model_overrides) -> dict:
+def from_torchvision(
+    name: str,
+    source: Any,
+    *,
+    num_classes: int | None = None,
+    reinit_head: bool = False,
+    rng: jax.Array | None = None,
+    **model_overrides,
+) -> dict:
     """Converts torchvision weights for builder `name` into Flax variables `{'params', 'batch_stats'}`.
 
     Strict: every missing, unexpected or mis-shaped key is named once in one `ConversionError`.
@@ -61,8 +73,15 @@ def from_torchvision(name: str, source: Any, *, num_classes: int | None = None, 
       **model_overrides: other `create_model` fields that do not change the parameter layout (e.g. dtype).
         `scan_blocks=True` returns the stacked layout that `create_model(name, scan_blocks=True)` expects.
     """
-    return import_state(TORCHVISION, name, source, num_classes=num_classes, reinit_head=reinit_head, rng=rng,
-                        model_overrides=model_overrides)
+    return import_state(
+        TORCHVISION,
+        name,
+        source,
+        num_classes=num_classes,
+        reinit_head=reinit_head,
+        rng=rng,
+        model_overrides=model_overrides,
+    )
 
 
 def to_torchvision(name: str, variables: Mapping, **model_overrides) -> dict:

@@ -4,6 +4,7 @@
 Layouts: torch conv kernels are OIHW and Flax's HWIO (a grouped `(O, I/g, kh, kw)` is `(kh, kw, I/g, O)`, the
 same contiguous channel-to-group order); linear weights are transposed; everything else is copied.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,6 +43,7 @@ class Library:
       origin: where the weights of builder `{}` come from, the last-resort fix an error names.
       foreign: why a Flax variable may have no counterpart in this library, as an error line says it.
     """
+
     name: str
     family: Callable[[str], str]
     read: Callable[[str, Any], Mapping[str, np.ndarray]]
@@ -104,8 +106,9 @@ def name_and_shape(key_map: KeyMap, flax_key: tuple[str, ...], shape: tuple[int,
     return f"{mapped[0]} {torch_shape(mapped[1], mapped[2], shape)}"
 
 
-def builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]],
-                         source: str = "torchvision") -> list[str]:
+def builders_with_layout(
+    family: str, shapes: Mapping[tuple[str, ...], tuple[int, ...]], source: str = "torchvision"
+) -> list[str]:
     """The builders of `family` whose stages match `shapes` (Flax keys -> Flax-layout shapes): the blocks per
     stage, the first block's 3x3 kernel shape and its widest output.
 
@@ -123,15 +126,28 @@ def builders_with_layout(family: str, shapes: Mapping[tuple[str, ...], tuple[int
             if block == 0 and key[-1] == "kernel" and len(shape):
                 widest[stage] = max(widest.get(stage, 0), shape[-1])
     stages = sorted(blocks, key=lambda stage: int(re.sub(r"\D", "", stage)))
-    layout = [(stage, len(blocks[stage]), tuple(shapes.get(("params", f"{stage}_0", conv, "kernel"), ())),
-               widest.get(stage, 0)) for stage in stages]
+    layout = [
+        (
+            stage,
+            len(blocks[stage]),
+            tuple(shapes.get(("params", f"{stage}_0", conv, "kernel"), ())),
+            widest.get(stage, 0),
+        )
+        for stage in stages
+    ]
     matches = []
     for builder in list_models(source=source):
         if model_info(builder).family != family:
             continue
-        expected = [(spec["name"], spec["blocks"], (3, 3, spec["bottleneck_width"] // spec["groups"],
-                                                    spec["bottleneck_width"]), spec["out_channels"])
-                    for spec in create_model(builder).stage_specs()]
+        expected = [
+            (
+                spec["name"],
+                spec["blocks"],
+                (3, 3, spec["bottleneck_width"] // spec["groups"], spec["bottleneck_width"]),
+                spec["out_channels"],
+            )
+            for spec in create_model(builder).stage_specs()
+        ]
         if layout == expected:
             matches.append(builder)
     return matches
@@ -152,8 +168,9 @@ def state_shapes(key_map: KeyMap, state: Mapping) -> dict[tuple[str, ...], tuple
     return {m[0]: flax_shape(m[1], m[2], np.shape(v)) for k, v in state.items() if (m := key_map.flax_key(k)) and m[0]}
 
 
-def _fix(library: Library, family: str, name: str, shapes: Mapping, call: str,
-         fits: Callable[[str], bool] | None = None) -> str:
+def _fix(
+    library: Library, family: str, name: str, shapes: Mapping, call: str, fits: Callable[[str], bool] | None = None
+) -> str:
     """The likely fix of a mismatch: weights of another builder (named), none at all, or a check of their origin."""
     if not shapes:
         return "there are no weights at all"
@@ -163,13 +180,20 @@ def _fix(library: Library, family: str, name: str, shapes: Mapping, call: str,
     return f"check that they come from {library.origin.format(name)}"
 
 
-def mismatch_error(title: str, library: Library, fix: str, *, missing=(), unexpected=(), mismatched=(),
-                   foreign=()) -> ConversionError:
+def mismatch_error(
+    title: str, library: Library, fix: str, *, missing=(), unexpected=(), mismatched=(), foreign=()
+) -> ConversionError:
     """One error naming every problem, with a first line that counts them and says the likely fix."""
-    counts = [f"{len(items)} {label}" for items, label in ((missing, "missing"), (unexpected, "unexpected"),
-                                                           (mismatched, "wrong shape"),
-                                                           (foreign, f"without a {library.name} counterpart"))
-              if items]
+    counts = [
+        f"{len(items)} {label}"
+        for items, label in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (mismatched, "wrong shape"),
+            (foreign, f"without a {library.name} counterpart"),
+        )
+        if items
+    ]
     lines = [f"{title}: {', '.join(counts)}; {fix}"]
     lines += [f"  missing key: {k}" for k in missing]
     lines += [f"  unexpected key: {k}" for k in unexpected]
@@ -185,6 +209,7 @@ def fresh_head(model: nn.Module, head: str, rng: jax.Array) -> dict[tuple[str, .
     15-20 s for an eager or whole-model init of resnet18. The values are those of `model.init` up to the last
     bit (Flax derives each module's key from its path, not from the input; XLA may fuse the sampling differently).
     """
+
     def head_only(key):
         fresh = traverse_util.flatten_dict(init_variables(model, key, image_size=32))
         return {"/".join(k): v for k, v in fresh.items() if k[1] == head}
@@ -192,8 +217,16 @@ def fresh_head(model: nn.Module, head: str, rng: jax.Array) -> dict[tuple[str, .
     return {tuple(k.split("/")): v for k, v in jax.jit(head_only)(rng).items()}
 
 
-def import_state(library: Library, name: str, source: Any, *, num_classes: int | None, reinit_head: bool,
-                 rng: jax.Array | None, model_overrides: dict) -> dict:
+def import_state(
+    library: Library,
+    name: str,
+    source: Any,
+    *,
+    num_classes: int | None,
+    reinit_head: bool,
+    rng: jax.Array | None,
+    model_overrides: dict,
+) -> dict:
     """The library's weights `source` as Flax variables of `create_model(name, **model_overrides)`; the arguments
     are `from_torchvision`'s. Every missing, unexpected or mis-shaped key is named in one `ConversionError`."""
     family = library.family(name)
@@ -220,10 +253,12 @@ def import_state(library: Library, name: str, source: Any, *, num_classes: int |
         if ckpt_classes:
             raise ConversionError(
                 f"the checkpoint has a {ckpt_classes}-class head but num_classes={num_classes}; pass "
-                f"reinit_head=True to load the backbone and start a new {num_classes}-class head")
+                f"reinit_head=True to load the backbone and start a new {num_classes}-class head"
+            )
         raise ConversionError(
             f"the checkpoint has no head ({head}.weight) but num_classes={num_classes}; pass num_classes=0 for "
-            f"features only, or reinit_head=True to start a new {num_classes}-class head")
+            f"features only, or reinit_head=True to start a new {num_classes}-class head"
+        )
     expected = expected_shapes(model)
 
     converted, found, unexpected, mismatched = {}, {}, [], {}
@@ -241,26 +276,39 @@ def import_state(library: Library, name: str, source: Any, *, num_classes: int |
         if flax_key not in expected:
             unexpected.append(torch_key)
         elif found[flax_key] != expected[flax_key]:
-            mismatched[flax_key] = (f"{torch_key}: checkpoint {tuple(np.shape(value))}, {name} wants "
-                                    f"{torch_shape(kind, tensor_name, expected[flax_key])}")
+            mismatched[flax_key] = (
+                f"{torch_key}: checkpoint {tuple(np.shape(value))}, {name} wants "
+                f"{torch_shape(kind, tensor_name, expected[flax_key])}"
+            )
         else:
             converted[flax_key] = to_flax(kind, tensor_name, np.asarray(value, dtype=np.float32))
     missing = [k for k in expected if k not in found and not (replace_head and k[1] == FLAX_HEAD)]
     if missing or unexpected or mismatched:
+
         def fits(other: str) -> bool:  # read with the other builder's names (resnet26d's downsample.1 is a conv)
             return state_shapes(library.key_map(family, create_model(other)), state) == _default_shapes(other)
 
-        raise mismatch_error(f"cannot load this checkpoint into {name}", library,
-                             _fix(library, family, name, found, f"from_{library.name}({{!r}}, ...)", fits),
-                             unexpected=unexpected, mismatched=list(mismatched.values()),
-                             missing=[name_and_shape(key_map, k, expected[k]) for k in missing])
+        raise mismatch_error(
+            f"cannot load this checkpoint into {name}",
+            library,
+            _fix(library, family, name, found, f"from_{library.name}({{!r}}, ...)", fits),
+            unexpected=unexpected,
+            mismatched=list(mismatched.values()),
+            missing=[name_and_shape(key_map, k, expected[k]) for k in missing],
+        )
     variables = {k: jnp.asarray(v) for k, v in converted.items()}
     if replace_head and num_classes == 0 and ckpt_classes:
-        log.info("%s: dropped the checkpoint's %d-class head '%s' (num_classes=0: features only)",
-                 name, ckpt_classes, head)
+        log.info(
+            "%s: dropped the checkpoint's %d-class head '%s' (num_classes=0: features only)", name, ckpt_classes, head
+        )
     elif replace_head:
-        log.warning("%s: checkpoint head has %s classes; re-initialized a new %d-class head '%s'",
-                    name, ckpt_classes or "no", num_classes, head)
+        log.warning(
+            "%s: checkpoint head has %s classes; re-initialized a new %d-class head '%s'",
+            name,
+            ckpt_classes or "no",
+            num_classes,
+            head,
+        )
         variables.update(fresh_head(model, FLAX_HEAD, rng if rng is not None else jax.random.key(0)))
     variables = traverse_util.unflatten_dict(variables)
     return stack_blocks(variables) if scanned else variables
@@ -275,11 +323,15 @@ def export_state(library: Library, name: str, variables: Mapping, model_override
     exporter = f"to_{library.name}"
     if not isinstance(variables, Mapping) or not isinstance(variables.get("params"), Mapping):
         keys = sorted(map(str, variables)) if isinstance(variables, Mapping) else type(variables).__name__
-        raise ConversionError(f"{exporter}({name!r}, variables) needs the variables dict "
-                              f"{{'params': ..., 'batch_stats': ...}} that model.init returns, not {keys}")
+        raise ConversionError(
+            f"{exporter}({name!r}, variables) needs the variables dict "
+            f"{{'params': ..., 'batch_stats': ...}} that model.init returns, not {keys}"
+        )
     if not all(isinstance(tree, Mapping) for tree in variables.values()):
-        raise ConversionError(f"every collection of the variables must be a dict, not "
-                              f"{ {k: type(v).__name__ for k, v in variables.items()} }")
+        raise ConversionError(
+            f"every collection of the variables must be a dict, not "
+            f"{ {k: type(v).__name__ for k, v in variables.items()} }"
+        )
     flat = traverse_util.flatten_dict(unstack_blocks(variables))
     overrides = dict(model_overrides)
     overrides.pop("scan_blocks", None)
@@ -305,19 +357,30 @@ def export_state(library: Library, name: str, variables: Mapping, model_override
         elif flax_key not in expected:
             unexpected.append(f"{path} ({library.name} {torch_key} {torch_shape(kind, tensor_name, shape)})")
         elif shape != expected[flax_key]:
-            mismatched.append(f"{path} ({torch_key}): variables {shape}, {name} wants {expected[flax_key]} "
-                              f"({library.name} {torch_shape(kind, tensor_name, expected[flax_key])})")
+            mismatched.append(
+                f"{path} ({torch_key}): variables {shape}, {name} wants {expected[flax_key]} "
+                f"({library.name} {torch_shape(kind, tensor_name, expected[flax_key])})"
+            )
         else:
             fitting.append((torch_key, kind, tensor_name, value))
     missing = [k for k in expected if k not in flat]
     if missing or unexpected or mismatched or foreign:
         only_head = flat and all(k[1] == FLAX_HEAD for k in missing) and not (unexpected or mismatched or foreign)
-        fix = (f"the variables have no head '{FLAX_HEAD}'; pass num_classes=0 to export a state_dict without it (a "
-               f"{library.name} model whose {key_map.head} is nn.Identity() loads that)" if only_head else
-               _fix(library, family, name, shapes, f"{exporter}({{!r}}, variables)"))
-        raise mismatch_error(f"cannot export these variables as {library.name}'s {name}", library, fix,
-                             missing=[name_and_shape(key_map, k, expected[k]) for k in missing],
-                             unexpected=unexpected, mismatched=mismatched, foreign=foreign)
+        fix = (
+            f"the variables have no head '{FLAX_HEAD}'; pass num_classes=0 to export a state_dict without it (a "
+            f"{library.name} model whose {key_map.head} is nn.Identity() loads that)"
+            if only_head
+            else _fix(library, family, name, shapes, f"{exporter}({{!r}}, variables)")
+        )
+        raise mismatch_error(
+            f"cannot export these variables as {library.name}'s {name}",
+            library,
+            fix,
+            missing=[name_and_shape(key_map, k, expected[k]) for k in missing],
+            unexpected=unexpected,
+            mismatched=mismatched,
+            foreign=foreign,
+        )
     state = {}
     for torch_key, kind, tensor_name, value in fitting:
         array = np.asarray(value)

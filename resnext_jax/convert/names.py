@@ -4,6 +4,7 @@ Each rule pairs a torch module prefix with a Flax module path and says what kind
 decides which tensors it holds and how each is transformed (see `LAYER_KINDS`). `{s}`, `{b}` and `{i}` stand for
 integers and must appear on both sides; `{b1}` on the torch side is the Flax `{b}` plus one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,12 @@ CONV, CONV_BIAS, BN, GN, LINEAR = "conv", "conv_bias", "bn", "gn", "linear"
 LAYER_KINDS = {
     CONV: [("weight", ("params", "kernel"))],
     CONV_BIAS: [("weight", ("params", "kernel")), ("bias", ("params", "bias"))],
-    BN: [("weight", ("params", "scale")), ("bias", ("params", "bias")),
-         ("running_mean", ("batch_stats", "mean")), ("running_var", ("batch_stats", "var"))],
+    BN: [
+        ("weight", ("params", "scale")),
+        ("bias", ("params", "bias")),
+        ("running_mean", ("batch_stats", "mean")),
+        ("running_var", ("batch_stats", "var")),
+    ],
     GN: [("weight", ("params", "scale")), ("bias", ("params", "bias"))],
     LINEAR: [("weight", ("params", "kernel")), ("bias", ("params", "bias"))],
 }
@@ -83,6 +88,7 @@ class KeyMap:
       rules: (torch module prefix, Flax module path, kind) triples; the first whose side matches wins.
       head: the torch prefix of the classifier (timm's `PretrainedCfg.classifier`); the Flax one is `FLAX_HEAD`.
     """
+
     library: str
     rules: tuple[tuple[str, str, str], ...]
     head: str
@@ -136,4 +142,3 @@ class KeyMap:
 def torchvision_key_map(family: str) -> KeyMap:
     """torchvision's names for every model of `family` (its builders have no variants that rename a layer)."""
     return KeyMap("torchvision", tuple(RULES[family]), HEAD_PREFIX[family])
-

@@ -1,5 +1,6 @@
 """Where torchvision weights come from: a torch Module, a state_dict (possibly wrapped by a training checkpoint), a
 `.pth`/`.pt` file read with `weights_only=True`, or a torchvision weight tag; and the errors that name each case."""
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,7 @@ def _unwrap(state: Mapping) -> Mapping:
                 state, unwrapped = state[key], True
                 break
     if state and all(isinstance(k, str) and k.startswith(PARALLEL_PREFIX) for k in state):
-        state = {k[len(PARALLEL_PREFIX):]: v for k, v in state.items()}
+        state = {k[len(PARALLEL_PREFIX) :]: v for k, v in state.items()}
     return state
 
 
@@ -67,15 +68,17 @@ def load_torch_state_dict(name: str, source: Any) -> dict[str, np.ndarray]:
     elif isinstance(source, (str, os.PathLike)):
         state = _read_file_or_tag(name, source)
     else:
-        raise TypeError(f"source must be a torch Module, a state_dict, a .pth/.pt path or a weight tag, "
-                        f"not {type(source).__name__}")
+        raise TypeError(
+            f"source must be a torch Module, a state_dict, a .pth/.pt path or a weight tag, not {type(source).__name__}"
+        )
     state = _unwrap(state)
     not_arrays = [k for k, v in state.items() if not hasattr(v, "shape") and not isinstance(v, (int, float))]
     if not_arrays:
         raise ConversionError(
             f"this is not a state_dict: {not_arrays[:8]} are not tensors. Pass the entry that holds the model's "
             f"weights (e.g. checkpoint[{not_arrays[0]!r}]); entries named {list(WRAPPER_KEYS)} are found "
-            f"automatically")
+            f"automatically"
+        )
     return {k: _numpy(v) for k, v in state.items()}
 
 
@@ -98,18 +101,23 @@ def _read_file_or_tag(name: str, source: str | os.PathLike):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a file it cannot read
-            raise InputError(f"cannot read {source} as a torch checkpoint ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}); pass a file saved with "
-                             f"torch.save(model.state_dict(), path)") from error
+            raise InputError(
+                f"cannot read {source} as a torch checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); pass a file saved with "
+                f"torch.save(model.state_dict(), path)"
+            ) from error
         if not isinstance(state, Mapping):
-            raise InputError(f"{source} holds a {type(state).__name__}, not a state_dict; save one with "
-                             f"torch.save(model.state_dict(), path)")
+            raise InputError(
+                f"{source} holds a {type(state).__name__}, not a state_dict; save one with "
+                f"torch.save(model.state_dict(), path)"
+            )
         return state
     if isinstance(source, str) and _TAG.fullmatch(source):
         return _download_weights(name, source)
     raise CheckpointNotFoundError(
         f"{source} does not exist, and it is not a torchvision weight tag of {name} "
-        f"(known tags: {', '.join(_known_tags(name)) or 'none'}); pass an existing checkpoint file or one of the tags")
+        f"(known tags: {', '.join(_known_tags(name)) or 'none'}); pass an existing checkpoint file or one of the tags"
+    )
 
 
 def _known_tags(name: str) -> list[str]:
@@ -122,12 +130,15 @@ def _download_weights(name: str, tag: str):
 
     tags = _known_tags(name)
     if tag not in tags:
-        raise InputError(f"{name} has no torchvision weights {tag!r}; known tags: {', '.join(tags) or 'none'}, "
-                         f"or pass the path of a checkpoint file")
+        raise InputError(
+            f"{name} has no torchvision weights {tag!r}; known tags: {', '.join(tags) or 'none'}, "
+            f"or pass the path of a checkpoint file"
+        )
     weights = torchvision.models.get_model_weights(name)[tag]
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # network errors come in many types
         raise WeightsDownloadError(
             f"could not download {name} {tag} from {weights.url} ({error}). On a machine with network, "
-            f"download that file and pass its path: from_torchvision({name!r}, '/path/to/file.pth')") from error
+            f"download that file and pass its path: from_torchvision({name!r}, '/path/to/file.pth')"
+        ) from error

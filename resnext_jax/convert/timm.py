@@ -10,6 +10,7 @@ whose names depend on the model (`downsample.1` is a norm after a strided conv, 
 name map `RULES` is the only timm-specific part: the loops, layouts and errors are shared with torchvision's
 converter (`resnext_jax.convert.core`).
 """
+
 from __future__ import annotations
 
 import os
@@ -98,10 +99,15 @@ def _timm_family(name: str) -> str:
     info = model_info(name)
     if "timm" not in info.sources:
         twins = [n for n in _same_module(name) if "timm" in model_info(n).sources]
-        hint = f"timm's name for it is {twins[0]!r}: from_timm({twins[0]!r}, ...)" if twins else \
-            "resnext_jax.list_models(source='timm') lists timm's names"
-        raise InputError(f"{name} is torchvision's name, not timm's; {hint}, or from_torchvision({name!r}, ...) "
-                         f"for torchvision weights")
+        hint = (
+            f"timm's name for it is {twins[0]!r}: from_timm({twins[0]!r}, ...)"
+            if twins
+            else "resnext_jax.list_models(source='timm') lists timm's names"
+        )
+        raise InputError(
+            f"{name} is torchvision's name, not timm's; {hint}, or from_torchvision({name!r}, ...) "
+            f"for torchvision weights"
+        )
     return info.family
 
 
@@ -120,8 +126,9 @@ def wrong_converter_hint(family: str, state: Mapping, converter: str) -> str | N
         names = layout_hint("regnet", state_shapes(key_map("regnet", None), state), "timm") or ["<timm name>"]
         return f"these are timm RegNet weights (stem.conv, s1.b1...): from_timm({names[0]!r}, ...)"
     if converter == "from_timm" and any(k in state for k in _TORCHVISION_REGNET_KEYS):
-        names = layout_hint("regnet", state_shapes(torchvision_key_map("regnet"), state), "torchvision") or \
-            ["<torchvision name>"]
+        names = layout_hint("regnet", state_shapes(torchvision_key_map("regnet"), state), "torchvision") or [
+            "<torchvision name>"
+        ]
         return f"these are torchvision RegNet weights (stem.0, trunk_output...): from_torchvision({names[0]!r}, ...)"
     return None
 
@@ -134,11 +141,14 @@ def read_timm_state(name: str, source: Any) -> dict[str, np.ndarray]:
         path = os.path.expanduser(os.fspath(source))
         if path.endswith(".safetensors") and os.path.isfile(path):
             from safetensors.torch import load_file
+
             try:
                 source = load_file(path, device="cpu")
             except Exception as error:  # safetensors raises SafetensorError, OSError...
-                raise InputError(f"cannot read {source} as a safetensors file ({type(error).__name__}: {error}); "
-                                 f"pass timm's model.safetensors or a state_dict file") from error
+                raise InputError(
+                    f"cannot read {source} as a safetensors file ({type(error).__name__}: {error}); "
+                    f"pass timm's model.safetensors or a state_dict file"
+                ) from error
         elif not os.path.exists(path):
             source = _download_tag(name, os.fspath(source))
     return load_torch_state_dict(name, source)
@@ -149,14 +159,17 @@ def _download_tag(name: str, tag: str):
         raise CheckpointNotFoundError(
             f"{tag} does not exist, and it is not a timm weight tag of {name} (e.g. "
             f"{pretrained_config(name).tag if name in _default_tags() else name + '.<tag>'}); pass an existing "
-            f".safetensors/.pth file or a tag from resnext_jax.models.pretrained.list_pretrained({name + '.*'!r})")
+            f".safetensors/.pth file or a tag from resnext_jax.models.pretrained.list_pretrained({name + '.*'!r})"
+        )
     cfg = pretrained_config(tag)
     if cfg.architecture != name:
-        raise InputError(f"{tag} holds {cfg.architecture}'s weights, not {name}'s: from_timm({cfg.architecture!r}, "
-                         f"{tag!r})")
+        raise InputError(
+            f"{tag} holds {cfg.architecture}'s weights, not {name}'s: from_timm({cfg.architecture!r}, {tag!r})"
+        )
     url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors"
     try:
         from huggingface_hub import hf_hub_download
+
         return read_timm_state(name, hf_hub_download(cfg.hf_hub_id, "model.safetensors"))
     except Exception as error:  # no huggingface_hub, no network, hub errors: all end the same way
         raise WeightsDownloadError(
@@ -172,18 +185,30 @@ def _first_sentence(error: Exception) -> str:
 
 def _default_tags():
     from resnext_jax.models.timm_pretrained_cfgs import DEFAULT_TAGS
+
     return DEFAULT_TAGS
 
 
 TIMM = Library(
-    "timm", family=_timm_family, read=read_timm_state,
-    misplaced=lambda family, state: wrong_converter_hint(family, state, "from_timm"), key_map=key_map,
+    "timm",
+    family=_timm_family,
+    read=read_timm_state,
+    misplaced=lambda family, state: wrong_converter_hint(family, state, "from_timm"),
+    key_map=key_map,
     origin="timm.create_model({!r}) (with the same options)",
-    foreign="an option this timm name does not have, such as norm='group' or stem_type='deep'?")
+    foreign="an option this timm name does not have, such as norm='group' or stem_type='deep'?",
+)
 
 
-def from_timm(name: str, source: Any, *, num_classes: int | None = None, reinit_head: bool = False,
-              rng: jax.Array | None = None, **model_overrides) -> dict:
+def from_timm(
+    name: str,
+    source: Any,
+    *,
+    num_classes: int | None = None,
+    reinit_head: bool = False,
+    rng: jax.Array | None = None,
+    **model_overrides,
+) -> dict:
     """Converts timm weights of model `name` into Flax variables `{'params', 'batch_stats'}`.
 
     Strict like `from_torchvision`: every missing, unexpected or mis-shaped key is named in one `ConversionError`,
@@ -195,8 +220,9 @@ def from_timm(name: str, source: Any, *, num_classes: int | None = None, reinit_
       num_classes, reinit_head, rng, **model_overrides: as in `from_torchvision` (`scan_blocks=True` gives the
         stacked layout).
     """
-    return import_state(TIMM, name, source, num_classes=num_classes, reinit_head=reinit_head, rng=rng,
-                        model_overrides=model_overrides)
+    return import_state(
+        TIMM, name, source, num_classes=num_classes, reinit_head=reinit_head, rng=rng, model_overrides=model_overrides
+    )
 
 
 def to_timm(name: str, variables: Mapping, **model_overrides) -> dict:

@@ -11,24 +11,62 @@ backend, with or without a C++ compiler. `models/` never imports this package.
 available (and why not), the build, the kernels traced into this process's computations, and why each other one
 was not used.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from resnext_jax.cpu.build import (BUILD, EPILOGUE_TARGET, FEW_CHANNEL_CONV_TARGET, FEW_CHANNEL_GRAD_TARGET,
-                                   GRAD_TARGET, ISA_ENV, ISAS, MATMUL_TARGET, OPT_OUT, POOL_GRAD_TARGET, SOURCES,
-                                   SUMS_TARGET, TARGET, available, cache_dir, compiler, cpu_flags, isa, runnable_isas,
-                                   select_isa, unavailable_reason)
-from resnext_jax.cpu.kernels import (FEW_CHANNELS, MATMUL_COLUMNS, MATMUL_ISAS, NARROW_GROUP_WIDTHS, USED,
-                                     affine_add_relu, channel_sums, few_channel_conv, few_channel_kernel_grad,
-                                     grouped_conv_forward, grouped_conv_input_grad, grouped_conv_kernel_grad,
-                                     input_grad_padding, matmul_affine, matmul_preferred, max_pool_grad, supports,
-                                     supports_few_channels, supports_matmul)
+from resnext_jax.cpu.build import (
+    BUILD,
+    EPILOGUE_TARGET,
+    FEW_CHANNEL_CONV_TARGET,
+    FEW_CHANNEL_GRAD_TARGET,
+    GRAD_TARGET,
+    ISA_ENV,
+    ISAS,
+    MATMUL_TARGET,
+    OPT_OUT,
+    POOL_GRAD_TARGET,
+    SOURCES,
+    SUMS_TARGET,
+    TARGET,
+    available,
+    cache_dir,
+    compiler,
+    cpu_flags,
+    isa,
+    runnable_isas,
+    select_isa,
+    unavailable_reason,
+)
+from resnext_jax.cpu.kernels import (
+    FEW_CHANNELS,
+    MATMUL_COLUMNS,
+    MATMUL_ISAS,
+    NARROW_GROUP_WIDTHS,
+    USED,
+    affine_add_relu,
+    channel_sums,
+    few_channel_conv,
+    few_channel_kernel_grad,
+    grouped_conv_forward,
+    grouped_conv_input_grad,
+    grouped_conv_kernel_grad,
+    input_grad_padding,
+    matmul_affine,
+    matmul_preferred,
+    max_pool_grad,
+    supports,
+    supports_few_channels,
+    supports_matmul,
+)
 
 # kernel -> (what it computes, the pure-XLA code in `resnext_jax.ops` that runs where it does not).
 KERNELS = {
-    "grouped_conv_forward": ("grouped and dense 3x3 convs, forward and input gradient",
-                             "ops.grouped_conv: split / chunked / XLA convolutions"),
+    "grouped_conv_forward": (
+        "grouped and dense 3x3 convs, forward and input gradient",
+        "ops.grouped_conv: split / chunked / XLA convolutions",
+    ),
     "grouped_conv_kernel_grad": ("their kernel gradient", "ops.conv_grad: plain convolutions or tap matmuls"),
     "few_channel_conv": ("the stems' 3-channel conv", "lax.conv_general_dilated"),
     "few_channel_kernel_grad": ("the stem's kernel gradient after space-to-depth", "one matmul per tap"),
@@ -69,16 +107,63 @@ def report() -> dict:
     kernels traced so far (`used`) and, for the others, why not."""
     ok = available()
     used = sorted(USED)
-    return {"available": ok, "isa": isa(), "unavailable_reason": unavailable_reason(),
-            "build": {k: v for k, v in BUILD.items()} if ok else {}, "used": used,
-            "not_used": {name: (_WHY_NOT.get(name, "not needed by the computations traced") if ok
-                                else unavailable_reason()) for name in KERNELS if name not in USED}}
+    return {
+        "available": ok,
+        "isa": isa(),
+        "unavailable_reason": unavailable_reason(),
+        "build": {k: v for k, v in BUILD.items()} if ok else {},
+        "used": used,
+        "not_used": {
+            name: (_WHY_NOT.get(name, "not needed by the computations traced") if ok else unavailable_reason())
+            for name in KERNELS
+            if name not in USED
+        },
+    }
 
 
-__all__ = ["BUILD", "EPILOGUE_TARGET", "FEW_CHANNEL_CONV_TARGET", "FEW_CHANNEL_GRAD_TARGET", "GRAD_TARGET",
-           "MATMUL_TARGET", "POOL_GRAD_TARGET", "SUMS_TARGET", "TARGET", "FEW_CHANNELS", "ISAS", "ISA_ENV", "KERNELS", "MATMUL_COLUMNS", "MATMUL_ISAS",
-           "NARROW_GROUP_WIDTHS", "OPT_OUT", "SOURCES", "USED", "affine_add_relu", "available", "cache_dir",
-           "channel_sums", "compiler", "cpu_flags", "eligible", "few_channel_conv", "few_channel_kernel_grad",
-           "grouped_conv_forward", "grouped_conv_input_grad", "grouped_conv_kernel_grad", "input_grad_padding", "isa",
-           "matmul_affine", "matmul_preferred", "max_pool_grad", "report", "runnable_isas", "runs_on", "select_isa",
-           "supports", "supports_few_channels", "supports_matmul", "unavailable_reason"]
+__all__ = [
+    "BUILD",
+    "EPILOGUE_TARGET",
+    "FEW_CHANNEL_CONV_TARGET",
+    "FEW_CHANNEL_GRAD_TARGET",
+    "GRAD_TARGET",
+    "MATMUL_TARGET",
+    "POOL_GRAD_TARGET",
+    "SUMS_TARGET",
+    "TARGET",
+    "FEW_CHANNELS",
+    "ISAS",
+    "ISA_ENV",
+    "KERNELS",
+    "MATMUL_COLUMNS",
+    "MATMUL_ISAS",
+    "NARROW_GROUP_WIDTHS",
+    "OPT_OUT",
+    "SOURCES",
+    "USED",
+    "affine_add_relu",
+    "available",
+    "cache_dir",
+    "channel_sums",
+    "compiler",
+    "cpu_flags",
+    "eligible",
+    "few_channel_conv",
+    "few_channel_kernel_grad",
+    "grouped_conv_forward",
+    "grouped_conv_input_grad",
+    "grouped_conv_kernel_grad",
+    "input_grad_padding",
+    "isa",
+    "matmul_affine",
+    "matmul_preferred",
+    "max_pool_grad",
+    "report",
+    "runnable_isas",
+    "runs_on",
+    "select_isa",
+    "supports",
+    "supports_few_channels",
+    "supports_matmul",
+    "unavailable_reason",
+]

@@ -1,4 +1,5 @@
 """`python -m resnext_jax.cpu build|info`: build the native CPU kernels now, or say what this machine has."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ from resnext_jax import cpu
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.cpu", description=__doc__)
-    parser.add_argument("command", choices=("build", "info"), help="build: compile (or find) the kernels; "
-                                                                   "info: the CPU, compiler, cache and kernels")
+    parser.add_argument(
+        "command",
+        choices=("build", "info"),
+        help="build: compile (or find) the kernels; info: the CPU, compiler, cache and kernels",
+    )
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -29,8 +33,10 @@ def main(argv=None) -> int:
         for name, (what, fallback) in cpu.KERNELS.items():
             print(f"  {name:25s} {what} (elsewhere: {fallback})")
     else:
-        print(f"native CPU kernels: unavailable: {state['unavailable_reason']}. The models run the pure-XLA "
-              f"implementations instead (same results, slower on CPU).")
+        print(
+            f"native CPU kernels: unavailable: {state['unavailable_reason']}. The models run the pure-XLA "
+            f"implementations instead (same results, slower on CPU)."
+        )
     return 0 if ok or args.command == "info" else 1
 
 

@@ -7,6 +7,7 @@ need an x86-64 CPU with AVX2 and FMA; with AVX-512F and AVX-512VL they are built
 `RESNEXT_JAX_NATIVE=0` turns them off. The first build in a cache logs one line (compiler, instruction set,
 seconds, library path); `python -m resnext_jax.cpu build` builds ahead of time.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,9 +25,18 @@ import jax
 
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 # Compiled together into one library; the headers are part of the build key.
-SOURCES = tuple(os.path.join(NATIVE_DIR, name)
-                for name in ("grouped_conv.cc", "epilogue.cc", "channel_sums.cc", "max_pool.cc", "few_channel_grad.cc",
-                             "few_channel_conv.cc", "matmul.cc"))
+SOURCES = tuple(
+    os.path.join(NATIVE_DIR, name)
+    for name in (
+        "grouped_conv.cc",
+        "epilogue.cc",
+        "channel_sums.cc",
+        "max_pool.cc",
+        "few_channel_grad.cc",
+        "few_channel_conv.cc",
+        "matmul.cc",
+    )
+)
 HEADERS = tuple(os.path.join(NATIVE_DIR, name) for name in ("parallel.h", "tail.h"))
 TARGET = "resnext_jax_grouped_conv_forward"
 GRAD_TARGET = "resnext_jax_grouped_conv_kernel_grad"
@@ -37,16 +47,24 @@ FEW_CHANNEL_GRAD_TARGET = "resnext_jax_few_channel_kernel_grad"
 FEW_CHANNEL_CONV_TARGET = "resnext_jax_few_channel_conv"
 MATMUL_TARGET = "resnext_jax_matmul_affine"
 # FFI target -> symbol in the built library.
-SYMBOLS = {TARGET: "ResnextJaxGroupedConvForward", GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
-           EPILOGUE_TARGET: "ResnextJaxAffineAddRelu", SUMS_TARGET: "ResnextJaxChannelSums",
-           POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad", FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad",
-           FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv", MATMUL_TARGET: "ResnextJaxMatmulAffine"}
+SYMBOLS = {
+    TARGET: "ResnextJaxGroupedConvForward",
+    GRAD_TARGET: "ResnextJaxGroupedConvKernelGrad",
+    EPILOGUE_TARGET: "ResnextJaxAffineAddRelu",
+    SUMS_TARGET: "ResnextJaxChannelSums",
+    POOL_GRAD_TARGET: "ResnextJaxMaxPoolGrad",
+    FEW_CHANNEL_GRAD_TARGET: "ResnextJaxFewChannelKernelGrad",
+    FEW_CHANNEL_CONV_TARGET: "ResnextJaxFewChannelConv",
+    MATMUL_TARGET: "ResnextJaxMatmulAffine",
+}
 OPT_OUT = "RESNEXT_JAX_NATIVE"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 # Instruction set -> (the /proc/cpuinfo flags it needs, compiler flags). The kernels are written for both
 # (`__AVX512F__` selects); the best the CPU has is built, or the one `RESNEXT_JAX_NATIVE_ISA` names.
-ISAS = {"avx512": ({"avx512f", "avx512vl", "fma"}, ("-mavx512f", "-mavx512vl", "-mfma")),
-        "avx2": ({"avx2", "fma"}, ("-mavx2", "-mfma"))}
+ISAS = {
+    "avx512": ({"avx512f", "avx512vl", "fma"}, ("-mavx512f", "-mavx512vl", "-mfma")),
+    "avx2": ({"avx2", "fma"}, ("-mavx2", "-mfma")),
+}
 ISA_ENV = "RESNEXT_JAX_NATIVE_ISA"
 
 
@@ -129,8 +147,9 @@ def _build(cxx: str, isa: str) -> str:
     os.replace(partial, target)
     seconds = time.perf_counter() - started
     BUILD.update(cached=False, seconds=round(seconds, 1))
-    logging.getLogger("resnext_jax").warning("built the native CPU kernels (%s, %s) in %.0f s into %s",
-                                             os.path.basename(cxx), isa, seconds, target)
+    logging.getLogger("resnext_jax").warning(
+        "built the native CPU kernels (%s, %s) in %.0f s into %s", os.path.basename(cxx), isa, seconds, target
+    )
     return target
 
 
@@ -160,11 +179,12 @@ def _load() -> tuple[bool, str]:
         library = ctypes.cdll.LoadLibrary(path)
         # Registered under names unique to the build, so that two versions of this package can run in one
         # process (benchmarks/ab.py) without one calling the other's kernels.
-        build = os.path.basename(path)[:-len(".so")].rsplit("-", 1)[-1]
+        build = os.path.basename(path)[: -len(".so")].rsplit("-", 1)[-1]
         for target, symbol in SYMBOLS.items():
             _REGISTERED[target] = f"{target}_{build}"
-            jax.ffi.register_ffi_target(_REGISTERED[target], jax.ffi.pycapsule(getattr(library, symbol)),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(
+                _REGISTERED[target], jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+            )
     except (OSError, RuntimeError, AttributeError) as e:
         return False, f"building or loading it failed: {e}"
     _ISA[0] = chosen

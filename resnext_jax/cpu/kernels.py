@@ -14,6 +14,7 @@ memory's speed; these kernels do that work instead (docs/benchmarks.md has the m
 Callers (`resnext_jax.ops`) ask `resnext_jax.cpu.eligible` first; every kernel here has a pure-XLA equivalent
 there. Each call records its kernel in `USED` at trace time, for the reports.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,16 +23,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax.cpu.build import (EPILOGUE_TARGET, FEW_CHANNEL_CONV_TARGET, FEW_CHANNEL_GRAD_TARGET, GRAD_TARGET,
-                                   MATMUL_TARGET, POOL_GRAD_TARGET, SUMS_TARGET, TARGET, isa)
+from resnext_jax.cpu.build import (
+    EPILOGUE_TARGET,
+    FEW_CHANNEL_CONV_TARGET,
+    FEW_CHANNEL_GRAD_TARGET,
+    GRAD_TARGET,
+    MATMUL_TARGET,
+    POOL_GRAD_TARGET,
+    SUMS_TARGET,
+    TARGET,
+    isa,
+)
 from resnext_jax.cpu.build import _target as _registered
 
 # Kernels traced into a computation in this process (kernel name, as in this module's functions).
 USED: set[str] = set()
-_NAMES = {TARGET: "grouped_conv_forward", GRAD_TARGET: "grouped_conv_kernel_grad",
-          EPILOGUE_TARGET: "affine_add_relu", SUMS_TARGET: "channel_sums", POOL_GRAD_TARGET: "max_pool_grad",
-          FEW_CHANNEL_GRAD_TARGET: "few_channel_kernel_grad", FEW_CHANNEL_CONV_TARGET: "few_channel_conv",
-          MATMUL_TARGET: "matmul_affine"}
+_NAMES = {
+    TARGET: "grouped_conv_forward",
+    GRAD_TARGET: "grouped_conv_kernel_grad",
+    EPILOGUE_TARGET: "affine_add_relu",
+    SUMS_TARGET: "channel_sums",
+    POOL_GRAD_TARGET: "max_pool_grad",
+    FEW_CHANNEL_GRAD_TARGET: "few_channel_kernel_grad",
+    FEW_CHANNEL_CONV_TARGET: "few_channel_conv",
+    MATMUL_TARGET: "matmul_affine",
+}
 
 
 def _target(name: str) -> str:
@@ -48,13 +64,18 @@ def supports(x_shape, kernel_shape, dtype, groups: int) -> bool:
     group, and a multiple of 8 channels per group (dense convs included: one group of all the channels) or
     `NARROW_GROUP_WIDTHS` channels per group and channels a multiple of 16."""
     channels, (_, _, cin_g, out) = x_shape[-1], kernel_shape
-    return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and out == channels
-            and cin_g * groups == channels
-            and (cin_g % 8 == 0 or (cin_g in NARROW_GROUP_WIDTHS and channels % 16 == 0)))
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and len(x_shape) == 4
+        and out == channels
+        and cin_g * groups == channels
+        and (cin_g % 8 == 0 or (cin_g in NARROW_GROUP_WIDTHS and channels % 16 == 0))
+    )
 
 
-def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1),
-                         transpose_kernel: bool = False) -> jax.Array:
+def grouped_conv_forward(
+    x: jax.Array, kernel: jax.Array, strides, padding, input_dilation=(1, 1), transpose_kernel: bool = False
+) -> jax.Array:
     """The grouped conv `(N, H, W, C) * (kh, kw, C/G, C) -> (N, H', W', C)` by the native kernel (no VJP).
 
     `input_dilation` `(dh, dw)` puts `d - 1` zeros between input rows and columns without computing on
@@ -66,10 +87,20 @@ def grouped_conv_forward(x: jax.Array, kernel: jax.Array, strides, padding, inpu
     kh, kw, _, out = kernel.shape
     (sh, sw), ((pt, pb), (pl, pr)), (dh, dw) = strides, padding, input_dilation
     ho, wo = ((h - 1) * dh + 1 + pt + pb - kh) // sh + 1, ((w - 1) * dw + 1 + pl + pr - kw) // sw + 1
-    call = jax.ffi.ffi_call(_target(TARGET), jax.ShapeDtypeStruct((n, ho, wo, out), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, kernel, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl), dh=np.int64(dh),
-                dw=np.int64(dw), transpose=np.int64(transpose_kernel))
+    call = jax.ffi.ffi_call(
+        _target(TARGET), jax.ShapeDtypeStruct((n, ho, wo, out), jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        x,
+        kernel,
+        sh=np.int64(sh),
+        sw=np.int64(sw),
+        ph=np.int64(pt),
+        pw=np.int64(pl),
+        dh=np.int64(dh),
+        dw=np.int64(dw),
+        transpose=np.int64(transpose_kernel),
+    )
 
 
 def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, padding) -> jax.Array:
@@ -86,22 +117,31 @@ def grouped_conv_input_grad(dy: jax.Array, kernel: jax.Array, x_hw, strides, pad
 def input_grad_padding(x_hw, kernel_hw, strides, padding, dy_hw) -> list[tuple[int, int]]:
     """Per-axis `(low, high)` padding of the stride-dilated `dy` whose conv with the flipped kernel is a conv's
     input gradient: `k - 1 - pad` below, and above what makes the result `x_hw` (negative crops)."""
-    return [(k - 1 - low, size - (out_size - 1) * stride - 1 + low) for size, k, stride, (low, _), out_size
-            in zip(x_hw, kernel_hw, strides, padding, dy_hw)]
+    return [
+        (k - 1 - low, size - (out_size - 1) * stride - 1 + low)
+        for size, k, stride, (low, _), out_size in zip(x_hw, kernel_hw, strides, padding, dy_hw)
+    ]
 
 
 def grouped_conv_kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape, strides, padding) -> jax.Array:
     """The kernel gradient `(kh, kw, C/G, C)` of `grouped_conv_forward(x, kernel, strides, padding)` for
     output gradient `dy`."""
-    call = jax.ffi.ffi_call(_target(GRAD_TARGET), jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        _target(GRAD_TARGET), jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32), vmap_method="sequential"
+    )
     (sh, sw), ((pt, _), (pl, _)) = strides, padding
     return call(x, dy, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(pt), pw=np.int64(pl))
 
 
-def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array,
-                    residual_affine: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-                    relu: bool = True) -> jax.Array:
+def affine_add_relu(
+    y: jax.Array,
+    mean: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    residual: jax.Array,
+    residual_affine: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    relu: bool = True,
+) -> jax.Array:
     """`relu((y - mean) * scale + shift + residual')` by the native kernel, where `residual'` is `residual`,
     or `(residual - m) * s + b` for `residual_affine=(m, s, b)`.
 
@@ -117,8 +157,9 @@ def affine_add_relu(y: jax.Array, mean: jax.Array, scale: jax.Array, shift: jax.
     return _affine_add_relu(bool(relu), y, mean, scale, shift, residual, *residual_affine)
 
 
-def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+def channel_sums(
+    a: jax.Array, b: jax.Array, shift: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Per-channel `(sum(a'), sum(a' * (b - shift)))` over all but the last axis by the native kernel, where
     `a'` is `a`, or `where(mask > 0, a, 0)`. float32, channels last; `b` (and `mask`) of `a`'s shape, `shift`
     one entry per channel. No VJP: training-mode batch norm's statistics, `(x, x, 0)` for sum x and sum x^2,
@@ -151,8 +192,13 @@ FEW_CHANNELS = 4
 def supports_few_channels(x_shape, kernel_shape, dtype, groups: int) -> bool:
     """Whether `few_channel_conv` takes this conv: float32, dense, at most `FEW_CHANNELS` input channels, a
     multiple of 16 output channels."""
-    return (jnp.dtype(dtype) == jnp.float32 and len(x_shape) == 4 and groups == 1
-            and x_shape[-1] == kernel_shape[2] <= FEW_CHANNELS and kernel_shape[-1] % 16 == 0)
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and len(x_shape) == 4
+        and groups == 1
+        and x_shape[-1] == kernel_shape[2] <= FEW_CHANNELS
+        and kernel_shape[-1] % 16 == 0
+    )
 
 
 def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
@@ -189,13 +235,24 @@ def matmul_preferred() -> bool:
 
 def supports_matmul(a_shape, b_shape, dtype) -> bool:
     """Whether `matmul_affine` takes `a @ b`: float32, 2-D, the columns a multiple of `MATMUL_COLUMNS`."""
-    return (jnp.dtype(dtype) == jnp.float32 and len(a_shape) == len(b_shape) == 2 and a_shape[1] == b_shape[0]
-            and b_shape[1] % MATMUL_COLUMNS == 0)
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and len(a_shape) == len(b_shape) == 2
+        and a_shape[1] == b_shape[0]
+        and b_shape[1] % MATMUL_COLUMNS == 0
+    )
 
 
-def matmul_affine(a: jax.Array, b: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array | None = None,
-                  relu: bool = False, prologue: tuple[jax.Array, jax.Array] | None = None,
-                  prologue_relu: bool = False) -> jax.Array:
+def matmul_affine(
+    a: jax.Array,
+    b: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    residual: jax.Array | None = None,
+    relu: bool = False,
+    prologue: tuple[jax.Array, jax.Array] | None = None,
+    prologue_relu: bool = False,
+) -> jax.Array:
     """`act(a' @ b * scale + shift (+ residual))` by the native kernel, `act` ReLU or none, where `a'` is `a`, or
     `act'(a * s + h)` for `prologue=(s, h)` with `act'` ReLU if `prologue_relu`: `a` `(M, K)`, `b` `(K, N)`
     (`supports_matmul`), `scale` and `shift` `(N,)`, `residual` `(M, N)`, `s` and `h` `(K,)`; float32.
@@ -208,12 +265,24 @@ def matmul_affine(a: jax.Array, b: jax.Array, scale: jax.Array, shift: jax.Array
     """
     dummy = jnp.zeros((1,), jnp.float32)
     a_scale, a_shift = prologue if prologue is not None else (dummy, dummy)
-    return _matmul_affine(bool(relu), residual is not None, prologue is not None, bool(prologue_relu), a, b, scale,
-                          shift, dummy if residual is None else residual, a_scale, a_shift)
+    return _matmul_affine(
+        bool(relu),
+        residual is not None,
+        prologue is not None,
+        bool(prologue_relu),
+        a,
+        b,
+        scale,
+        shift,
+        dummy if residual is None else residual,
+        a_scale,
+        a_shift,
+    )
 
 
-def _matmul_affine_reference(relu, with_residual, prologue, prologue_relu, a, b, scale, shift, residual, a_scale,
-                             a_shift):
+def _matmul_affine_reference(
+    relu, with_residual, prologue, prologue_relu, a, b, scale, shift, residual, a_scale, a_shift
+):
     if prologue:
         a = a * a_scale + a_shift
         a = jnp.maximum(a, 0.0) if prologue_relu else a
@@ -225,10 +294,18 @@ def _matmul_affine_reference(relu, with_residual, prologue, prologue_relu, a, b,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _matmul_affine(relu, with_residual, prologue, prologue_relu, a, b, *args):
-    call = jax.ffi.ffi_call(_target(MATMUL_TARGET), jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(a, b, *args, relu=np.int64(relu), with_residual=np.int64(with_residual),
-                prologue=np.int64(prologue), prologue_relu=np.int64(prologue_relu))
+    call = jax.ffi.ffi_call(
+        _target(MATMUL_TARGET), jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        a,
+        b,
+        *args,
+        relu=np.int64(relu),
+        with_residual=np.int64(with_residual),
+        prologue=np.int64(prologue),
+        prologue_relu=np.int64(prologue_relu),
+    )
 
 
 def _matmul_affine_fwd(*args):
@@ -251,10 +328,12 @@ def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.
     lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks.md).
     """
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
-    call = jax.ffi.ffi_call(_target(POOL_GRAD_TARGET), jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(x, dy, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(ph),
-                pw=np.int64(pw))
+    call = jax.ffi.ffi_call(
+        _target(POOL_GRAD_TARGET), jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        x, dy, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(ph), pw=np.int64(pw)
+    )
 
 
 def _affine_add_relu_reference(relu, y, mean, scale, shift, residual, rmean, rscale, rshift):
@@ -264,8 +343,9 @@ def _affine_add_relu_reference(relu, y, mean, scale, shift, residual, rmean, rsc
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _affine_add_relu(relu, *args):
-    call = jax.ffi.ffi_call(_target(EPILOGUE_TARGET), jax.ShapeDtypeStruct(args[0].shape, jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        _target(EPILOGUE_TARGET), jax.ShapeDtypeStruct(args[0].shape, jnp.float32), vmap_method="sequential"
+    )
     return call(*args, relu=np.int64(relu))
 
 

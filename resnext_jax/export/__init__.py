@@ -3,7 +3,8 @@
 preprocessing and whether it is inside, class names, versions, the measured parity).
 
     python -m resnext_jax.export runs/quickstart --format stablehlo --out model.stablehlo
-    python -m resnext_jax.export IMAGENET1K_V2 --model resnext50_32x4d --format onnx --out rx50.onnx --with-preprocessing
+    python -m resnext_jax.export IMAGENET1K_V2 --model resnext50_32x4d --format onnx --out rx50.onnx \
+        --with-preprocessing
 
     served = resnext_jax.export.load("rx50.onnx")        # or a .stablehlo file
     logits = served(images)                              # NHWC, as served.preprocessing says
@@ -12,6 +13,7 @@ preprocessing and whether it is inside, class names, versions, the measured pari
 The artifacts themselves need neither resnext_jax nor Flax: `jax.export.deserialize(bytes).call(images)` or
 `onnxruntime.InferenceSession(path).run(None, {"images": images})`. docs/export.md has the details.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,9 +35,11 @@ def export(loaded, out: str, *, format: str, **options) -> dict:
     Options: batch (None: dynamic), resolution, with_preprocessing, dtype; see `stablehlo.export_stablehlo`."""
     if format == "stablehlo":
         from resnext_jax.export.stablehlo import export_stablehlo
+
         return export_stablehlo(loaded, out, **options)
     if format == "onnx":
         from resnext_jax.export.onnx_torch import export_onnx
+
         return export_onnx(loaded, out, **options)
     raise InputError(f"format={format!r}; use one of {', '.join(FORMATS)}")
 
@@ -51,6 +55,7 @@ class ExportedModel:
       preprocessing: the sidecar's preprocessing ('inside', 'resize_size', 'crop_size', 'mean', 'std', 'steps').
       class_names: one name per logit.
     """
+
     path: str
     format: str
     metadata: dict
@@ -63,18 +68,26 @@ class ExportedModel:
         spec = self.metadata["input"]
         images = np.asarray(images)
         if images.ndim != 4 or list(images.shape[1:]) != spec["shape"][1:]:
-            raise InputError(f"{self.path} takes images of shape {['B' if d is None else d for d in spec['shape']]} "
-                             f"(NHWC), not {list(images.shape)}; resize and crop them as its preprocessing says")
+            raise InputError(
+                f"{self.path} takes images of shape {['B' if d is None else d for d in spec['shape']]} "
+                f"(NHWC), not {list(images.shape)}; resize and crop them as its preprocessing says"
+            )
         if spec["dtype"] == "uint8" and images.dtype != np.uint8:
-            raise InputError(f"{self.path} normalizes inside and takes uint8 images, not {images.dtype}; pass the "
-                             f"resized and cropped pixels, before any normalization")
+            raise InputError(
+                f"{self.path} normalizes inside and takes uint8 images, not {images.dtype}; pass the "
+                f"resized and cropped pixels, before any normalization"
+            )
         if spec["dtype"] == "float32" and images.dtype == np.uint8:
-            raise InputError(f"{self.path} takes normalized float32 images, not uint8; apply (x / 255 - mean) / "
-                             f"std first, or export with --with-preprocessing")
+            raise InputError(
+                f"{self.path} takes normalized float32 images, not uint8; apply (x / 255 - mean) / "
+                f"std first, or export with --with-preprocessing"
+            )
         batch = spec["shape"][0]
         if batch is not None and images.shape[0] != batch:
-            raise InputError(f"{self.path} was exported for batch {batch}, not {images.shape[0]}; pad the batch "
-                             f"or export with --batch dynamic")
+            raise InputError(
+                f"{self.path} was exported for batch {batch}, not {images.shape[0]}; pad the batch "
+                f"or export with --batch dynamic"
+            )
         return np.asarray(self.run(images.astype(spec["dtype"], copy=False)), np.float32)
 
 
@@ -91,23 +104,31 @@ def load(path: str) -> ExportedModel:
     if not os.path.exists(artifact):
         raise UserError(f"{artifact} does not exist; pass a file written by python -m resnext_jax.export")
     if not os.path.exists(side):
-        raise UserError(f"{artifact} has no sidecar {side}: it was not written by python -m resnext_jax.export, or "
-                        f"the two files were separated; keep {os.path.basename(side)} beside it, or export again")
+        raise UserError(
+            f"{artifact} has no sidecar {side}: it was not written by python -m resnext_jax.export, or "
+            f"the two files were separated; keep {os.path.basename(side)} beside it, or export again"
+        )
     try:
         with open(side) as f:
             metadata = json.load(f)
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-            raise ValueError(f"its 'format' is {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
-                             f"not {FORMAT!r}")
+            raise ValueError(
+                f"its 'format' is {metadata.get('format') if isinstance(metadata, dict) else None!r}, not {FORMAT!r}"
+            )
         fmt, pre, names = metadata["artifact"], metadata["preprocessing"], tuple(metadata["class_names"])
         expected_hash = metadata["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{side} is not a resnext-jax export sidecar ({type(error).__name__}: {error}); "
-                        f"export the model again with python -m resnext_jax.export") from error
+        raise UserError(
+            f"{side} is not a resnext-jax export sidecar ({type(error).__name__}: {error}); "
+            f"export the model again with python -m resnext_jax.export"
+        ) from error
     from resnext_jax.export.common import sha256
+
     if sha256(artifact) != expected_hash:
-        raise UserError(f"{artifact} does not match its sidecar {os.path.basename(side)} (sha256 differs): the file "
-                        f"is damaged or was replaced; export it again")
+        raise UserError(
+            f"{artifact} does not match its sidecar {os.path.basename(side)} (sha256 differs): the file "
+            f"is damaged or was replaced; export it again"
+        )
     if fmt == "stablehlo":
         run = _open_stablehlo(artifact, metadata)
     elif fmt == "onnx":
@@ -119,18 +140,23 @@ def load(path: str) -> ExportedModel:
 
 def _open_stablehlo(artifact: str, metadata: dict):
     import jax
+
     with open(artifact, "rb") as f:
         data = bytearray(f.read())
     try:
         exported = jax.export.deserialize(data)
     except Exception as error:  # flatbuffer or version errors
-        raise UserError(f"jax {jax.__version__} cannot deserialize {artifact} (exported with jax "
-                        f"{metadata.get('jax_version')}: {type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                        f"jax reads artifacts up to 6 months old: export it again with this jax") from error
+        raise UserError(
+            f"jax {jax.__version__} cannot deserialize {artifact} (exported with jax "
+            f"{metadata.get('jax_version')}: {type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"jax reads artifacts up to 6 months old: export it again with this jax"
+        ) from error
     platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
     if platform not in exported.platforms:
-        raise UserError(f"{artifact} was lowered for {', '.join(exported.platforms)}, not {platform}; export it again "
-                        f"on a machine with jax for {platform}, or run it on {exported.platforms[0]}")
+        raise UserError(
+            f"{artifact} was lowered for {', '.join(exported.platforms)}, not {platform}; export it again "
+            f"on a machine with jax for {platform}, or run it on {exported.platforms[0]}"
+        )
     return jax.jit(exported.call)
 
 
@@ -142,6 +168,8 @@ def _open_onnx(artifact: str):
     try:
         session = onnxruntime.InferenceSession(artifact, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's Fail/InvalidGraph exceptions
-        raise UserError(f"onnxruntime {onnxruntime.__version__} cannot open {artifact} ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}); export it again") from error
+        raise UserError(
+            f"onnxruntime {onnxruntime.__version__} cannot open {artifact} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); export it again"
+        ) from error
     return lambda images: session.run(None, {"images": images})[0]

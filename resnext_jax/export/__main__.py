@@ -5,6 +5,7 @@ Exports a trained workdir or torchvision weights (anything `load_model` accepts)
 against `model.apply` (StableHLO: deserialized and run; ONNX: in onnxruntime) and writes it with a sidecar
 `PATH.json`. A file that does not reproduce JAX's logits is never written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,25 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="the file to write; its sidecar is OUT.json")
     parser.add_argument("--model", help="builder name; required for torchvision weights")
     parser.add_argument("--which", default="best", help="workdir weights: best, latest, ema or a step number")
-    parser.add_argument("--batch", type=_batch, default=None, metavar="dynamic|N",
-                        help="a fixed batch size, or 'dynamic' (default): any batch with one file")
+    parser.add_argument(
+        "--batch",
+        type=_batch,
+        default=None,
+        metavar="dynamic|N",
+        help="a fixed batch size, or 'dynamic' (default): any batch with one file",
+    )
     parser.add_argument("--resolution", type=int, help="square input size (default: the preset's crop)")
-    parser.add_argument("--with-preprocessing", action="store_true",
-                        help="take uint8 NHWC images (resized and cropped) and normalize inside")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="compute dtype (ONNX: float32 only); input and logits stay float32")
+    parser.add_argument(
+        "--with-preprocessing",
+        action="store_true",
+        help="take uint8 NHWC images (resized and cropped) and normalize inside",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="compute dtype (ONNX: float32 only); input and logits stay float32",
+    )
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
     if args.resolution is not None and args.resolution < 32:
@@ -50,20 +63,34 @@ def main(argv=None) -> int:
 
     if args.format == "onnx":  # before minutes of loading
         from resnext_jax.export.onnx_torch import check_dtype
+
         check_dtype(args.dtype)
     start = time.perf_counter()
     loaded = load_model(args.source, model=args.model, which=args.which)
-    print(f"exporting {loaded.name} as {args.format} (lowering, then verifying the file against JAX; about 15 s "
-          f"for a ResNeXt-50 on 2 cores)...", file=sys.stderr, flush=True)
-    metadata = export(loaded, args.out, format=args.format, batch=args.batch, resolution=args.resolution,
-                      with_preprocessing=args.with_preprocessing, dtype=args.dtype)
+    print(
+        f"exporting {loaded.name} as {args.format} (lowering, then verifying the file against JAX; about 15 s "
+        f"for a ResNeXt-50 on 2 cores)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    metadata = export(
+        loaded,
+        args.out,
+        format=args.format,
+        batch=args.batch,
+        resolution=args.resolution,
+        with_preprocessing=args.with_preprocessing,
+        dtype=args.dtype,
+    )
     shape = ["batch" if dim is None else dim for dim in metadata["input"]["shape"]]
     parity = metadata["parity"]
-    print(f"wrote {args.out} ({metadata['bytes'] / 2**20:.1f} MiB) and {args.out}.json in "
-          f"{time.perf_counter() - start:.0f} s: input {metadata['input']['dtype']} {shape} NHWC, "
-          f"preprocessing {'inside' if metadata['preprocessing']['inside'] else 'outside'}, "
-          f"max-abs error vs JAX {parity['max_abs_error']:.2g} (tolerance {parity['tolerance']:.2g})"
-          + (f", platforms {', '.join(metadata['platforms'])}" if "platforms" in metadata else ""))
+    print(
+        f"wrote {args.out} ({metadata['bytes'] / 2**20:.1f} MiB) and {args.out}.json in "
+        f"{time.perf_counter() - start:.0f} s: input {metadata['input']['dtype']} {shape} NHWC, "
+        f"preprocessing {'inside' if metadata['preprocessing']['inside'] else 'outside'}, "
+        f"max-abs error vs JAX {parity['max_abs_error']:.2g} (tolerance {parity['tolerance']:.2g})"
+        + (f", platforms {', '.join(metadata['platforms'])}" if "platforms" in metadata else "")
+    )
     return 0
 
 

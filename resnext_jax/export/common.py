@@ -5,6 +5,7 @@ The served function is the model's eval forward pass, optionally with the prepro
 loaders' arithmetic (`resnext_jax.data.transforms.normalize`: `(x - 255 mean) * (1 / (255 std))`), so a served
 photo gives the logits that `python -m resnext_jax.predict` gives.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -59,6 +60,7 @@ def serving_function(module, variables, preprocessing, with_preprocessing: bool)
         if with_preprocessing:
             images = (images.astype(jnp.float32) - mean) * inv_std
         return module.apply(variables, images, train=False).astype(jnp.float32)
+
     return serve
 
 
@@ -83,14 +85,17 @@ def check_inputs(preprocessing, resolution: int, batch: int | None, with_preproc
     size = batch or 2
     rng = np.random.default_rng(seed)
     resize = max(resolution, round(preprocessing.resize_size * resolution / preprocessing.crop_size))
-    photos = np.stack([image_io.preprocess(Image.fromarray(photo), resize, resolution)
-                       for photo in load_sample_images().images])
+    photos = np.stack(
+        [image_io.preprocess(Image.fromarray(photo), resize, resolution) for photo in load_sample_images().images]
+    )
     photos = np.resize(photos, (size, *photos.shape[1:]))  # repeated to a fixed batch
     random = rng.integers(0, 256, (size, resolution, resolution, 3), dtype=np.uint8)
     if with_preprocessing:
         return {"random": random, "photos": photos}
-    return {"random": rng.standard_normal((size, resolution, resolution, 3)).astype(np.float32),
-            "photos": image_io.normalize(photos, preprocessing.mean, preprocessing.std)}
+    return {
+        "random": rng.standard_normal((size, resolution, resolution, 3)).astype(np.float32),
+        "photos": image_io.normalize(photos, preprocessing.mean, preprocessing.std),
+    }
 
 
 def reference_function(loaded, dtype: str, with_preprocessing: bool):
@@ -104,6 +109,7 @@ def reference_function(loaded, dtype: str, with_preprocessing: bool):
         if with_preprocessing:
             images = (images.astype(jnp.float32) - mean) * inv_std
         return module.apply(variables, images, train=False).astype(jnp.float32)
+
     return lambda images: np.asarray(apply(loaded.variables, images))
 
 
@@ -124,34 +130,64 @@ def parity(loaded, dtype: str, inputs: dict, run, with_preprocessing: bool, what
     tolerance = TOLERANCE[dtype] * scale
     worst = max(errors.values())
     if not worst <= tolerance:  # also catches NaN
-        raise UserError(f"{what} does not reproduce JAX's logits: max-abs error {worst:.3g} (random input "
-                        f"{errors['random']:.3g}, sample photos {errors['photos']:.3g}) above the tolerance "
-                        f"{tolerance:.3g}; nothing was written. Report this with the command that gave it")
+        raise UserError(
+            f"{what} does not reproduce JAX's logits: max-abs error {worst:.3g} (random input "
+            f"{errors['random']:.3g}, sample photos {errors['photos']:.3g}) above the tolerance "
+            f"{tolerance:.3g}; nothing was written. Report this with the command that gave it"
+        )
     return {"max_abs_error": worst, "errors": errors, "tolerance": tolerance, "logit_std_scale": scale}
 
 
-def sidecar(loaded, *, artifact: str, fmt: str, batch: int | None, resolution: int, with_preprocessing: bool,
-            dtype: str, checked: dict, extra: dict) -> dict:
+def sidecar(
+    loaded,
+    *,
+    artifact: str,
+    fmt: str,
+    batch: int | None,
+    resolution: int,
+    with_preprocessing: bool,
+    dtype: str,
+    checked: dict,
+    extra: dict,
+) -> dict:
     """The JSON written beside an artifact: everything a server needs to feed it and read its output."""
     pre = loaded.preprocessing
     resize = max(resolution, round(pre.resize_size * resolution / pre.crop_size))
     num_classes = len(pre.class_names)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": fmt,
-        "file": os.path.basename(artifact), "sha256": sha256(artifact), "bytes": os.path.getsize(artifact),
-        "model": loaded.name, "model_kwargs": _jsonable(loaded.model_kwargs), "source": _jsonable(loaded.source),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "artifact": fmt,
+        "file": os.path.basename(artifact),
+        "sha256": sha256(artifact),
+        "bytes": os.path.getsize(artifact),
+        "model": loaded.name,
+        "model_kwargs": _jsonable(loaded.model_kwargs),
+        "source": _jsonable(loaded.source),
         "compute_dtype": dtype,
-        "input": {"name": "images", "layout": "NHWC", "dtype": "uint8" if with_preprocessing else "float32",
-                  "shape": [batch, resolution, resolution, 3]},
+        "input": {
+            "name": "images",
+            "layout": "NHWC",
+            "dtype": "uint8" if with_preprocessing else "float32",
+            "shape": [batch, resolution, resolution, 3],
+        },
         "output": {"name": "logits", "dtype": "float32", "shape": [batch, num_classes]},
         "preprocessing": {
             "inside": with_preprocessing,
-            "resize_size": resize, "crop_size": resolution, "interpolation": "bilinear, antialiased",
-            "mean": list(pre.mean), "std": list(pre.std),
-            "steps": ("client: decode RGB, resize the shorter side to resize_size, center-crop crop_size, send "
-                      "uint8; inside: (x - 255 mean) / (255 std)") if with_preprocessing else
-                     ("client: decode RGB, resize the shorter side to resize_size, center-crop crop_size, then "
-                      "(x / 255 - mean) / std per channel, float32"),
+            "resize_size": resize,
+            "crop_size": resolution,
+            "interpolation": "bilinear, antialiased",
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "steps": (
+                "client: decode RGB, resize the shorter side to resize_size, center-crop crop_size, send "
+                "uint8; inside: (x - 255 mean) / (255 std)"
+            )
+            if with_preprocessing
+            else (
+                "client: decode RGB, resize the shorter side to resize_size, center-crop crop_size, then "
+                "(x / 255 - mean) / std per channel, float32"
+            ),
         },
         "class_names": list(pre.class_names),
         "parity": checked,

@@ -11,6 +11,7 @@ no other widths); those fail with a message that points to the StableHLO route, 
 torch 2.14's default exporter (`dynamo=True`) needs onnxscript; the TorchScript one (`dynamo=False`, deprecated
 but present) needs nothing more and gives opset-17 graphs that onnxruntime, TensorRT and OpenVINO read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,18 @@ from resnext_jax.models.registry import create_model
 
 OPSET = 17
 # Module fields that do not change the eval-mode graph (or that `to_torchvision` handles).
-_GRAPH_NEUTRAL = {"parent", "name", "num_classes", "dtype", "conv_impl", "scan_blocks", "bn_axis_name",
-                  "zero_init_last", "drop_path_rate", "dropout_rate"}
+_GRAPH_NEUTRAL = {
+    "parent",
+    "name",
+    "num_classes",
+    "dtype",
+    "conv_impl",
+    "scan_blocks",
+    "bn_axis_name",
+    "zero_init_last",
+    "drop_path_rate",
+    "dropout_rate",
+}
 
 
 def torchvision_differences(loaded) -> list[str]:
@@ -43,12 +54,21 @@ def torchvision_differences(loaded) -> list[str]:
 def check_dtype(dtype: str) -> None:
     """ONNX files are float32: onnxruntime's CPU provider has no bfloat16 convolutions to check them with."""
     if dtype != "float32":
-        raise UserError(f"ONNX export is float32 only (onnxruntime's CPU provider has no {dtype} convolutions); "
-                        f"drop --dtype, or use --format stablehlo --dtype {dtype}")
+        raise UserError(
+            f"ONNX export is float32 only (onnxruntime's CPU provider has no {dtype} convolutions); "
+            f"drop --dtype, or use --format stablehlo --dtype {dtype}"
+        )
 
 
-def export_onnx(loaded, out: str, *, batch: int | None = None, resolution: int | None = None,
-                with_preprocessing: bool = False, dtype: str = "float32") -> dict:
+def export_onnx(
+    loaded,
+    out: str,
+    *,
+    batch: int | None = None,
+    resolution: int | None = None,
+    with_preprocessing: bool = False,
+    dtype: str = "float32",
+) -> dict:
     """Exports `loaded` (a `LoadedModel`) to the ONNX file `out` and its sidecar `out + '.json'`.
 
     Arguments as in `export_stablehlo`; `dtype` must be float32. The file is run once in onnxruntime on a random
@@ -57,39 +77,74 @@ def export_onnx(loaded, out: str, *, batch: int | None = None, resolution: int |
     check_dtype(dtype)
     differences = torchvision_differences(loaded)
     if differences:
-        raise UserError(f"ONNX export goes through torchvision's {loaded.name}, which has no "
-                        f"{', '.join(differences)}; export this model with --format stablehlo")
+        raise UserError(
+            f"ONNX export goes through torchvision's {loaded.name}, which has no "
+            f"{', '.join(differences)}; export this model with --format stablehlo"
+        )
     try:
         import onnx  # noqa: F401  torch.onnx.export needs it, and says so only after tracing the model
         import onnxruntime
         import torch
         import torchvision
     except ImportError as error:
-        raise UserError(f"ONNX export needs torch, torchvision, onnx and onnxruntime ({error}); "
-                        f"pip install -e '.[torch,export]'") from error
+        raise UserError(
+            f"ONNX export needs torch, torchvision, onnx and onnxruntime ({error}); pip install -e '.[torch,export]'"
+        ) from error
 
     resolution = resolution or loaded.preprocessing.crop_size
     wrapped = _torch_model(loaded, torch, torchvision, with_preprocessing)
-    example = torch.zeros((batch or 2, resolution, resolution, 3),
-                          dtype=torch.uint8 if with_preprocessing else torch.float32)
+    example = torch.zeros(
+        (batch or 2, resolution, resolution, 3), dtype=torch.uint8 if with_preprocessing else torch.float32
+    )
     buffer = io.BytesIO()
     dynamic = None if batch else {"images": {0: "batch"}, "logits": {0: "batch"}}
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice and tracer warnings
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=OPSET, input_names=["images"],
-                          output_names=["logits"], dynamic_axes=dynamic, do_constant_folding=True)
+        torch.onnx.export(
+            wrapped,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
     data = buffer.getvalue()
 
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     inputs = common.check_inputs(loaded.preprocessing, resolution, batch, with_preprocessing)
-    checked = common.parity(loaded, dtype, inputs, lambda images: session.run(None, {"images": images})[0],
-                            with_preprocessing, f"the ONNX file of {loaded.name} (in onnxruntime)")
-    extra = {"opset": OPSET, "route": "to_torchvision + torch.onnx.export (TorchScript exporter)",
-             "torch_version": torch.__version__, "onnxruntime_version": onnxruntime.__version__,
-             "load": "onnxruntime.InferenceSession(file).run(None, {'images': images})[0]"}
-    return common.write_artifact(out, data, lambda path: common.sidecar(
-        loaded, artifact=path, fmt="onnx", batch=batch, resolution=resolution,
-        with_preprocessing=with_preprocessing, dtype=dtype, checked=checked, extra=extra))
+    checked = common.parity(
+        loaded,
+        dtype,
+        inputs,
+        lambda images: session.run(None, {"images": images})[0],
+        with_preprocessing,
+        f"the ONNX file of {loaded.name} (in onnxruntime)",
+    )
+    extra = {
+        "opset": OPSET,
+        "route": "to_torchvision + torch.onnx.export (TorchScript exporter)",
+        "torch_version": torch.__version__,
+        "onnxruntime_version": onnxruntime.__version__,
+        "load": "onnxruntime.InferenceSession(file).run(None, {'images': images})[0]",
+    }
+    return common.write_artifact(
+        out,
+        data,
+        lambda path: common.sidecar(
+            loaded,
+            artifact=path,
+            fmt="onnx",
+            batch=batch,
+            resolution=resolution,
+            with_preprocessing=with_preprocessing,
+            dtype=dtype,
+            checked=checked,
+            extra=extra,
+        ),
+    )
 
 
 def _torch_model(loaded, torch, torchvision, with_preprocessing: bool):
@@ -99,7 +154,7 @@ def _torch_model(loaded, torch, torchvision, with_preprocessing: bool):
     head_size = loaded.module.num_classes
     state = to_torchvision(loaded.name, loaded.variables, num_classes=head_size)
     model = getattr(torchvision.models, loaded.name)(num_classes=head_size or 1)  # not on "meta": RegNets compute
-    if not head_size:                                                             # their widths with tensors
+    if not head_size:  # their widths with tensors
         model.fc = torch.nn.Identity()
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -120,4 +175,3 @@ def _torch_model(loaded, torch, torchvision, with_preprocessing: bool):
             return self.model(images.permute(0, 3, 1, 2))
 
     return Serving().eval()
-

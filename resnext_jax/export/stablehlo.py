@@ -7,6 +7,7 @@ The artifact is `Exported.serialize()`'s bytes. Anything with jax installed runs
 
 jax reads artifacts up to 6 months old (and 3 weeks newer than itself); re-export after a larger jax upgrade.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,15 @@ log = logging.getLogger(__name__)
 PLATFORMS = ("cpu", "cuda")
 
 
-def export_stablehlo(loaded, out: str, *, batch: int | None = None, resolution: int | None = None,
-                     with_preprocessing: bool = False, dtype: str = "float32") -> dict:
+def export_stablehlo(
+    loaded,
+    out: str,
+    *,
+    batch: int | None = None,
+    resolution: int | None = None,
+    with_preprocessing: bool = False,
+    dtype: str = "float32",
+) -> dict:
     """Exports `loaded` (a `LoadedModel`) to the StableHLO file `out` and its sidecar `out + '.json'`.
 
     Args:
@@ -39,8 +47,9 @@ def export_stablehlo(loaded, out: str, *, batch: int | None = None, resolution: 
     module = common.export_module(loaded, dtype)
     serve = common.serving_function(module, loaded.variables, loaded.preprocessing, with_preprocessing)
     batch_dim = jax.export.symbolic_shape("batch")[0] if batch is None else batch
-    spec = jax.ShapeDtypeStruct((batch_dim, resolution, resolution, 3),
-                                jnp.uint8 if with_preprocessing else jnp.float32)
+    spec = jax.ShapeDtypeStruct(
+        (batch_dim, resolution, resolution, 3), jnp.uint8 if with_preprocessing else jnp.float32
+    )
     exported, platforms_note = _export(serve, spec)
     ours = common.our_custom_calls(exported.mlir_module())
     if ours:  # conv_impl='xla' should make this impossible; never ship a file that needs our process
@@ -50,14 +59,35 @@ def export_stablehlo(loaded, out: str, *, batch: int | None = None, resolution: 
     restored = jax.export.deserialize(bytearray(data))  # what a server will run, not the in-memory object
     run = jax.jit(restored.call)
     inputs = common.check_inputs(loaded.preprocessing, resolution, batch, with_preprocessing)
-    checked = common.parity(loaded, dtype, inputs, lambda images: np.asarray(run(images)), with_preprocessing,
-                            f"the StableHLO artifact of {loaded.name}")
-    extra = {"platforms": list(exported.platforms), "platforms_note": platforms_note,
-             "calling_convention_version": exported.calling_convention_version,
-             "load": "jax.export.deserialize(open(file, 'rb').read()).call(images)"}
-    return common.write_artifact(out, data, lambda path: common.sidecar(
-        loaded, artifact=path, fmt="stablehlo", batch=batch, resolution=resolution,
-        with_preprocessing=with_preprocessing, dtype=dtype, checked=checked, extra=extra))
+    checked = common.parity(
+        loaded,
+        dtype,
+        inputs,
+        lambda images: np.asarray(run(images)),
+        with_preprocessing,
+        f"the StableHLO artifact of {loaded.name}",
+    )
+    extra = {
+        "platforms": list(exported.platforms),
+        "platforms_note": platforms_note,
+        "calling_convention_version": exported.calling_convention_version,
+        "load": "jax.export.deserialize(open(file, 'rb').read()).call(images)",
+    }
+    return common.write_artifact(
+        out,
+        data,
+        lambda path: common.sidecar(
+            loaded,
+            artifact=path,
+            fmt="stablehlo",
+            batch=batch,
+            resolution=resolution,
+            with_preprocessing=with_preprocessing,
+            dtype=dtype,
+            checked=checked,
+            extra=extra,
+        ),
+    )
 
 
 def _export(serve, spec) -> tuple[jax.export.Exported, str | None]:

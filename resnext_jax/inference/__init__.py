@@ -7,6 +7,7 @@ The command lines are `python -m resnext_jax.predict` and `python -m resnext_jax
 Only the loader is imported eagerly (`import resnext_jax` exports `load_model`); the image and report modules
 pull in OpenCV and matplotlib, so they load on first use.
 """
+
 from resnext_jax.inference.loader import (
     LoadedModel,
     Preprocessing,
@@ -20,6 +21,7 @@ _LAZY = {"Prediction": "resnext_jax.inference.predictor", "predict_files": "resn
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'resnext_jax.inference' has no attribute {name!r}")
 

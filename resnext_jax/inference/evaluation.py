@@ -8,6 +8,7 @@ exactly.
 
 Speed is measured separately on one device with random input: compile time apart, then per-batch latencies.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
     return name, split or None
 
 
-def eval_loader(loaded: LoadedModel, dataset: str, split: str | None = None, data_dir: str | None = None,
-                batch_size: int = 64):
+def eval_loader(
+    loaded: LoadedModel, dataset: str, split: str | None = None, data_dir: str | None = None, batch_size: int = 64
+):
     """The padded, masked eval pass over `dataset` (its eval split, or `split`) with the model's whole preset:
     sizes, mean and std, and its interpolation (a timm weight's bicubic; bilinear for torchvision and training
     runs), so its pixels are the ones `predict` feeds the model and the ones its weights were evaluated with."""
@@ -45,9 +47,18 @@ def eval_loader(loaded: LoadedModel, dataset: str, split: str | None = None, dat
     pre = loaded.preprocessing
     try:
         loader = create_eval_loader(
-            dataset, data_dir=data_dir, batch_size=batch_size, image_size=pre.crop_size,
-            resize_size=pre.resize_size, mean=pre.mean, std=pre.std, worker_count=0,
-            process_index=jax.process_index(), process_count=jax.process_count(), interpolation=pre.interpolation)
+            dataset,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            image_size=pre.crop_size,
+            resize_size=pre.resize_size,
+            mean=pre.mean,
+            std=pre.std,
+            worker_count=0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            interpolation=pre.interpolation,
+        )
     except (FileNotFoundError, ValueError) as error:  # unknown or unprepared dataset: the message says what to do
         raise UserError(str(error)) from error
     if split and split != loader.info.eval_split:
@@ -63,8 +74,10 @@ def _use_split(loader, dataset: str, split: str, data_dir: str | None, batch_siz
     try:
         source = datasets.open_source(dataset, split, data_dir)
     except (KeyError, ValueError) as error:
-        raise UserError(f"{dataset} has no split {split!r} ({error}); use e.g. {dataset}:train or "
-                        f"{dataset}:{loader.info.eval_split}") from error
+        raise UserError(
+            f"{dataset} has no split {split!r} ({error}); use e.g. {dataset}:train or "
+            f"{dataset}:{loader.info.eval_split}"
+        ) from error
     indices = loaders.eval_shard_indices(len(source), batch_size, jax.process_index(), jax.process_count())
     loader._source = loaders._PaddedEvalSource(source, indices)
     loader.num_batches = len(indices) // batch_size
@@ -86,8 +99,14 @@ def make_predict_step(loaded: LoadedModel, mesh):
     return jax.jit(sharded, compiler_options=inference_compiler_options(mesh.devices.flat[0].platform))
 
 
-def evaluate_accuracy(loaded: LoadedModel, dataset: str, *, split: str | None = None, data_dir: str | None = None,
-                      batch_size: int | None = None) -> dict:
+def evaluate_accuracy(
+    loaded: LoadedModel,
+    dataset: str,
+    *,
+    split: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """Top-1, top-5, loss and the confusion matrix over every example of the split, exactly once.
 
     Returns {'dataset', 'split', 'count', 'top1', 'top5', 'loss', 'correct', 'correct_top5', 'batch_size',
@@ -106,8 +125,10 @@ def evaluate_accuracy(loaded: LoadedModel, dataset: str, *, split: str | None = 
     loader = eval_loader(loaded, dataset, split, data_dir, local_batch)
     num_classes = len(loaded.preprocessing.class_names)
     if loader.info.num_classes != num_classes:
-        raise UserError(f"{dataset} has {loader.info.num_classes} classes but the model has {num_classes} outputs; "
-                        f"evaluate it on the dataset it was trained for")
+        raise UserError(
+            f"{dataset} has {loader.info.num_classes} classes but the model has {num_classes} outputs; "
+            f"evaluate it on the dataset it was trained for"
+        )
     step = make_predict_step(loaded, mesh)
     variables = jax.device_put(loaded.variables, distributed.replicated(mesh))
     confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -126,10 +147,20 @@ def evaluate_accuracy(loaded: LoadedModel, dataset: str, *, split: str | None = 
     seconds = time.perf_counter() - start
     count = int(confusion.sum())
     correct = int(np.trace(confusion))
-    return {"dataset": dataset, "split": split or loader.info.eval_split, "count": count,
-            "top1": correct / max(count, 1), "top5": correct_top5 / max(count, 1), "loss": loss_sum / max(count, 1),
-            "correct": correct, "correct_top5": correct_top5, "batch_size": batch_size, "devices": mesh.size,
-            "seconds": seconds, "confusion": confusion}
+    return {
+        "dataset": dataset,
+        "split": split or loader.info.eval_split,
+        "count": count,
+        "top1": correct / max(count, 1),
+        "top5": correct_top5 / max(count, 1),
+        "loss": loss_sum / max(count, 1),
+        "correct": correct,
+        "correct_top5": correct_top5,
+        "batch_size": batch_size,
+        "devices": mesh.size,
+        "seconds": seconds,
+        "confusion": confusion,
+    }
 
 
 def per_class(confusion: np.ndarray, names: tuple[str, ...]) -> list[dict]:
@@ -141,10 +172,17 @@ def per_class(confusion: np.ndarray, names: tuple[str, ...]) -> list[dict]:
         wrong[label] = 0
         confused = int(np.argmax(wrong)) if wrong.any() else None
         count = int(row.sum())
-        rows.append({"class": label, "name": names[label], "count": count, "correct": int(row[label]),
-                     "accuracy": int(row[label]) / count if count else None,
-                     "most_confused_with": None if confused is None else names[confused],
-                     "confused_count": int(wrong.max()) if confused is not None else 0})
+        rows.append(
+            {
+                "class": label,
+                "name": names[label],
+                "count": count,
+                "correct": int(row[label]),
+                "accuracy": int(row[label]) / count if count else None,
+                "most_confused_with": None if confused is None else names[confused],
+                "confused_count": int(wrong.max()) if confused is not None else 0,
+            }
+        )
     return rows
 
 
@@ -154,8 +192,9 @@ def native_kernel_targets(lowered_text: str) -> list[str]:
     return sorted({re.sub(r"_[0-9a-f]{16}$", "", name) for name in re.findall(r"resnext_jax_\w+", lowered_text)})
 
 
-def measure_speed(loaded: LoadedModel, batch_sizes, *, min_seconds: float = 2.0, min_iterations: int = 5,
-                  seed: int = 0) -> dict:
+def measure_speed(
+    loaded: LoadedModel, batch_sizes, *, min_seconds: float = 2.0, min_iterations: int = 5, seed: int = 0
+) -> dict:
     """Forward-pass speed on one device at each batch size: compile seconds, then latencies of repeated runs.
 
     Each batch size is lowered and compiled once (timed apart), run twice untimed, then timed call by call
@@ -165,8 +204,10 @@ def measure_speed(loaded: LoadedModel, batch_sizes, *, min_seconds: float = 2.0,
     device = jax.devices()[0]
     crop = loaded.preprocessing.crop_size
     module = loaded.module
-    forward = jax.jit(lambda variables, images: module.apply(variables, images, train=False),
-                      compiler_options=inference_compiler_options(device.platform))
+    forward = jax.jit(
+        lambda variables, images: module.apply(variables, images, train=False),
+        compiler_options=inference_compiler_options(device.platform),
+    )
     variables = jax.device_put(loaded.variables, device)
     runs, targets = [], set()
     for batch_size in batch_sizes:
@@ -184,14 +225,25 @@ def measure_speed(loaded: LoadedModel, batch_sizes, *, min_seconds: float = 2.0,
             compiled(variables, images).block_until_ready()
             latencies.append(time.perf_counter() - tick)
         latencies = np.asarray(latencies)
-        runs.append({"batch_size": int(batch_size), "compile_s": round(compile_seconds, 3),
-                     "iterations": len(latencies),
-                     "latency_ms_p50": round(float(np.percentile(latencies, 50)) * 1e3, 3),
-                     "latency_ms_p95": round(float(np.percentile(latencies, 95)) * 1e3, 3),
-                     "latency_ms_mean": round(float(latencies.mean()) * 1e3, 3),
-                     "images_per_s": round(batch_size * len(latencies) / float(latencies.sum()), 2)})
-    return {"device": str(device), "platform": device.platform, "dtype": str(jnp.dtype(module.dtype)),
-            "resolution": crop, "runs": runs, "native_kernel_targets": sorted(targets)}
+        runs.append(
+            {
+                "batch_size": int(batch_size),
+                "compile_s": round(compile_seconds, 3),
+                "iterations": len(latencies),
+                "latency_ms_p50": round(float(np.percentile(latencies, 50)) * 1e3, 3),
+                "latency_ms_p95": round(float(np.percentile(latencies, 95)) * 1e3, 3),
+                "latency_ms_mean": round(float(latencies.mean()) * 1e3, 3),
+                "images_per_s": round(batch_size * len(latencies) / float(latencies.sum()), 2),
+            }
+        )
+    return {
+        "device": str(device),
+        "platform": device.platform,
+        "dtype": str(jnp.dtype(module.dtype)),
+        "resolution": crop,
+        "runs": runs,
+        "native_kernel_targets": sorted(targets),
+    }
 
 
 def peak_memory() -> dict:
@@ -199,8 +251,12 @@ def peak_memory() -> dict:
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("peak_bytes_in_use"):
-        return {"kind": "device", "device": str(device), "peak_bytes": int(stats["peak_bytes_in_use"]),
-                "bytes_limit": int(stats.get("bytes_limit", 0)) or None}
+        return {
+            "kind": "device",
+            "device": str(device),
+            "peak_bytes": int(stats["peak_bytes_in_use"]),
+            "bytes_limit": int(stats.get("bytes_limit", 0)) or None,
+        }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return {"kind": "host_rss", "device": str(device), "peak_bytes": int(rss * scale), "bytes_limit": None}
@@ -211,4 +267,4 @@ def format_bytes(count: int) -> str:
     if count < 1024:
         return f"{count} B"
     exponent = min(int(math.log(count, 1024)), 4)
-    return f"{count / 1024 ** exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"
+    return f"{count / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[exponent]}"

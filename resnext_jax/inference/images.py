@@ -9,6 +9,7 @@ not an image, truncated, or above the pixel limit. Two kinds of files that decod
 converted with care instead: palette images with transparency go through RGBA (PIL would warn), and 16-bit
 grayscale is scaled to 8 bits (PIL's plain RGB conversion saturates every value above 255 to white).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ def _pil_pixel_guard_off():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def read_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, resize_size: int | None = None
-               ) -> tuple[Image.Image, list[str]]:
+def read_image(
+    path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, resize_size: int | None = None
+) -> tuple[Image.Image, list[str]]:
     """Decodes `path` into an RGB PIL image; returns it with notes on conversions worth knowing about.
 
     `resize_size` (the preset's shorter side) lets the check refuse images whose resized copy would exceed
@@ -70,13 +72,17 @@ def read_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, resize_size: 
             raise ImageReadError("not an image that PIL can read") from error
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageReadError(f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
-                                 f"{max_pixels / 1e6:.0f} MP limit; shrink it or raise the limit (--max-pixels)")
+            raise ImageReadError(
+                f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
+                f"{max_pixels / 1e6:.0f} MP limit; shrink it or raise the limit (--max-pixels)"
+            )
         if resize_size and width and height:
             short, long = min(width, height), max(width, height)
             if resize_size * resize_size * long / short > max_pixels:
-                raise ImageReadError(f"{width}x{height} is too elongated: resized to a shorter side of "
-                                     f"{resize_size} it would exceed the {max_pixels / 1e6:.0f} MP limit; crop it")
+                raise ImageReadError(
+                    f"{width}x{height} is too elongated: resized to a shorter side of "
+                    f"{resize_size} it would exceed the {max_pixels / 1e6:.0f} MP limit; crop it"
+                )
         try:
             image.load()
         except Exception as error:  # OSError ('image file is truncated'), SyntaxError, ValueError by codec
@@ -132,8 +138,12 @@ def find_images(patterns: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                           if name.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(pattern)
+                for name in names
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
             if not found:
                 problems.append((pattern, f"the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
             for path in found:

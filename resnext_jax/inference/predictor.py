@@ -1,9 +1,10 @@
 """Top-k predictions for image files, in batches, with one result (or one error) per file, in order.
 
-    loaded = load_model("runs/quickstart")
-    for result in predict_files(loaded, ["photos/"]):
-        print(result.path, result.error or result.top_k)
+loaded = load_model("runs/quickstart")
+for result in predict_files(loaded, ["photos/"]):
+    print(result.path, result.error or result.top_k)
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,6 +26,7 @@ class Prediction:
 
     `notes` name conversions that changed how the file was read (e.g. 16-bit to 8-bit).
     """
+
     path: str
     top_k: tuple[tuple[int, str, float], ...] = ()
     error: str | None = None
@@ -52,8 +54,15 @@ def _read(path: str, loaded: LoadedModel, max_pixels: int):
         return None, (), str(error)
 
 
-def predict_files(loaded: LoadedModel, paths: list[str], *, top_k: int = 5, batch_size: int = 64,
-                  max_pixels: int = image_io.DEFAULT_MAX_PIXELS, progress=None) -> Iterator[Prediction]:
+def predict_files(
+    loaded: LoadedModel,
+    paths: list[str],
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    max_pixels: int = image_io.DEFAULT_MAX_PIXELS,
+    progress=None,
+) -> Iterator[Prediction]:
     """Yields one `Prediction` per path, in order; a bad file yields its error and the rest go on.
 
     Files are decoded on a few threads (PIL releases the GIL) while the device runs the previous batch. Every
@@ -66,8 +75,9 @@ def predict_files(loaded: LoadedModel, paths: list[str], *, top_k: int = 5, batc
     batch_size = max(1, min(batch_size, len(paths)))
     probabilities = make_probabilities_fn(loaded)
     workers = min(4, os.cpu_count() or 1)
-    chunks = [paths[start:start + batch_size] for start in range(0, len(paths), batch_size)]
+    chunks = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+
         def submit(chunk):
             return [pool.submit(_read, path, loaded, max_pixels) for path in chunk]
 
@@ -79,16 +89,19 @@ def predict_files(loaded: LoadedModel, paths: list[str], *, top_k: int = 5, batc
             probs = None
             if good:
                 batch = np.zeros((batch_size, pre.crop_size, pre.crop_size, 3), np.uint8)
-                batch[:len(good)] = np.stack(good)
+                batch[: len(good)] = np.stack(good)
                 probs = np.asarray(probabilities(image_io.normalize(batch, pre.mean, pre.std)))
             row = 0
-            for path, (pixels, notes, error) in zip(chunk, decoded):
+            for path, (_pixels, notes, error) in zip(chunk, decoded):
                 if error is not None:
                     yield Prediction(path=path, error=error)
                 else:
                     order = np.argsort(-probs[row], kind="stable")[:top_k]
-                    yield Prediction(path=path, notes=notes, top_k=tuple(
-                        (int(label), names[label], float(probs[row, label])) for label in order))
+                    yield Prediction(
+                        path=path,
+                        notes=notes,
+                        top_k=tuple((int(label), names[label], float(probs[row, label])) for label in order),
+                    )
                     row += 1
                 if progress is not None:
                     progress.update(1)

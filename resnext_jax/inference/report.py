@@ -6,6 +6,7 @@ writes `report.json` (every number; docs/inference.md explains each field), `rep
 with the confusion matrix embedded) and `confusion_matrix.png` (and `confusion_matrix.csv`). No single number is
 enough: accuracy means little without the speed, memory and exact configuration it was measured with.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,10 +29,18 @@ CONFUSION_PNG, CONFUSION_CSV = "confusion_matrix.png", "confusion_matrix.csv"
 INLINE_CLASSES = 100
 
 
-def evaluate_and_report(source: str | LoadedModel, *, dataset: str | None = None, model: str | None = None,
-                        which: str | int = "best", data_dir: str | None = None, batch_size: int | None = None,
-                        speed_batch_sizes=DEFAULT_BATCH_SIZES, min_seconds: float = 2.0,
-                        out_dir: str | None = None) -> dict:
+def evaluate_and_report(
+    source: str | LoadedModel,
+    *,
+    dataset: str | None = None,
+    model: str | None = None,
+    which: str | int = "best",
+    data_dir: str | None = None,
+    batch_size: int | None = None,
+    speed_batch_sizes=DEFAULT_BATCH_SIZES,
+    min_seconds: float = 2.0,
+    out_dir: str | None = None,
+) -> dict:
     """Evaluates `source` (anything `load_model` takes, or a LoadedModel) and writes the report to `out_dir`.
 
     `dataset` is 'NAME' or 'NAME:split' (default: the run's dataset and its eval split). `out_dir` defaults to
@@ -68,17 +77,23 @@ def model_section(loaded: LoadedModel) -> dict:
     from resnext_jax.summary import format_summary, summarize
 
     summary = summarize(loaded.name, loaded.preprocessing.crop_size, **loaded.model_kwargs)
-    return {"name": loaded.name, "model_kwargs": _plain(loaded.model_kwargs),
-            "dtype": str(np.dtype(loaded.module.dtype)), "params": summary["params"],
-            "gflops": round(summary["gflops"], 4), "resolution": summary["resolution"],
-            "stem_params": summary["stem_params"], "head_params": summary["head_params"],
-            "stages": _plain(summary["stages"]), "table": format_summary(summary)}
+    return {
+        "name": loaded.name,
+        "model_kwargs": _plain(loaded.model_kwargs),
+        "dtype": str(np.dtype(loaded.module.dtype)),
+        "params": summary["params"],
+        "gflops": round(summary["gflops"], 4),
+        "resolution": summary["resolution"],
+        "stem_params": summary["stem_params"],
+        "head_params": summary["head_params"],
+        "stages": _plain(summary["stages"]),
+        "table": format_summary(summary),
+    }
 
 
 def provenance() -> dict:
     """Package versions, Python, platform, devices, the git commit, and the native CPU kernels' state."""
     from resnext_jax import cpu
-
     from resnext_jax.training.workdir import package_versions
 
     versions = package_versions()
@@ -86,21 +101,40 @@ def provenance() -> dict:
     if backend == "cpu":
         kernels = cpu.report()  # available or why not, the build, and why each kernel unused so far is
     else:  # never build the C++ kernels just to say that a GPU or TPU does not use them
-        kernels = {"available": None, "isa": None, "unavailable_reason": f"CPU-only kernels; the backend is {backend}",
-                   "build": {}, "used": [], "not_used": {}}  # cpu.report()'s fields, so every report has them
-    return {"versions": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "backend": backend, "process_count": jax.process_count(),
-            "devices": [str(device) for device in jax.devices()], "git": git_commit(), "native_kernels": kernels}
+        kernels = {
+            "available": None,
+            "isa": None,
+            "unavailable_reason": f"CPU-only kernels; the backend is {backend}",
+            "build": {},
+            "used": [],
+            "not_used": {},
+        }  # cpu.report()'s fields, so every report has them
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backend": backend,
+        "process_count": jax.process_count(),
+        "devices": [str(device) for device in jax.devices()],
+        "git": git_commit(),
+        "native_kernels": kernels,
+    }
 
 
 def git_commit() -> dict | None:
     """{'commit', 'dirty'} of the checkout resnext_jax runs from, or None (an installed wheel, no git)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit, "dirty": bool(status.strip())}
@@ -120,17 +154,32 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": loaded.source,
         "model": model_section(loaded),
-        "preprocessing": {"resize_size": pre.resize_size, "crop_size": pre.crop_size, "mean": list(pre.mean),
-                          "std": list(pre.std), "interpolation": pre.interpolation},
-        "dataset": {"name": accuracy["dataset"], "split": accuracy["split"], "examples": accuracy["count"],
-                    "num_classes": len(names), "batch_size": accuracy["batch_size"],
-                    "devices": accuracy["devices"]},
-        "accuracy": {key: accuracy[key] for key in ("top1", "top5", "loss", "count", "correct", "correct_top5",
-                                                    "seconds")},
+        "preprocessing": {
+            "resize_size": pre.resize_size,
+            "crop_size": pre.crop_size,
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "interpolation": pre.interpolation,
+        },
+        "dataset": {
+            "name": accuracy["dataset"],
+            "split": accuracy["split"],
+            "examples": accuracy["count"],
+            "num_classes": len(names),
+            "batch_size": accuracy["batch_size"],
+            "devices": accuracy["devices"],
+        },
+        "accuracy": {
+            key: accuracy[key] for key in ("top1", "top5", "loss", "count", "correct", "correct_top5", "seconds")
+        },
         "per_class": evaluation.per_class(confusion, names),
-        "confusion_matrix": {"png": CONFUSION_PNG, "csv": CONFUSION_CSV, "rows": "true class",
-                             "columns": "predicted class",
-                             "counts": confusion.tolist() if len(names) <= INLINE_CLASSES else None},
+        "confusion_matrix": {
+            "png": CONFUSION_PNG,
+            "csv": CONFUSION_CSV,
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": confusion.tolist() if len(names) <= INLINE_CLASSES else None,
+        },
         "speed": speed,
         "memory": memory,
         "config": loaded.config or {"model": loaded.name, "weights": loaded.source.get("weights")},
@@ -141,8 +190,7 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
 
 def write_report(out_dir: str, report: dict, confusion: np.ndarray) -> dict:
     """Writes report.json, report.md, confusion_matrix.png and .csv into `out_dir`; returns their paths."""
-    paths = {name: os.path.join(out_dir, name) for name in ("report.json", "report.md", CONFUSION_PNG,
-                                                            CONFUSION_CSV)}
+    paths = {name: os.path.join(out_dir, name) for name in ("report.json", "report.md", CONFUSION_PNG, CONFUSION_CSV)}
     try:
         os.makedirs(out_dir, exist_ok=True)
         np.savetxt(paths[CONFUSION_CSV], confusion, fmt="%d", delimiter=",")
@@ -159,6 +207,7 @@ def write_report(out_dir: str, report: dict, confusion: np.ndarray) -> dict:
 def plot_confusion(confusion: np.ndarray, report: dict, path: str) -> None:
     """Draws the row-normalized confusion matrix (each row: where that true class's examples went)."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
@@ -174,13 +223,22 @@ def plot_confusion(confusion: np.ndarray, report: dict, path: str) -> None:
         axes.set_yticks(range(count), names)
         if count <= 20:
             for true, predicted in zip(*np.nonzero(confusion)):
-                axes.text(predicted, true, str(confusion[true, predicted]), ha="center", va="center", fontsize=8,
-                          color="white" if rates[true, predicted] > 0.5 else "black")
+                axes.text(
+                    predicted,
+                    true,
+                    str(confusion[true, predicted]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[true, predicted] > 0.5 else "black",
+                )
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     accuracy, dataset = report["accuracy"], report["dataset"]
-    axes.set_title(f"{report['model']['name']} on {dataset['name']}:{dataset['split']}: "
-                   f"top-1 {accuracy['top1']:.2%} of {accuracy['count']}")
+    axes.set_title(
+        f"{report['model']['name']} on {dataset['name']}:{dataset['split']}: "
+        f"top-1 {accuracy['top1']:.2%} of {accuracy['count']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -199,42 +257,92 @@ def render_markdown(report: dict) -> str:
     model, prov, source, pre = report["model"], report["provenance"], report["source"], report["preprocessing"]
     where = source.get("path") or source.get("weights")
     step = f", step {source['step']}" if source.get("step") is not None else ""
-    lines = [f"# {model['name']} on {data['name']}:{data['split']}", "",
-             f"Weights: {source['kind']} {where}{step} ({source.get('weights')}). Created {report['created']}.", "",
-             "| top-1 | top-5 | loss | examples | eval time |", "|---|---|---|---|---|",
-             (f"| {acc['top1']:.2%} | {acc['top5']:.2%} | {acc['loss']:.4f} | {acc['count']} | "
-             f"{acc['seconds']:.1f} s on {data['devices']} device(s), batch {data['batch_size']} |"), "",
-             f"## Speed ({speed['device']}, {speed['dtype']}, {speed['resolution']}x{speed['resolution']})", "",
-             "| batch | img/s | latency p50 | latency p95 | compile | runs |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# {model['name']} on {data['name']}:{data['split']}",
+        "",
+        f"Weights: {source['kind']} {where}{step} ({source.get('weights')}). Created {report['created']}.",
+        "",
+        "| top-1 | top-5 | loss | examples | eval time |",
+        "|---|---|---|---|---|",
+        (
+            f"| {acc['top1']:.2%} | {acc['top5']:.2%} | {acc['loss']:.4f} | {acc['count']} | "
+            f"{acc['seconds']:.1f} s on {data['devices']} device(s), batch {data['batch_size']} |"
+        ),
+        "",
+        f"## Speed ({speed['device']}, {speed['dtype']}, {speed['resolution']}x{speed['resolution']})",
+        "",
+        "| batch | img/s | latency p50 | latency p95 | compile | runs |",
+        "|---|---|---|---|---|---|",
+    ]
     for run in speed["runs"]:
-        lines.append(f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
-                     f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |")
-    kind = "in use on the device" if memory["kind"] == "device" else \
-        f"host RSS; the {prov['backend']} backend reports no device memory"
-    lines += ["", f"Peak memory: {format_bytes(memory['peak_bytes'])} ({kind}).", "",
-              "## Model", "", "```text", model["table"], "```", "",
-              "## Per class", "", f"![confusion matrix]({report['confusion_matrix']['png']})", "",
-              "Weakest classes (up to 10 with errors):", "",
-              "| class | accuracy | examples | most confused with |", "|---|---|---|---|"]
-    rows = sorted((row for row in report["per_class"] if row["count"] and row["correct"] < row["count"]),
-                  key=lambda row: (row["accuracy"], row["class"]))
+        lines.append(
+            f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
+            f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |"
+        )
+    kind = (
+        "in use on the device"
+        if memory["kind"] == "device"
+        else f"host RSS; the {prov['backend']} backend reports no device memory"
+    )
+    lines += [
+        "",
+        f"Peak memory: {format_bytes(memory['peak_bytes'])} ({kind}).",
+        "",
+        "## Model",
+        "",
+        "```text",
+        model["table"],
+        "```",
+        "",
+        "## Per class",
+        "",
+        f"![confusion matrix]({report['confusion_matrix']['png']})",
+        "",
+        "Weakest classes (up to 10 with errors):",
+        "",
+        "| class | accuracy | examples | most confused with |",
+        "|---|---|---|---|",
+    ]
+    rows = sorted(
+        (row for row in report["per_class"] if row["count"] and row["correct"] < row["count"]),
+        key=lambda row: (row["accuracy"], row["class"]),
+    )
     for row in rows[:10]:
-        lines.append(f"| {row['name']} | {row['accuracy']:.2%} | {row['count']} | {row['most_confused_with']} "
-                     f"({row['confused_count']}) |")
+        lines.append(
+            f"| {row['name']} | {row['accuracy']:.2%} | {row['count']} | {row['most_confused_with']} "
+            f"({row['confused_count']}) |"
+        )
     if not rows:
         lines.append("| (every example of every class is right) | | | |")
     native = prov["native_kernels"]
-    ran = f"yes ({native['isa']}: {', '.join(native['targets'])})" if native["ran"] else \
-        f"no ({native['unavailable_reason'] or 'not used by this model on this backend'})"
+    ran = (
+        f"yes ({native['isa']}: {', '.join(native['targets'])})"
+        if native["ran"]
+        else f"no ({native['unavailable_reason'] or 'not used by this model on this backend'})"
+    )
     git = prov["git"]
     versions = ", ".join(f"{name} {version}" for name, version in prov["versions"].items() if version)
-    lines += ["", "## Provenance", "",
-              f"- git: {git['commit'] + (' (uncommitted changes)' if git['dirty'] else '') if git else 'none'}",
-              f"- native CPU kernels ran: {ran}",
-              f"- devices: {', '.join(prov['devices'])} ({prov['backend']}, {prov['process_count']} process(es))",
-              f"- Python {prov['python']} on {prov['platform']}", f"- {versions}",
-              (f"- preprocessing: resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['crop_size']}, "
-               f"mean {pre['mean']}, std {pre['std']}"), "",
-              "<details><summary>config</summary>", "", "```json", json.dumps(report["config"], indent=1), "```",
-              "", "</details>", ""]
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- git: {git['commit'] + (' (uncommitted changes)' if git['dirty'] else '') if git else 'none'}",
+        f"- native CPU kernels ran: {ran}",
+        f"- devices: {', '.join(prov['devices'])} ({prov['backend']}, {prov['process_count']} process(es))",
+        f"- Python {prov['python']} on {prov['platform']}",
+        f"- {versions}",
+        (
+            f"- preprocessing: resize {pre['resize_size']} ({pre['interpolation']}), crop {pre['crop_size']}, "
+            f"mean {pre['mean']}, std {pre['std']}"
+        ),
+        "",
+        "<details><summary>config</summary>",
+        "",
+        "```json",
+        json.dumps(report["config"], indent=1),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     return "\n".join(lines)

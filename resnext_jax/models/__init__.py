@@ -8,16 +8,54 @@ are `ResidualBlock`s built from `conv`/`norm` definitions through the conv-norm 
 way every tool does. `stack_blocks`/`unstack_blocks` convert variables to and from the `scan_blocks`
 layout. Imports run one way: models -> ops -> cpu (the native kernels); nothing here imports `resnext_jax.cpu`.
 """
-from resnext_jax.models.layers import (ACTIVATIONS, NORM_LAYERS, NORMS, BatchNorm, Conv2d, ConvNormAct, DropPath,
-                                       GroupNorm, SqueezeExcite, norm_layer)
+
 from resnext_jax.models.init import init_variables, variable_shapes
+from resnext_jax.models.layers import (
+    ACTIVATIONS,
+    NORM_LAYERS,
+    NORMS,
+    BatchNorm,
+    Conv2d,
+    ConvNormAct,
+    DropPath,
+    GroupNorm,
+    SqueezeExcite,
+    norm_layer,
+)
 from resnext_jax.models.layout import stack_blocks, unstack_blocks
 from resnext_jax.models.network import Network, ResidualBlock, drop_path_rates, residual_tail
-from resnext_jax.models.regnet import RegNet, RegNetBlock, regnet_widths
 from resnext_jax.models.registry import ModelInfo, create_model, list_models, model_info
+from resnext_jax.models.regnet import RegNet, RegNetBlock, regnet_widths
 from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet, bottleneck_width
 
-__all__ = ["ACTIVATIONS", "BasicBlock", "BatchNorm", "Bottleneck", "Conv2d", "ConvNormAct", "DropPath", "GroupNorm",
-           "ModelInfo", "NORMS", "NORM_LAYERS", "Network", "RegNet", "RegNetBlock", "ResNet", "ResidualBlock",
-           "SqueezeExcite", "bottleneck_width", "create_model", "drop_path_rates", "init_variables", "list_models", "model_info",
-           "norm_layer", "regnet_widths", "residual_tail", "stack_blocks", "unstack_blocks", "variable_shapes"]
+__all__ = [
+    "ACTIVATIONS",
+    "BasicBlock",
+    "BatchNorm",
+    "Bottleneck",
+    "Conv2d",
+    "ConvNormAct",
+    "DropPath",
+    "GroupNorm",
+    "ModelInfo",
+    "NORMS",
+    "NORM_LAYERS",
+    "Network",
+    "RegNet",
+    "RegNetBlock",
+    "ResNet",
+    "ResidualBlock",
+    "SqueezeExcite",
+    "bottleneck_width",
+    "create_model",
+    "drop_path_rates",
+    "init_variables",
+    "list_models",
+    "model_info",
+    "norm_layer",
+    "regnet_widths",
+    "residual_tail",
+    "stack_blocks",
+    "unstack_blocks",
+    "variable_shapes",
+]

@@ -1,5 +1,6 @@
 """The input check every model runs first: a wrong layout or an empty training batch is one clear error, not a Flax
 shape error about a `(7, 7, 224, 64)` kernel or BatchNorm statistics silently set to NaN."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,8 +19,9 @@ def check_images(module: nn.Module, x: jax.Array, train: bool, stem: str) -> Non
     if len(shape) != 4:
         hint = "; add the batch axis with x[None]" if len(shape) == 3 else ""
         raise InputError(f"images must be a 4-D NHWC batch (batch, height, width, channels); got shape {shape}{hint}")
-    kernel = module.variables.get("params", {}).get(stem, {}).get("kernel") if module.has_variable("params", stem) \
-        else None
+    kernel = (
+        module.variables.get("params", {}).get(stem, {}).get("kernel") if module.has_variable("params", stem) else None
+    )
     expected = None if kernel is None else kernel.shape[2]
     if shape[-1] != expected and (expected is not None or (shape[1] in (1, 3) and shape[-1] > 4)):
         channels = expected or 3
@@ -31,5 +33,7 @@ def check_images(module: nn.Module, x: jax.Array, train: bool, stem: str) -> Non
             fix = f"give images with {channels} channels last"
         raise InputError(f"the model takes NHWC images with {channels} channels; got shape {shape}: {fix}")
     if train and shape[0] == 0:
-        raise InputError("an empty batch (0 images) in training would set every BatchNorm running statistic to NaN; "
-                         "skip empty batches")
+        raise InputError(
+            "an empty batch (0 images) in training would set every BatchNorm running statistic to NaN; "
+            "skip empty batches"
+        )

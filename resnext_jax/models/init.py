@@ -6,6 +6,7 @@
 The models' variables do not depend on the input size (global average pooling precedes the classifier), so any
 `image_size` gives the same tree; training initializes at its configured size and the tools at a small one.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -21,15 +22,17 @@ def input_shape(image_size: int | tuple[int, int], batch: int = 1) -> tuple[int,
         sides = (image_size, image_size)
     else:
         sides = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
-    if len(sides) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1
-                                  for s in (*sides, batch)):
-        raise ValueError(f"image_size={image_size!r}, batch={batch!r} is not an input size; use a positive number of "
-                         f"pixels (224) or a (height, width) pair such as (224, 160), and a batch of at least 1")
+    if len(sides) != 2 or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in (*sides, batch)
+    ):
+        raise ValueError(
+            f"image_size={image_size!r}, batch={batch!r} is not an input size; use a positive number of "
+            f"pixels (224) or a (height, width) pair such as (224, 160), and a batch of at least 1"
+        )
     return (int(batch), int(sides[0]), int(sides[1]), 3)
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int | tuple[int, int] = 224,
-                   batch: int = 1) -> dict:
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int | tuple[int, int] = 224, batch: int = 1) -> dict:
     """Random-initializes `model`'s variables ({'params', 'batch_stats'}; no 'batch_stats' with group norm).
 
     Traces `model.init` on a (batch, H, W, 3) zero batch in inference mode and runs it under `jax.jit`, so

@@ -6,11 +6,13 @@ its convs and norms through `ConvNormAct`, which keeps torchvision's parameter n
 hides the fusions the native CPU kernels make between a conv, its norm, a shortcut and a ReLU
 (`resnext_jax.ops.fusion`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,8 +22,17 @@ from jax import lax
 from resnext_jax.ops import conv2d
 from resnext_jax.ops.batch_norm import batch_norm_train
 from resnext_jax.ops.conv_grad import conv2d_canonical_grad
-from resnext_jax.ops.fusion import (Deferred, DeferredConv, add_act, affine_add_relu, conv_norm_matmul,
-                                    epilogue_applies, materialize, matmul_conv_applies, matmul_epilogue_applies)
+from resnext_jax.ops.fusion import (
+    Deferred,
+    DeferredConv,
+    add_act,
+    affine_add_relu,
+    conv_norm_matmul,
+    epilogue_applies,
+    materialize,
+    matmul_conv_applies,
+    matmul_epilogue_applies,
+)
 from resnext_jax.ops.grouped_conv import resolve_impl
 
 Dtype = Any
@@ -64,6 +75,7 @@ class Conv2d(nn.Module):
       platform: the backend it runs on ('cpu', 'gpu', 'tpu'); None: JAX's default backend.
       dtype: compute dtype; params stay `param_dtype`.
     """
+
     features: int
     kernel_size: Sequence[int] = (3, 3)
     strides: Sequence[int] = (1, 1)
@@ -89,8 +101,9 @@ class Conv2d(nn.Module):
         if in_features % self.groups:
             raise ValueError(f"{self.name}: {in_features} input channels do not divide into {self.groups} groups")
         kh, kw = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features), self.param_dtype
+        )
         padding = self.padding
         if padding is None:
             padding = ((kh - 1) // 2, (kh - 1) // 2), ((kw - 1) // 2, (kw - 1) // 2)
@@ -104,18 +117,39 @@ class Conv2d(nn.Module):
             x = materialize(deferred_input) if deferred_input is not None else inputs
             # A 'gemm' conv's autodiff backward is already matmuls, which XLA:CPU handles well, scanned or not.
             if canonical and resolve_impl(self.impl, self.groups, (kh, kw), platform=platform) != "gemm":
-                y = conv2d_canonical_grad(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), padding,
-                                          self.groups, self.impl, platform)
+                y = conv2d_canonical_grad(
+                    x.astype(dtype),
+                    kernel.astype(dtype),
+                    tuple(self.strides),
+                    padding,
+                    self.groups,
+                    self.impl,
+                    platform,
+                )
             else:
-                y = conv2d(x.astype(dtype), kernel.astype(dtype), strides=tuple(self.strides), padding=padding,
-                           groups=self.groups, impl=self.impl, platform=platform)
+                y = conv2d(
+                    x.astype(dtype),
+                    kernel.astype(dtype),
+                    strides=tuple(self.strides),
+                    padding=padding,
+                    groups=self.groups,
+                    impl=self.impl,
+                    platform=platform,
+                )
             if self.use_bias:
                 bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
                 y = y + bias.astype(dtype)
             return y
 
-        if (defer and (kh, kw) == (1, 1) and self.groups == 1 and not self.use_bias and padding == ((0, 0), (0, 0))
-                and self.impl in ("auto", "native") and matmul_conv_applies(x, kernel, dtype, platform)):
+        if (
+            defer
+            and (kh, kw) == (1, 1)
+            and self.groups == 1
+            and not self.use_bias
+            and padding == ((0, 0), (0, 0))
+            and self.impl in ("auto", "native")
+            and matmul_conv_applies(x, kernel, dtype, platform)
+        ):
             sh, sw = self.strides
             prologue = None
             if deferred_input is not None:
@@ -148,6 +182,7 @@ class BatchNorm(nn.Module):
     batches; the norm definition `NORM_LAYERS["frozen_batch"]`). `platform`: the backend it runs on (None:
     JAX's default backend).
     """
+
     use_running_average: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
@@ -160,8 +195,13 @@ class BatchNorm(nn.Module):
     platform: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array | DeferredConv, residual: jax.Array | Deferred | None = None,
-                 act: Callable | None = None, defer: bool = False) -> jax.Array | Deferred:
+    def __call__(
+        self,
+        x: jax.Array | DeferredConv,
+        residual: jax.Array | Deferred | None = None,
+        act: Callable | None = None,
+        defer: bool = False,
+    ) -> jax.Array | Deferred:
         features = x.kernel.shape[-1] if isinstance(x, DeferredConv) else x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), jnp.float32)
         bias = self.param("bias", self.bias_init, (features,), jnp.float32)
@@ -177,8 +217,13 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or x.dtype
         if use_running_average:
             multiplier = scale * lax.rsqrt(ra_var.value + self.epsilon)
-            if (self.native_epilogue and defer and residual is None and (act is None or act is nn.relu)
-                    and epilogue_applies(x, dtype, platform)):
+            if (
+                self.native_epilogue
+                and defer
+                and residual is None
+                and (act is None or act is nn.relu)
+                and epilogue_applies(x, dtype, platform)
+            ):
                 return Deferred(x, ra_mean.value, multiplier, bias, relu=act is not None)
             if isinstance(residual, Deferred) and residual.relu:
                 residual = materialize(residual)
@@ -188,8 +233,17 @@ class BatchNorm(nn.Module):
             return add_act(y.astype(dtype), materialize(residual), act)
         residual = materialize(residual)
         fuse = act is None or act is nn.relu
-        y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, residual if fuse else None, self.epsilon,
-                                        fuse and act is not None, self.axis_name, self.native_epilogue, platform)
+        y, mean, var = batch_norm_train(
+            x.astype(dtype),
+            scale,
+            bias,
+            residual if fuse else None,
+            self.epsilon,
+            fuse and act is not None,
+            self.axis_name,
+            self.native_epilogue,
+            platform,
+        )
         if not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -200,6 +254,7 @@ class GroupNorm(nn.Module):
     """GroupNorm with `BatchNorm`'s call (`residual`, `act`), falling back to fewer groups when the channels do
     not divide by `num_groups`. Fields it does not use (`use_running_average`, ...) are accepted, so a network
     binds either norm the same way."""
+
     num_groups: int = 32
     dtype: Dtype | None = None
     scale_init: Callable = nn.initializers.ones
@@ -210,15 +265,17 @@ class GroupNorm(nn.Module):
         x = materialize(x)
         channels = x.shape[-1]
         groups = next(g for g in range(min(self.num_groups, channels), 0, -1) if channels % g == 0)
-        y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init,
-                         name="gn")(x)
+        y = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, scale_init=self.scale_init, name="gn")(x)
         return add_act(y, materialize(residual), act)
 
 
 # Config strings -> norm definitions ("frozen_batch": batch norm on its running statistics, even in training,
 # for fine-tuning with small batches: `config.freeze_bn`).
-NORM_LAYERS: dict[str, ModuleDef] = {"batch": BatchNorm, "group": GroupNorm,
-                                     "frozen_batch": functools.partial(BatchNorm, frozen=True)}
+NORM_LAYERS: dict[str, ModuleDef] = {
+    "batch": BatchNorm,
+    "group": GroupNorm,
+    "frozen_batch": functools.partial(BatchNorm, frozen=True),
+}
 NORMS = tuple(NORM_LAYERS)
 
 
@@ -252,25 +309,38 @@ class ConvNormAct:
     conv with its norm, shortcut and ReLU, a norm into the next 1x1 conv's input (`fuse_next`), the shortcut's
     norm into the residual add. Everywhere else it computes exactly conv, norm, add, act.
     """
+
     conv: ModuleDef
     norm: ModuleDef
     act: Callable | None = nn.relu
 
-    def __call__(self, x, features: int, kernel_size: Sequence[int] = (1, 1), strides: int = 1, groups: int = 1, *,
-                 names: tuple[str, str], act: bool = True, residual: jax.Array | Callable | None = None,
-                 post: Callable | None = None, fuse_next: bool = False, scale_init: Callable | None = None):
+    def __call__(
+        self,
+        x,
+        features: int,
+        kernel_size: Sequence[int] = (1, 1),
+        strides: int = 1,
+        groups: int = 1,
+        *,
+        names: tuple[str, str],
+        act: bool = True,
+        residual: jax.Array | Callable | None = None,
+        post: Callable | None = None,
+        fuse_next: bool = False,
+        scale_init: Callable | None = None,
+    ):
         """Args:
-          x: the input (an array, or the previous unit's output).
-          features, kernel_size, strides, groups: the conv's.
-          names: the conv's and the norm's module names.
-          act: apply the unit's activation (after the residual add).
-          residual: added before the activation: an array, or a function returning it (called after the conv,
-            so a shortcut branch is traced between the conv and its norm).
-          post: applied to the normalized output before the residual add (squeeze-excitation, stochastic depth);
-            it then receives a plain array.
-          fuse_next: the output goes only to the next unit's 1x1 conv (or is this block's shortcut): on a CPU with
-            the native kernels, at inference, the norm may then be applied by that conv as it reads its input.
-          scale_init: the norm's scale initializer (zero for a block's last norm with `zero_init_last`).
+        x: the input (an array, or the previous unit's output).
+        features, kernel_size, strides, groups: the conv's.
+        names: the conv's and the norm's module names.
+        act: apply the unit's activation (after the residual add).
+        residual: added before the activation: an array, or a function returning it (called after the conv,
+          so a shortcut branch is traced between the conv and its norm).
+        post: applied to the normalized output before the residual add (squeeze-excitation, stochastic depth);
+          it then receives a plain array.
+        fuse_next: the output goes only to the next unit's 1x1 conv (or is this block's shortcut): on a CPU with
+          the native kernels, at inference, the norm may then be applied by that conv as it reads its input.
+        scale_init: the norm's scale initializer (zero for a block's last norm with `zero_init_last`).
         """
         conv_name, norm_name = names
         y = self.conv(features, tuple(kernel_size), (strides, strides), groups=groups, name=conv_name)(x, defer=True)
@@ -291,6 +361,7 @@ class DropPath(nn.Module):
     `rate` may be a traced scalar (a per-block rate scanned in by `scan_blocks`). `deterministic` (inference)
     keeps every branch.
     """
+
     rate: float | jax.Array = 0.0
     deterministic: bool = False
 
@@ -316,6 +387,7 @@ class SqueezeExcite(nn.Module):
       squeeze_features: width of the bottleneck (`fc1` output).
       conv: conv definition; the two 1x1 convs are named `fc1` and `fc2`.
     """
+
     squeeze_features: int
     conv: ModuleDef
     act: Callable = nn.relu

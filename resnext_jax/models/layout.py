@@ -3,10 +3,11 @@
 `scan_blocks=True` runs blocks 1..n-1 of a stage under `nn.scan`, whose variables carry a leading axis under
 `layer{s}_rest` (ResNet) or `block{s}_rest` (RegNet). These functions convert exactly between the two.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,9 @@ def stack_blocks(variables: Mapping) -> dict:
         for (prefix, stage), blocks in stages.items():
             if sorted(blocks) != list(range(1, len(blocks) + 1)):
                 raise ValueError(f"{collection}: {prefix}{stage} has blocks {sorted(blocks)}; stacking needs 1..n-1")
-            tree[f"{prefix}{stage}_rest"] = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                                                         *[blocks[i] for i in sorted(blocks)])
+            tree[f"{prefix}{stage}_rest"] = jax.tree.map(
+                lambda *leaves: jnp.stack(leaves), *[blocks[i] for i in sorted(blocks)]
+            )
         out[collection] = tree
     return out
 

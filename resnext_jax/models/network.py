@@ -6,17 +6,18 @@ definitions to the dtype, the platform and the mode, so blocks are built from de
 its last conv-norm, the shortcut (projected where the shape changes), squeeze-excitation, stochastic depth,
 the add and the activation.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.models.layers import (Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation,
-                                       norm_layer)
+from resnext_jax.models.layers import Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation, norm_layer
 from resnext_jax.ops.pool import avg_pool_2x2_ceil, global_avg_pool
 
 ModuleDef = Any
@@ -24,6 +25,7 @@ ModuleDef = Any
 
 class Layers(NamedTuple):
     """The definitions a network's blocks are built from, bound to its dtype, platform and mode."""
+
     conv: ModuleDef
     norm: ModuleDef
     act: Callable
@@ -60,6 +62,7 @@ class Network(nn.Module, kw_only=True):
       platform: the backend the model runs on ('cpu', 'gpu', 'tpu'): it picks the conv implementations and
         the native CPU kernels. None: JAX's default backend when the model is called.
     """
+
     num_classes: int = 1000
     dtype: Any = jnp.float32
     conv: ModuleDef = Conv2d
@@ -80,28 +83,36 @@ class Network(nn.Module, kw_only=True):
         """The conv, norm, activation and drop-path definitions every block of this network is built from."""
         platform = self.platform or jax.default_backend()
         conv = bind(self.conv, dtype=self.dtype, impl=self.conv_impl, platform=platform)
-        norm = bind(norm_layer(self.norm, self.norm_groups), use_running_average=not train, dtype=self.dtype,
-                    axis_name=self.bn_axis_name, native_epilogue=self.conv_impl in ("auto", "native"),
-                    platform=platform)
-        return Layers(conv, norm, get_activation(self.activation),
-                      functools.partial(DropPath, deterministic=not train), platform)
+        norm = bind(
+            norm_layer(self.norm, self.norm_groups),
+            use_running_average=not train,
+            dtype=self.dtype,
+            axis_name=self.bn_axis_name,
+            native_epilogue=self.conv_impl in ("auto", "native"),
+            platform=platform,
+        )
+        return Layers(
+            conv, norm, get_activation(self.activation), functools.partial(DropPath, deterministic=not train), platform
+        )
 
-    def run_stages(self, x: jax.Array, stages: Sequence[tuple[Callable[..., nn.Module], int, int]],
-                   prefix: str) -> dict:
+    def run_stages(
+        self, x: jax.Array, stages: Sequence[tuple[Callable[..., nn.Module], int, int]], prefix: str
+    ) -> dict:
         """Runs `(block definition, blocks, first stride)` per stage; returns {'stage1': ..., ...}."""
         rates = iter(drop_path_rates(self.drop_path_rate, sum(blocks for _, blocks, _ in stages)))
         features = {}
         for stage, (block, blocks, stride) in enumerate(stages):
-            x = run_stage(block, x, [next(rates) for _ in range(blocks)], f"{prefix}{stage + 1}", self.scan_blocks,
-                          stride)
+            x = run_stage(
+                block, x, [next(rates) for _ in range(blocks)], f"{prefix}{stage + 1}", self.scan_blocks, stride
+            )
             features[f"stage{stage + 1}"] = x
         return features
 
-    def head(self, features: dict, train: bool, return_features: bool,
-             kernel_init: Callable = nn.initializers.lecun_normal()):
+    def head(self, features: dict, train: bool, return_features: bool, kernel_init: Callable | None = None):
         """Pool the last stage, dropout, the `fc` classifier; float32 logits or the whole feature dict."""
         x = global_avg_pool(features[f"stage{len(features)}"])
         features["pre_logits"] = x
+        kernel_init = nn.initializers.lecun_normal() if kernel_init is None else kernel_init
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         if self.num_classes:
             x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init, name="fc")(x)
@@ -119,6 +130,7 @@ class ResidualBlock(nn.Module, kw_only=True):
     A block is called as `block(x, drop_path_rate=None)`; `drop_path_rate`, when given, overrides the field (a
     traced per-block rate under `scan_blocks`).
     """
+
     conv: ModuleDef
     norm: ModuleDef
     act: Callable
@@ -136,14 +148,24 @@ class ResidualBlock(nn.Module, kw_only=True):
         return ConvNormAct(self.conv, self.norm, self.act)
 
 
-def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_size: Sequence[int], *,
-                  names: tuple[str, str], shortcut_names: tuple[str, str], drop_path_rate=None,
-                  se_features: int | None = None) -> jax.Array:
+def residual_tail(
+    block: ResidualBlock,
+    x: jax.Array,
+    y,
+    features: int,
+    kernel_size: Sequence[int],
+    *,
+    names: tuple[str, str],
+    shortcut_names: tuple[str, str],
+    drop_path_rate=None,
+    se_features: int | None = None,
+) -> jax.Array:
     """The end of a residual block: `act(drop(se(norm(conv(y)))) + shortcut(x))`.
 
     The last conv-norm is named `names`; the shortcut is `x`, or a strided 1x1 conv-norm named `shortcut_names`
-    where the stride or the width changes (with `avg_down`, a 2x2 average pool and a stride-1 conv-norm); `se_features` adds squeeze-excitation (`se`) after the last norm.
-    The last norm's scale starts at zero with `zero_init_last`.
+    where the stride or the width changes (with `avg_down`, a 2x2 average pool and a stride-1 conv-norm);
+    `se_features` adds squeeze-excitation (`se`) after the last norm. The last norm's scale starts at zero with
+    `zero_init_last`.
     """
     rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
     drop = block.drop_path(rate, name="drop_path")
@@ -153,8 +175,15 @@ def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_s
         if block.strides == 1 and x.shape[-1] == features:
             return x
         if block.avg_down:
-            return unit(avg_pool_2x2_ceil(x, block.strides), features, (1, 1), 1, names=shortcut_names, act=False,
-                        fuse_next=True)
+            return unit(
+                avg_pool_2x2_ceil(x, block.strides),
+                features,
+                (1, 1),
+                1,
+                names=shortcut_names,
+                act=False,
+                fuse_next=True,
+            )
         return unit(x, features, (1, 1), block.strides, names=shortcut_names, act=False, fuse_next=True)
 
     def post(y):
@@ -163,8 +192,15 @@ def residual_tail(block: ResidualBlock, x: jax.Array, y, features: int, kernel_s
         return drop(y)
 
     scale_init = nn.initializers.zeros if block.zero_init_last else nn.initializers.ones
-    return unit(y, features, kernel_size, names=names, residual=shortcut,
-                post=post if se_features or not drop.is_identity else None, scale_init=scale_init)
+    return unit(
+        y,
+        features,
+        kernel_size,
+        names=names,
+        residual=shortcut,
+        post=post if se_features or not drop.is_identity else None,
+        scale_init=scale_init,
+    )
 
 
 def scan_blocks(block: nn.Module, x: jax.Array, rates: Sequence[float]) -> jax.Array:
@@ -173,19 +209,25 @@ def scan_blocks(block: nn.Module, x: jax.Array, rates: Sequence[float]) -> jax.A
     For the identical blocks 1..n-1 of a stage: XLA compiles the block once instead of n-1 times.
     Each application gets its own init and dropout RNG and its own stochastic-depth rate.
     """
+
     def body(module, carry, rate):
         return module(carry, drop_path_rate=rate), None
 
-    scanned = nn.scan(body, variable_axes={"params": 0, "batch_stats": 0},
-                      split_rngs={"params": True, "dropout": True}, length=len(rates))
+    scanned = nn.scan(
+        body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=len(rates),
+    )
     # All-zero rates stay a static 0.0, so DropPath is skipped at trace time as in the unrolled model.
     xs = jnp.asarray(rates, jnp.float32) if any(rates) else None
     x, _ = scanned(block, x, xs)
     return x
 
 
-def run_stage(block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], prefix: str, scan: bool,
-              first_stride: int) -> jax.Array:
+def run_stage(
+    block: Callable[..., nn.Module], x: jax.Array, rates: Sequence[float], prefix: str, scan: bool, first_stride: int
+) -> jax.Array:
     """Runs one stage: block `{prefix}_0` (stride, projection), then the identical blocks 1..n-1.
 
     Those run one module each (`{prefix}_{i}`) or, with `scan`, as one scanned module `{prefix}_rest`.

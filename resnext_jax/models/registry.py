@@ -5,6 +5,7 @@ preprocessing.
     model = create_model("regnety_032")          # timm's name (resnext_jax.convert.from_timm loads its weights)
     list_models("regnety_*")                     # fnmatch patterns, as timm.list_models
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +52,7 @@ class ModelInfo:
       crop_pct: for a timm-only name, its default weights' crop fraction: the eval resize is
         floor(eval_size / crop_pct) (`resnext_jax.models.pretrained` holds every timm tag's preset).
     """
+
     name: str
     family: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -79,8 +81,9 @@ def _timm_preset(name: str) -> dict:
     info = {"sources": ("timm",), "resize_v1": None, "resize_v2": None, "weights": ()}
     if name in DEFAULT_TAGS:
         cfg = pretrained_config(name)
-        info.update(mean=cfg.mean, std=cfg.std, eval_size=cfg.input_size, interpolation=cfg.interpolation,
-                    crop_pct=cfg.crop_pct)
+        info.update(
+            mean=cfg.mean, std=cfg.std, eval_size=cfg.input_size, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct
+        )
     return info
 
 
@@ -90,37 +93,62 @@ _register("resnet34", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 
 _register("resnet50", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), **_RESNET))
 _register("resnet101", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), **_RESNET))
 _register("resnet152", "resnet", functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), **_RESNET))
-_register("resnext50_32x4d", "resnet",
-          functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), cardinality=32, bottleneck_width=4, **_RESNET))
-_register("resnext101_32x8d", "resnet",
-          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=32, bottleneck_width=8, **_RESNET))
-_register("resnext101_64x4d", "resnet",
-          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=64, bottleneck_width=4, **_RESNET),
-          resize_v1=None, weights=("IMAGENET1K_V1",))
-_register("wide_resnet50_2", "resnet",
-          functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck_width=128, **_RESNET))
-_register("wide_resnet101_2", "resnet",
-          functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), bottleneck_width=128, **_RESNET))
+_register(
+    "resnext50_32x4d",
+    "resnet",
+    functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), cardinality=32, bottleneck_width=4, **_RESNET),
+)
+_register(
+    "resnext101_32x8d",
+    "resnet",
+    functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=32, bottleneck_width=8, **_RESNET),
+)
+_register(
+    "resnext101_64x4d",
+    "resnet",
+    functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), cardinality=64, bottleneck_width=4, **_RESNET),
+    resize_v1=None,
+    weights=("IMAGENET1K_V1",),
+)
+_register(
+    "wide_resnet50_2", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck_width=128, **_RESNET)
+)
+_register(
+    "wide_resnet101_2", "resnet", functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), bottleneck_width=128, **_RESNET)
+)
 
 # (depth, w_0, w_a, w_m, group_width) from torchvision's builders.
 _REGNET_X = {
-    "400mf": (22, 24, 24.48, 2.54, 16), "800mf": (16, 56, 35.73, 2.28, 16), "1_6gf": (18, 80, 34.01, 2.25, 24),
-    "3_2gf": (25, 88, 26.31, 2.25, 48), "8gf": (23, 80, 49.56, 2.88, 120), "16gf": (22, 216, 55.59, 2.1, 128),
+    "400mf": (22, 24, 24.48, 2.54, 16),
+    "800mf": (16, 56, 35.73, 2.28, 16),
+    "1_6gf": (18, 80, 34.01, 2.25, 24),
+    "3_2gf": (25, 88, 26.31, 2.25, 48),
+    "8gf": (23, 80, 49.56, 2.88, 120),
+    "16gf": (22, 216, 55.59, 2.1, 128),
     "32gf": (23, 320, 69.86, 2.0, 168),
 }
 _REGNET_Y = {
-    "400mf": (16, 48, 27.89, 2.09, 8), "800mf": (14, 56, 38.84, 2.4, 16), "1_6gf": (27, 48, 20.71, 2.65, 24),
-    "3_2gf": (21, 80, 42.63, 2.66, 24), "8gf": (17, 192, 76.82, 2.19, 56), "16gf": (18, 200, 106.23, 2.48, 112),
-    "32gf": (20, 232, 115.89, 2.53, 232), "128gf": (27, 456, 160.83, 2.52, 264),
+    "400mf": (16, 48, 27.89, 2.09, 8),
+    "800mf": (14, 56, 38.84, 2.4, 16),
+    "1_6gf": (27, 48, 20.71, 2.65, 24),
+    "3_2gf": (21, 80, 42.63, 2.66, 24),
+    "8gf": (17, 192, 76.82, 2.19, 56),
+    "16gf": (18, 200, 106.23, 2.48, 112),
+    "32gf": (20, 232, 115.89, 2.53, 232),
+    "128gf": (27, 456, 160.83, 2.52, 264),
 }
 for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_X.items():
-    _register(f"regnet_x_{_size}", "regnet",
-              functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw))
+    _register(
+        f"regnet_x_{_size}", "regnet", functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw)
+    )
 for _size, (_d, _w0, _wa, _wm, _gw) in _REGNET_Y.items():
     _extra = {"resize_v1": None, "resize_v2": None, "weights": ()} if _size == "128gf" else {}
-    _register(f"regnet_y_{_size}", "regnet",
-              functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=0.25),
-              **_extra)
+    _register(
+        f"regnet_y_{_size}",
+        "regnet",
+        functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=0.25),
+        **_extra,
+    )
 
 
 # timm's names for the same modules (resnext_jax.models.timm_names). A name timm shares with torchvision stays one
@@ -132,14 +160,28 @@ for _name, (_stages, _basic, _card, _width, _variants) in TIMM_RESNETS.items():
         _BUILDERS[_name] = (_builder, dataclasses.replace(_info, sources=("torchvision", "timm")))
     else:
         _fields = {k: v for variant in _variants for k, v in VARIANTS[variant].items()}
-        _register(_name, "resnet", functools.partial(
-            ResNet, stage_sizes=_stages, block_cls=BasicBlock if _basic else Bottleneck,
-            cardinality=_card, bottleneck_width=_width, **_fields), **_timm_preset(_name))
+        _register(
+            _name,
+            "resnet",
+            functools.partial(
+                ResNet,
+                stage_sizes=_stages,
+                block_cls=BasicBlock if _basic else Bottleneck,
+                cardinality=_card,
+                bottleneck_width=_width,
+                **_fields,
+            ),
+            **_timm_preset(_name),
+        )
 # Five timm RegNets round their widths the timm way (see timm_names).
 for _name, (_d, _w0, _wa, _wm, _gw, _se, _timm_rounding) in TIMM_REGNETS.items():
     _fields = {"width_rounding": "timm"} if _timm_rounding else {}
-    _register(_name, "regnet", functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw,
-                                                 se_ratio=_se, **_fields), **_timm_preset(_name))
+    _register(
+        _name,
+        "regnet",
+        functools.partial(RegNet, depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=_se, **_fields),
+        **_timm_preset(_name),
+    )
 
 
 def _timm_sort_key(name: str):
@@ -221,8 +263,7 @@ def _float_dtype(value) -> bool:
 
 
 def _positive_ints(value) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) > 0
-            and all(_is_int(v) and v >= 1 for v in value))
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v >= 1 for v in value)
 
 
 # field -> (accepts the value?, what is allowed). Checked for every model that has the field.
@@ -278,15 +319,21 @@ def _field_problems(model: nn.Module) -> list[str]:
     if isinstance(model, ResNet) and model.block_cls is BasicBlock:
         for field, default in (("cardinality", 1), ("bottleneck_width", 64)):
             if getattr(model, field) != default:
-                problems.append(f"{field}={getattr(model, field)!r} is not allowed with basic blocks "
-                                f"(resnet18/34); use {default}, or a bottleneck model such as resnext50_32x4d")
+                problems.append(
+                    f"{field}={getattr(model, field)!r} is not allowed with basic blocks "
+                    f"(resnet18/34); use {default}, or a bottleneck model such as resnext50_32x4d"
+                )
     elif isinstance(model, ResNet) and model.num_filters * model.bottleneck_width < 64:
-        problems.append(f"bottleneck_width={model.bottleneck_width} with num_filters={model.num_filters} gives "
-                        f"0 channels per group in layer1 (int(num_filters * bottleneck_width / 64)); "
-                        f"use num_filters * bottleneck_width >= 64")
+        problems.append(
+            f"bottleneck_width={model.bottleneck_width} with num_filters={model.num_filters} gives "
+            f"0 channels per group in layer1 (int(num_filters * bottleneck_width / 64)); "
+            f"use num_filters * bottleneck_width >= 64"
+        )
     if isinstance(model, ResNet) and model.stem_type == "deep_tiered" and model.stem_width < 4:
-        problems.append(f"stem_width={model.stem_width} gives the tiered stem's first conv 3 * (stem_width // 4) = 0 "
-                        f"channels; use stem_width >= 4 (timm's is 32)")
+        problems.append(
+            f"stem_width={model.stem_width} gives the tiered stem's first conv 3 * (stem_width // 4) = 0 "
+            f"channels; use stem_width >= 4 (timm's is 32)"
+        )
     return problems
 
 

@@ -4,6 +4,7 @@
 float32 arithmetic, the quantization to multiples of 8 and the group-compatibility
 adjustment, so every shape matches a torchvision checkpoint.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ def _make_divisible(value: float, divisor: int) -> int:
     return new_value
 
 
-def regnet_widths(depth: int, w_0: float, w_a: float, w_m: float, group_width: int,
-                  bottleneck_multiplier: float = 1.0) -> tuple[list[int], list[int], list[int]]:
+def regnet_widths(
+    depth: int, w_0: float, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
+) -> tuple[list[int], list[int], list[int]]:
     """Returns `(stage_widths, stage_depths, group_widths)` for a RegNet design point.
 
     Mirrors torchvision's computation in float32 (torch's default dtype), so that
@@ -35,10 +37,12 @@ def regnet_widths(depth: int, w_0: float, w_a: float, w_m: float, group_width: i
     quant = 8
     widths_cont = np.arange(depth, dtype=np.float32) * np.float32(w_a) + np.float32(w_0)
     block_capacity = np.round(np.log(widths_cont / np.float32(w_0)) / np.float32(math.log(w_m)))
-    block_widths = (np.round(np.float32(w_0) * np.power(np.float32(w_m), block_capacity) / np.float32(quant))
-                    * quant).astype(np.int32).tolist()
-    boundaries = [i for i in range(depth + 1)
-                  if i == 0 or i == depth or block_widths[i] != block_widths[i - 1]]
+    block_widths = (
+        (np.round(np.float32(w_0) * np.power(np.float32(w_m), block_capacity) / np.float32(quant)) * quant)
+        .astype(np.int32)
+        .tolist()
+    )
+    boundaries = [i for i in range(depth + 1) if i == 0 or i == depth or block_widths[i] != block_widths[i - 1]]
     stage_widths = [block_widths[i] for i in boundaries[:-1]]
     stage_depths = np.diff(boundaries).tolist()
     # Make each stage's bottleneck width divisible by its group width (torchvision's compatibility fix).
@@ -56,6 +60,7 @@ def regnet_bottleneck_width(width_out: int, bottleneck_multiplier: float) -> int
 
 class RegNetBlock(ResidualBlock):
     """torchvision's ResBottleneckBlock: 1x1 `a` -> grouped 3x3 `b` (stride) -> optional SE -> 1x1 `c`."""
+
     width_out: int
     group_width: int
     bottleneck_multiplier: float = 1.0
@@ -64,13 +69,28 @@ class RegNetBlock(ResidualBlock):
     def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         width_b = regnet_bottleneck_width(self.width_out, self.bottleneck_multiplier)
         y = self.unit(x, width_b, (1, 1), names=("a_conv", "a_bn"))
-        y = self.unit(y, width_b, (3, 3), self.strides, width_b // self.group_width, names=("b_conv", "b_bn"),
-                      fuse_next=not self.se_ratio)
+        y = self.unit(
+            y,
+            width_b,
+            (3, 3),
+            self.strides,
+            width_b // self.group_width,
+            names=("b_conv", "b_bn"),
+            fuse_next=not self.se_ratio,
+        )
         if self.se_ratio:
             # torchvision squeezes relative to the block's *input* width.
             y = SqueezeExcite(int(round(self.se_ratio * x.shape[-1])), conv=self.conv, act=self.act, name="se")(y)
-        return residual_tail(self, x, y, self.width_out, (1, 1), names=("c_conv", "c_bn"),
-                             shortcut_names=("proj_conv", "proj_bn"), drop_path_rate=drop_path_rate)
+        return residual_tail(
+            self,
+            x,
+            y,
+            self.width_out,
+            (1, 1),
+            names=("c_conv", "c_bn"),
+            shortcut_names=("proj_conv", "proj_bn"),
+            drop_path_rate=drop_path_rate,
+        )
 
 
 class RegNet(Network):
@@ -87,6 +107,7 @@ class RegNet(Network):
         two round a stage's bottleneck to its group width differently, which changes five of timm's RegNets.
       Shared fields: see `Network`; with `scan_blocks` the stacked blocks live under `block{s}_rest`.
     """
+
     depth: int
     w_0: float
     w_a: float
@@ -102,11 +123,20 @@ class RegNet(Network):
         layers = self.layers(train)
         x = x.astype(self.dtype)
         x = layers.unit(x, self.stem_width, (3, 3), 1 if self.small_stem else 2, names=("stem_conv", "stem_bn"))
-        block = functools.partial(RegNetBlock, conv=layers.conv, norm=layers.norm, act=layers.act,
-                                  drop_path=layers.drop_path, bottleneck_multiplier=self.bottleneck_multiplier,
-                                  se_ratio=self.se_ratio, zero_init_last=self.zero_init_last)
-        stages = [(functools.partial(block, width_out=width, group_width=group_width), num_blocks, 2)
-                  for width, num_blocks, group_width in zip(*self.widths())]
+        block = functools.partial(
+            RegNetBlock,
+            conv=layers.conv,
+            norm=layers.norm,
+            act=layers.act,
+            drop_path=layers.drop_path,
+            bottleneck_multiplier=self.bottleneck_multiplier,
+            se_ratio=self.se_ratio,
+            zero_init_last=self.zero_init_last,
+        )
+        stages = [
+            (functools.partial(block, width_out=width, group_width=group_width), num_blocks, 2)
+            for width, num_blocks, group_width in zip(*self.widths())
+        ]
         features = self.run_stages(x, stages, "block")
         # torchvision initializes the RegNet head with normal(0, 0.01) and zero bias.
         return self.head(features, train, return_features, kernel_init=nn.initializers.normal(0.01))
@@ -116,6 +146,7 @@ class RegNet(Network):
         args = self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier
         if self.width_rounding == "timm":
             from resnext_jax.models.timm_names import timm_regnet_widths  # it builds on regnet_widths
+
             return timm_regnet_widths(*args)
         if self.width_rounding != "torchvision":
             raise ValueError(f"width_rounding={self.width_rounding!r}; use 'torchvision' or 'timm'")
@@ -126,6 +157,13 @@ class RegNet(Network):
         specs = []
         for stage, (width, num_blocks, group_width) in enumerate(zip(*self.widths())):
             width_b = regnet_bottleneck_width(width, self.bottleneck_multiplier)
-            specs.append(dict(name=f"block{stage + 1}", blocks=num_blocks, groups=width_b // group_width,
-                              bottleneck_width=width_b, out_channels=width))
+            specs.append(
+                dict(
+                    name=f"block{stage + 1}",
+                    blocks=num_blocks,
+                    groups=width_b // group_width,
+                    bottleneck_width=width_b,
+                    out_channels=width,
+                )
+            )
         return specs

@@ -4,10 +4,12 @@ One generic `ResNet` takes the block class and the stage sizes; every builder is
 (see `registry.py`). Module names follow torchvision's (`conv1`, `bn1`, `layer2_0/conv2`, `fc`) so the
 converter's name map reads one-to-one.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +32,7 @@ def bottleneck_width(filters: int, base_width: int, cardinality: int) -> int:
 
 class BasicBlock(ResidualBlock):
     """Two 3x3 convs (resnet18/34). `cardinality` and `bottleneck_width` must keep their defaults."""
+
     filters: int
     cardinality: int = 1
     bottleneck_width: int = 64
@@ -51,6 +54,7 @@ class Bottleneck(ResidualBlock):
       cardinality: groups of the 3x3 conv.
       bottleneck_width: channels per group at `filters=64` (`bottleneck_width()` gives the 3x3 width).
     """
+
     filters: int
     cardinality: int = 1
     bottleneck_width: int = 64
@@ -76,9 +80,17 @@ def _tail(block, x, y, kernel_size, last: str, drop_path_rate):
     """Both blocks' `residual_tail`: conv/bn `{last}`, the `downsample` shortcut, SE as `se`."""
     out_features = block.filters * block.expansion
     se = se_features(out_features, block.se_ratio, block.se_divisor) if block.se_ratio else None
-    return residual_tail(block, x, y, out_features, kernel_size, names=(f"conv{last}", f"bn{last}"),
-                         shortcut_names=("downsample_conv", "downsample_bn"), drop_path_rate=drop_path_rate,
-                         se_features=se)
+    return residual_tail(
+        block,
+        x,
+        y,
+        out_features,
+        kernel_size,
+        names=(f"conv{last}", f"bn{last}"),
+        shortcut_names=("downsample_conv", "downsample_bn"),
+        drop_path_rate=drop_path_rate,
+        se_features=se,
+    )
 
 
 class ResNet(Network):
@@ -103,6 +115,7 @@ class ResNet(Network):
       Shared fields (dtype, norm, conv, scan_blocks, ...): see `Network`; with `scan_blocks` the stacked
       blocks live under `layer{s}_rest`.
     """
+
     stage_sizes: Sequence[int]
     block_cls: ModuleDef
     cardinality: int = 1
@@ -134,10 +147,19 @@ class ResNet(Network):
         stages = []
         for stage, num_blocks in enumerate(self.stage_sizes):
             block = functools.partial(
-                self.block_cls, filters=self.num_filters * 2 ** stage, conv=layers.conv, norm=layers.norm,
-                act=layers.act, drop_path=layers.drop_path, cardinality=self.cardinality,
-                bottleneck_width=self.bottleneck_width, se_ratio=self.se_ratio, zero_init_last=self.zero_init_last,
-                avg_down=self.avg_down, se_divisor=self.se_divisor)
+                self.block_cls,
+                filters=self.num_filters * 2**stage,
+                conv=layers.conv,
+                norm=layers.norm,
+                act=layers.act,
+                drop_path=layers.drop_path,
+                cardinality=self.cardinality,
+                bottleneck_width=self.bottleneck_width,
+                se_ratio=self.se_ratio,
+                zero_init_last=self.zero_init_last,
+                avg_down=self.avg_down,
+                se_divisor=self.se_divisor,
+            )
             stages.append((block, num_blocks, 2 if stage > 0 else 1))
         features = self.run_stages(x, stages, "layer")
         # torchvision's ResNet head keeps nn.Linear's default init; lecun_normal has the same variance scale.
@@ -147,13 +169,19 @@ class ResNet(Network):
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""
         specs = []
         for stage, num_blocks in enumerate(self.stage_sizes):
-            filters = self.num_filters * 2 ** stage
+            filters = self.num_filters * 2**stage
             if self.block_cls is BasicBlock:
                 width, out = filters, filters
             else:
                 width = bottleneck_width(filters, self.bottleneck_width, self.cardinality)
                 out = filters * Bottleneck.expansion
-            specs.append(dict(name=f"layer{stage + 1}", blocks=num_blocks, groups=self.cardinality,
-                              bottleneck_width=width, out_channels=out))
+            specs.append(
+                dict(
+                    name=f"layer{stage + 1}",
+                    blocks=num_blocks,
+                    groups=self.cardinality,
+                    bottleneck_width=width,
+                    out_channels=out,
+                )
+            )
         return specs
-

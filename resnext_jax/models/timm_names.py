@@ -12,6 +12,7 @@ timm's plain ResNets (7x7 stem, conv1x1 shortcut, no attention or anti-aliasing)
 arithmetic; where timm and torchvision share a name it is one registry entry. Its variants (deep stems,
 average-pool shortcuts, SE, GroupNorm: the letters of `VARIANTS`) are fields of the same `ResNet`.
 """
+
 from __future__ import annotations
 
 from resnext_jax.models.regnet import regnet_widths
@@ -132,18 +133,20 @@ TIMM_RESNETS = {
 # timm ResNet names (fnmatch patterns over timm.list_models(module="resnet")) our module cannot express, and why.
 SKIPPED_RESNETS = {
     "eca*": "ECA attention (a 1-D conv over the pooled channels, `se.conv`) instead of SE; ecaresnet50d_pruned and "
-            "ecaresnet101d_pruned also have per-layer pruned widths",
+    "ecaresnet101d_pruned also have per-layer pruned widths",
     "resnetaa*": "an average pool after the strided 3x3 conv (aa_layer): the same keys as resnet*d, other arithmetic",
     "resnetblur*": "a blur pool after the strided 3x3 conv (aa_layer=BlurPool2d)",
     "seresn*aa*": "SE with the anti-aliasing pool of resnetaa*",
     "resnetrs*": "a strided 3x3 conv-norm instead of the stem's max pool (replace_stem_pool); its SE (ratio 1/4, "
-                 "multiples of 8) would fit",
+    "multiples of 8) would fit",
     "senet154": "3x3 shortcut convs (down_kernel_size=3) and half-width first 1x1 convs (block_reduce_first=2)",
     "test_resnet": "a test model mixing block types with custom channels",
 }
 
-def timm_regnet_widths(depth: int, w_0: float, w_a: float, w_m: float, group_width: int,
-                       bottleneck_multiplier: float = 1.0) -> tuple[list[int], list[int], list[int]]:
+
+def timm_regnet_widths(
+    depth: int, w_0: float, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
+) -> tuple[list[int], list[int], list[int]]:
     """`(stage_widths, stage_depths, group_widths)` as timm's `RegNet._get_stage_args` computes them.
 
     The per-block widths are torchvision's float32 arithmetic (`regnet_widths`); only the group-compatibility

@@ -1,4 +1,5 @@
 """Training-mode batch norm with a hand-written backward pass, its add and ReLU fused (NHWC, channels last)."""
+
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,7 @@ from jax import lax
 
 from resnext_jax import cpu
 from resnext_jax.ops.fusion import add_act, epilogue_applies
+
 
 def _native_sums_apply(x: jax.Array, use_native: bool, platform: str) -> bool:
     """Whether batch norm's per-channel sums run as `cpu.channel_sums`: asked for, float32, on a CPU with
@@ -33,8 +35,17 @@ def batch_moments(x: jax.Array, axis_name: str | None, use_native: bool = False,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, residual: jax.Array | None, epsilon: float,
-                     relu: bool, axis_name: str | None, use_native: bool = False, platform: str = "cpu"):
+def batch_norm_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    residual: jax.Array | None,
+    epsilon: float,
+    relu: bool,
+    axis_name: str | None,
+    use_native: bool = False,
+    platform: str = "cpu",
+):
     """Training-mode batch norm, `relu(bn(x) + residual)`, with a hand-written backward pass.
 
     Returns `(y, mean, var)`: the output in `x.dtype` and the batch's float32 mean and biased variance

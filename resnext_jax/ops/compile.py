@@ -1,4 +1,5 @@
 """XLA compile options for the model steps, per backend."""
+
 from __future__ import annotations
 
 import jax

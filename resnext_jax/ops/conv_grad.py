@@ -6,6 +6,7 @@ kernel gradient) in their non-canonical form and runs them through a slow generi
 convolution of the backward pass is in the layout XLA:CPU's fast convolution expects, or a matmul, or a native
 kernel (docs/benchmarks.md has the measurements behind each threshold below).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,10 +25,10 @@ def _dense_conv(x, kernel, strides, padding, **dilation):
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC, **dilation)
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def conv2d_canonical_grad(x: jax.Array, kernel: jax.Array, strides: tuple, padding: tuple, groups: int,
-                          impl: str, platform: str = "cpu") -> jax.Array:
+def conv2d_canonical_grad(
+    x: jax.Array, kernel: jax.Array, strides: tuple, padding: tuple, groups: int, impl: str, platform: str = "cpu"
+) -> jax.Array:
     """`resnext_jax.ops.conv2d` whose backward pass is written as plain NHWC/HWIO convolutions.
 
     Why: inside a `lax.scan` body (`scan_blocks=True`), XLA:CPU leaves autodiff's transposed
@@ -44,8 +45,9 @@ def conv2d_canonical_grad(x: jax.Array, kernel: jax.Array, strides: tuple, paddi
     forward is `conv2d(forward_only=True)`, so 'auto' may pick a forward whose own autodiff backward
     would be slow (narrow groups: 'chunked').
     """
-    return conv2d(x, kernel, strides=strides, padding=padding, groups=groups, impl=impl, forward_only=True,
-                  platform=platform)
+    return conv2d(
+        x, kernel, strides=strides, padding=padding, groups=groups, impl=impl, forward_only=True, platform=platform
+    )
 
 
 def _canonical_fwd(x, kernel, strides, padding, groups, impl, platform):
@@ -84,15 +86,30 @@ def _kernel_grad_space_to_depth(x, dy, kernel_hw, strides, padding, platform: st
     th, tw = -(-kh // sh), -(-kw // sw)  # taps per axis after space-to-depth
     hs, ws = ho - 1 + th, wo - 1 + tw  # blocks the taps reach
     # Pad (or crop: lax.pad takes negative padding) to exactly hs x ws blocks.
-    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (padding[0][0], hs * sh - h - padding[0][0], 0),
-                                            (padding[1][0], ws * sw - w - padding[1][0], 0), (0, 0, 0)))
+    xp = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        (
+            (0, 0, 0),
+            (padding[0][0], hs * sh - h - padding[0][0], 0),
+            (padding[1][0], ws * sw - w - padding[1][0], 0),
+            (0, 0, 0),
+        ),
+    )
     xs = xp.reshape(n, hs, sh, ws, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, sh * sw * c)
     if cpu.eligible("few_channel_kernel_grad", platform, xs, dy, shape_ok=out % 32 == 0):
         dw = cpu.few_channel_kernel_grad(xs, dy, (th, tw))
     else:
         dy2 = dy.reshape(-1, out)
-        dw = jnp.stack([jnp.dot(xs[:, p:p + ho, q:q + wo].reshape(-1, sh * sw * c).T, dy2,
-                                preferred_element_type=jnp.float32) for p in range(th) for q in range(tw)])
+        dw = jnp.stack(
+            [
+                jnp.dot(
+                    xs[:, p : p + ho, q : q + wo].reshape(-1, sh * sw * c).T, dy2, preferred_element_type=jnp.float32
+                )
+                for p in range(th)
+                for q in range(tw)
+            ]
+        )
     dw = dw.reshape(th, tw, sh, sw, c, out).transpose(0, 2, 1, 3, 4, 5)
     return dw.reshape(th * sh, tw * sw, c, out)[:kh, :kw]
 
@@ -107,8 +124,9 @@ def _phase_taps(residue: int, size: int, stride: int, low: int) -> tuple[list[in
     return taps, [(residue + low - k) // stride for k in taps]
 
 
-def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides: tuple, padding: tuple,
-                by_phases: bool):
+def _input_grad(
+    dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides: tuple, padding: tuple, by_phases: bool
+):
     """Input gradient of a dense NHWC/HWIO conv with kernel `(kh, kw, C, O)`, as plain convolutions.
 
     Stride 1, or not `by_phases`: one conv of `dy` with the flipped, transposed kernel (with zeros between
@@ -148,9 +166,18 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, x_hw: tuple[int, int], strides
 
 def _canonical_bwd(strides, padding, groups, impl, platform, residuals, dy):
     x, kernel = residuals
-    if resolve_impl(impl, groups, kernel.shape[:2], x.shape[-1], True,
-                    cpu.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype == dy.dtype,
-                    platform) == "native":
+    if (
+        resolve_impl(
+            impl,
+            groups,
+            kernel.shape[:2],
+            x.shape[-1],
+            True,
+            cpu.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype == dy.dtype,
+            platform,
+        )
+        == "native"
+    ):
         return native_vjp(strides, padding, residuals, dy)
     kh, kw, cin_g, out = kernel.shape
     out_g = out // groups
@@ -173,8 +200,10 @@ def _canonical_bwd(strides, padding, groups, impl, platform, residuals, dy):
     by_phases = chunks <= _PHASE_MAX_CHUNKS
     if not (by_taps or by_blocks):
         pads_w = []
-        for size, k, stride, (low, _), out_size in ((x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
-                                                   (x.shape[2], kw, strides[1], padding[1], dy.shape[2])):
+        for size, k, stride, (low, _), out_size in (
+            (x.shape[1], kh, strides[0], padding[0], dy.shape[1]),
+            (x.shape[2], kw, strides[1], padding[1], dy.shape[2]),
+        ):
             dilated = (out_size - 1) * stride + 1
             pads_w.append((low, k - 1 + dilated - size - low))
         # Transpose the input and the output gradient once for all groups (per-group transposes were 2048

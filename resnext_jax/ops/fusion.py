@@ -8,14 +8,17 @@ A layer may hand the next one its work undone, so that a native kernel does both
 Anything else `materialize`s them first, which computes exactly what the layer would have. The conv-norm unit
 (`models.layers.ConvNormAct`) is the only user: blocks never see these values.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from resnext_jax import cpu
+
 
 class Deferred(NamedTuple):
     """An inference batch norm not yet applied: `(x - mean) * multiplier + bias` per channel
@@ -24,6 +27,7 @@ class Deferred(NamedTuple):
     A shortcut's batch norm is deferred so that the block's native epilogue applies it while it adds the
     shortcut, instead of XLA writing the normalized shortcut out first. `materialize` applies it.
     """
+
     x: jax.Array
     mean: jax.Array
     multiplier: jax.Array
@@ -47,10 +51,11 @@ class DeferredConv(NamedTuple):
     inference `BatchNorm` computes both as one `cpu.matmul_affine` (with a residual block's shortcut and
     ReLU), whose epilogue applies them to each register block before it is stored. Anywhere else the conv
     is computed as `Conv2d` would have (`materialize`)."""
-    x: jax.Array                     # the input at the conv's stride, (N, H', W', K)
-    kernel: jax.Array                # (K, features)
+
+    x: jax.Array  # the input at the conv's stride, (N, H', W', K)
+    kernel: jax.Array  # (K, features)
     compute: Callable[[], jax.Array]  # the conv as `Conv2d` computes it
-    prologue: tuple | None = None     # a `Deferred` input's (scale, shift, relu) per input channel, or None
+    prologue: tuple | None = None  # a `Deferred` input's (scale, shift, relu) per input channel, or None
 
 
 def add_act(y: jax.Array, residual: jax.Array | None, act: Callable | None) -> jax.Array:
@@ -70,20 +75,32 @@ def matmul_epilogue_applies(x: DeferredConv, residual, act) -> bool:
     return value.dtype == jnp.float32 and value.shape == (*x.x.shape[:-1], x.kernel.shape[-1])
 
 
-def epilogue_applies(x: jax.Array, dtype, platform: str, residual: jax.Array | Deferred | None = None,
-                     act: Callable | None = None) -> bool:
+def epilogue_applies(
+    x: jax.Array, dtype, platform: str, residual: jax.Array | Deferred | None = None, act: Callable | None = None
+) -> bool:
     """Whether `affine_add_relu` can compute `act(bn(x) + residual)` by the native kernel: float32 throughout,
     ReLU or no activation, a residual (if given) of `x`'s shape, on a CPU with the native kernels built."""
     residual = x if residual is None else residual.x if isinstance(residual, Deferred) else residual
-    return cpu.eligible("affine_add_relu", platform, x, residual, jax.ShapeDtypeStruct((), dtype),
-                        shape_ok=x.shape == residual.shape and (act is None or act is jax.nn.relu))
+    return cpu.eligible(
+        "affine_add_relu",
+        platform,
+        x,
+        residual,
+        jax.ShapeDtypeStruct((), dtype),
+        shape_ok=x.shape == residual.shape and (act is None or act is jax.nn.relu),
+    )
 
 
 def matmul_conv_applies(x: jax.Array, kernel: jax.Array, dtype, platform: str) -> bool:
     """Whether a dense 1x1 conv of `x` (NHWC) may be deferred to `cpu.matmul_affine`: float32, an AVX2 build
     (`cpu.matmul_preferred`) and a supported width."""
-    return (x.ndim == 4 and cpu.eligible("matmul_affine", platform, x, kernel, shape_ok=cpu.matmul_preferred()
-                                         and cpu.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype)))
+    return x.ndim == 4 and cpu.eligible(
+        "matmul_affine",
+        platform,
+        x,
+        kernel,
+        shape_ok=cpu.matmul_preferred() and cpu.supports_matmul((1, x.shape[-1]), kernel.shape[2:], dtype),
+    )
 
 
 def conv_norm_matmul(x: DeferredConv, multiplier: jax.Array, shift: jax.Array, residual, relu: bool) -> jax.Array:
@@ -93,8 +110,16 @@ def conv_norm_matmul(x: DeferredConv, multiplier: jax.Array, shift: jax.Array, r
     if residual is not None:
         residual = materialize(residual).reshape(-1, features)
     prologue, prologue_relu = (x.prologue[:2], x.prologue[2]) if x.prologue else (None, False)
-    y = cpu.matmul_affine(x.x.reshape(-1, x.x.shape[-1]), x.kernel, multiplier, shift, residual, relu=relu,
-                          prologue=prologue, prologue_relu=prologue_relu)
+    y = cpu.matmul_affine(
+        x.x.reshape(-1, x.x.shape[-1]),
+        x.kernel,
+        multiplier,
+        shift,
+        residual,
+        relu=relu,
+        prologue=prologue,
+        prologue_relu=prologue_relu,
+    )
     return y.reshape(*rows, features)
 
 

@@ -31,10 +31,11 @@ hence the choice. Implementations:
 All but `native` are plain JAX, so gradients come from autodiff; all match the float64
 reference (tests/test_grouped_conv.py).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,14 @@ Padding = Sequence[tuple[int, int]]
 
 def _xla(x, kernel, strides, padding, groups, precision):
     return lax.conv_general_dilated(
-        x, kernel, window_strides=strides, padding=padding,
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups, precision=precision)
+        feature_group_count=groups,
+        precision=precision,
+    )
 
 
 def _split(x, kernel, strides, padding, groups, precision):
@@ -87,8 +93,7 @@ def _chunked(x, kernel, strides, padding, groups, precision, chunks=4):
         chunks -= 1
     xs = jnp.split(x, chunks, axis=-1)
     ks = jnp.split(kernel, chunks, axis=-1)
-    outs = [_blockdiag(xi, ki, strides, padding, groups // chunks, precision)
-            for xi, ki in zip(xs, ks)]
+    outs = [_blockdiag(xi, ki, strides, padding, groups // chunks, precision) for xi, ki in zip(xs, ks)]
     return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=-1)
 
 
@@ -103,7 +108,7 @@ def im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int], paddi
     wo = (w + padding[1][0] + padding[1][1] - kw) // sw + 1
     if any(map(any, padding)):
         x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+    taps = [x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] for i in range(kh) for j in range(kw)]
     return taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
 
 
@@ -140,9 +145,15 @@ def kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
     _, ho, wo, out = dy.shape
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     dy2 = dy.reshape(-1, out)
-    taps = [jnp.dot(xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw].reshape(-1, x.shape[-1]).T, dy2,
-                    preferred_element_type=jnp.float32)
-            for i in range(kh) for j in range(kw)]
+    taps = [
+        jnp.dot(
+            xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw].reshape(-1, x.shape[-1]).T,
+            dy2,
+            preferred_element_type=jnp.float32,
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
     return jnp.stack(taps).reshape(kh, kw, x.shape[-1], out)
 
 
@@ -153,8 +164,12 @@ def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
     gradient everywhere (docs/benchmarks.md has the per-shape timings).
     """
     kh, kw, cin_g, out = kernel_shape
-    return (cpu.isa() == "avx2" and cin_g == out and (kh, kw) != (1, 1)
-            and (max(strides) > 1 or dy_hw[0] * dy_hw[1] <= 14 * 14))
+    return (
+        cpu.isa() == "avx2"
+        and cin_g == out
+        and (kh, kw) != (1, 1)
+        and (max(strides) > 1 or dy_hw[0] * dy_hw[1] <= 14 * 14)
+    )
 
 
 def native_vjp(strides, padding, residuals, dy):
@@ -179,12 +194,25 @@ _native.defvjp(_native_fwd, _native_bwd)
 _NARROW_GROUP = 8
 _GROUPS_PER_CHUNK = 4
 
-_IMPL_FNS = {"xla": _xla, "split": _split, "blockdiag": _blockdiag, "chunked": _chunked, "gemm": _gemm,
-             "native": _native}
+_IMPL_FNS = {
+    "xla": _xla,
+    "split": _split,
+    "blockdiag": _blockdiag,
+    "chunked": _chunked,
+    "gemm": _gemm,
+    "native": _native,
+}
 
 
-def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), channels: int | None = None,
-                 forward_only: bool = False, native_shape: bool = False, platform: str | None = None) -> str:
+def resolve_impl(
+    impl: str,
+    groups: int,
+    kernel_hw: Sequence[int] = (3, 3),
+    channels: int | None = None,
+    forward_only: bool = False,
+    native_shape: bool = False,
+    platform: str | None = None,
+) -> str:
     """Maps 'auto' to a concrete implementation for `platform` (default: JAX's default backend) and the conv's
     shape.
 
@@ -235,17 +263,28 @@ def resolve_impl(impl: str, groups: int, kernel_hw: Sequence[int] = (3, 3), chan
         return "xla"
     if impl == "native":
         if not on_cpu or not cpu.available():
-            raise ValueError(f"conv impl 'native' is unavailable: "
-                             f"{'it is a CPU kernel' if not on_cpu else cpu.unavailable_reason()}; "
-                             f"use impl='auto', which picks the fastest available implementation")
+            raise ValueError(
+                f"conv impl 'native' is unavailable: "
+                f"{'it is a CPU kernel' if not on_cpu else cpu.unavailable_reason()}; "
+                f"use impl='auto', which picks the fastest available implementation"
+            )
         if not native_shape:
             return "split" if groups > 1 else "xla"
     return impl
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
-           padding: Padding = ((0, 0), (0, 0)), groups: int = 1, impl: str = "auto",
-           precision=None, forward_only: bool = False, platform: str | None = None) -> jax.Array:
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    strides: Sequence[int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
+    groups: int = 1,
+    impl: str = "auto",
+    precision=None,
+    forward_only: bool = False,
+    platform: str | None = None,
+) -> jax.Array:
     """Convolves NHWC `x` with an HWIO `kernel` of shape (kh, kw, C // groups, O).
 
     Args:
@@ -263,17 +302,30 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int] = (1, 1),
       `(N, H', W', O)`.
     """
     channels = x.shape[-1]
-    if (groups < 1 or channels % groups or kernel.shape[-1] % groups
-            or kernel.shape[2] * groups != channels):
+    if groups < 1 or channels % groups or kernel.shape[-1] % groups or kernel.shape[2] * groups != channels:
         raise ValueError(
             f"conv with groups={groups}: input has {channels} channels and kernel shape "
             f"{tuple(kernel.shape)}; need groups >= 1 dividing both, and kernel "
-            f"(kh, kw, {channels // groups if groups >= 1 else '?'}, O) with O % groups == 0")
+            f"(kh, kw, {channels // groups if groups >= 1 else '?'}, O) with O % groups == 0"
+        )
     requested, platform = impl, platform or jax.default_backend()
-    impl = resolve_impl(impl, groups, kernel.shape[:2], channels, forward_only,
-                        cpu.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype, platform)
-    if (impl == "xla" and requested in ("auto", "native") and forward_only and kernel.dtype == x.dtype
-            and cpu.supports_few_channels(x.shape, kernel.shape, x.dtype, groups) and cpu.runs_on(platform, x)):
+    impl = resolve_impl(
+        impl,
+        groups,
+        kernel.shape[:2],
+        channels,
+        forward_only,
+        cpu.supports(x.shape, kernel.shape, x.dtype, groups) and kernel.dtype == x.dtype,
+        platform,
+    )
+    if (
+        impl == "xla"
+        and requested in ("auto", "native")
+        and forward_only
+        and kernel.dtype == x.dtype
+        and cpu.supports_few_channels(x.shape, kernel.shape, x.dtype, groups)
+        and cpu.runs_on(platform, x)
+    ):
         # The stems' 3-channel conv by the native kernel (no VJP of its own: forward_only callers have theirs).
         return cpu.few_channel_conv(x, kernel, tuple(strides), tuple(map(tuple, padding)))
     fn = _IMPL_FNS[impl]

@@ -14,11 +14,12 @@ glibc reads tunables only when a process starts, so the command-line entry point
 it re-executes the same command once with the tunable added to `GLIBC_TUNABLES`. Set
 `RESNEXT_JAX_HUGEPAGES=0` to turn that off; library users can export the tunable themselves.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "RESNEXT_JAX_HUGEPAGES"
@@ -43,7 +44,7 @@ def thp_mode(path: str = _THP_ENABLED) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
 def huge_page_env(environ: Mapping[str, str], libc: tuple[int, int] | None, mode: str | None) -> dict | None:
@@ -54,8 +55,13 @@ def huge_page_env(environ: Mapping[str, str], libc: tuple[int, int] | None, mode
     is already set (which stops a second re-exec) or `RESNEXT_JAX_HUGEPAGES=0`.
     """
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if (environ.get(OPT_OUT, "1") == "0" or libc is None or libc < (2, 35) or mode != "madvise"
-            or "glibc.malloc.hugetlb" in tunables):
+    if (
+        environ.get(OPT_OUT, "1") == "0"
+        or libc is None
+        or libc < (2, 35)
+        or mode != "madvise"
+        or "glibc.malloc.hugetlb" in tunables
+    ):
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(part for part in (tunables, TUNABLE) if part)}
 
@@ -80,8 +86,10 @@ def reexec_with_huge_pages(log: Callable[[str], None] | None = _to_stderr) -> No
     if env is None:
         return
     if log is not None:
-        log(f"restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA's per-step buffers; "
-            f"{OPT_OUT}=0 turns this off)")
+        log(
+            f"restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA's per-step buffers; "
+            f"{OPT_OUT}=0 turns this off)"
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -1,4 +1,5 @@
 """Pooling: the stems' 3x3/2 max pool (with the native gradient on CPU) and the global average pool."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from resnext_jax import cpu
+
 
 def max_pool_3x3s2(x: jax.Array, differentiable: bool, platform: str) -> jax.Array:
     """3x3 max pool, stride 2, padding 1 with -inf (torch's `MaxPool2d(3, 2, 1)`).
@@ -75,8 +77,12 @@ def avg_pool_2x2_ceil(x: jax.Array, stride: int) -> jax.Array:
     if stride == 1:
         return x
     h, w = x.shape[1:3]
-    pads = ((0, 0), (0, max(0, (-(-(h - 2) // stride)) * stride + 2 - h)),
-            (0, max(0, (-(-(w - 2) // stride)) * stride + 2 - w)), (0, 0))
+    pads = (
+        (0, 0),
+        (0, max(0, (-(-(h - 2) // stride)) * stride + 2 - h)),
+        (0, max(0, (-(-(w - 2) // stride)) * stride + 2 - w)),
+        (0, 0),
+    )
     window, strides = (1, 2, 2, 1), (1, stride, stride, 1)
     sums = lax.reduce_window(x.astype(jnp.float32), 0.0, lax.add, window, strides, pads)
     ones = jnp.ones((1, h, w, 1), jnp.float32)

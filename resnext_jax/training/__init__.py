@@ -6,9 +6,17 @@
 
 See docs/training.md.
 """
+
 from resnext_jax.training.config import ConfigError, default_config, validate_config
 from resnext_jax.training.loop import build_model, evaluate, train_and_evaluate
 from resnext_jax.training.metrics_log import read_metrics
 
-__all__ = ["ConfigError", "build_model", "default_config", "evaluate", "read_metrics", "train_and_evaluate",
-           "validate_config"]
+__all__ = [
+    "ConfigError",
+    "build_model",
+    "default_config",
+    "evaluate",
+    "read_metrics",
+    "train_and_evaluate",
+    "validate_config",
+]

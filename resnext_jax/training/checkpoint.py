@@ -9,6 +9,7 @@ step). A restore verifies them and falls back, with one warning, to the newest s
 bit-flipped or half-copied step is never loaded. Damaged steps are moved to `<workdir>/checkpoints_damaged/`, never
 deleted, so that Orbax's retention never removes them and a rerun can save that step again.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -62,13 +63,20 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.primary = primary
-        policy = pp.AnyPreservationPolicy([
-            pp.LatestN(n=keep),
-            pp.BestN(get_metric_fn=lambda metrics: metrics["top1"], reverse=False, n=1,
-                     keep_checkpoints_without_metrics=False),
-        ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                               cleanup_tmp_directories=True, enable_async_checkpointing=True)
+        policy = pp.AnyPreservationPolicy(
+            [
+                pp.LatestN(n=keep),
+                pp.BestN(
+                    get_metric_fn=lambda metrics: metrics["top1"],
+                    reverse=False,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -88,16 +96,19 @@ class Checkpointer:
         """The step of the checkpoint with the best eval top-1 (None before the first eval)."""
         return self.manager.best_step()
 
-    def save(self, step: int, state: TrainState, data_iterator, eval_metrics: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: TrainState, data_iterator, eval_metrics: dict | None = None, force: bool = False
+    ) -> bool:
         """Starts an async save of `state`, the iterator position and their checksums; returns False if `step` is
         already saved."""
         if step in self.manager.all_steps():
             return False
         sums = checksums(state, data_iterator.get_state())
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator),
-                                  checksums=ocp.args.JsonSave(sums))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            checksums=ocp.args.JsonSave(sums),
+        )
         metrics = {"top1": float(eval_metrics["top1"])} if eval_metrics else None
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
@@ -116,13 +127,19 @@ class Checkpointer:
                 logging.info("restored checkpoint step %d from %s", step, self.directory)
                 self._set_aside(damaged)
                 return step, state
-            logging.warning("checkpoint step %d in %s is damaged (%s); skipping it and trying an older one",
-                            step, self.directory, problem)
+            logging.warning(
+                "checkpoint step %d in %s is damaged (%s); skipping it and trying an older one",
+                step,
+                self.directory,
+                problem,
+            )
             damaged.append((step, problem))
         if damaged:
             listed = "; ".join(f"step {step}: {problem}" for step, problem in damaged)
-            raise UserError(f"no checkpoint in {self.directory} verifies ({listed}). Nothing was deleted. Restore "
-                            f"them from a backup, or move {self.directory} aside to train from scratch.")
+            raise UserError(
+                f"no checkpoint in {self.directory} verifies ({listed}). Nothing was deleted. Restore "
+                f"them from a backup, or move {self.directory} aside to train from scratch."
+            )
         return None
 
     def _try_restore(self, step: int, abstract, data_iterator) -> tuple[str | None, TrainState | None]:
@@ -146,7 +163,10 @@ class Checkpointer:
         now = checksums(state, data_iterator.get_state())
         wrong = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
         if wrong:
-            return f"checksum mismatch in {len(wrong)} entr{'y' if len(wrong) == 1 else 'ies'}: {', '.join(wrong[:3])}", None
+            return (
+                f"checksum mismatch in {len(wrong)} entr{'y' if len(wrong) == 1 else 'ies'}: {', '.join(wrong[:3])}",
+                None,
+            )
         return None, state
 
     def _set_aside(self, damaged: list[tuple[int, str]]) -> None:

@@ -2,6 +2,7 @@
 
 Also installed as the `resnext-train` console script. Rerunning the same command resumes the run.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,12 +16,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/quickstart.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/quickstart.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory for checkpoints and logs; default runs/<config file name>.")
-flags.DEFINE_bool("allow_changes", False, "Resume a run whose config differs from the workdir's in optimization "
-                  "fields only (learning rate, schedule, clipping, regularization); the change is recorded in "
-                  "config_changes.jsonl.")
+flags.DEFINE_bool(
+    "allow_changes",
+    False,
+    "Resume a run whose config differs from the workdir's in optimization "
+    "fields only (learning rate, schedule, clipping, regularization); the change is recorded in "
+    "config_changes.jsonl.",
+)
 flags.DEFINE_bool("verbose", False, "Print the traceback behind a one-line error.")
 
 _MODEL_KWARGS = "--config.model_kwargs."
@@ -40,6 +44,7 @@ def _run(argv) -> None:
         std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     from resnext_jax.errors import UserError
     from resnext_jax.training.loop import train_and_evaluate
+
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/quickstart.py")
     workdir = FLAGS.workdir or default_workdir(flags.FLAGS["config"].config_filename)
@@ -60,7 +65,7 @@ def _split_model_kwargs(argv: list[str]) -> tuple[list[str], dict]:
     rest, kwargs = [], {}
     for arg in argv:
         if arg.startswith(_MODEL_KWARGS) and "=" in arg:
-            key, text = arg[len(_MODEL_KWARGS):].split("=", 1)
+            key, text = arg[len(_MODEL_KWARGS) :].split("=", 1)
             try:
                 kwargs[key] = ast.literal_eval(text)
             except (ValueError, SyntaxError):
@@ -76,6 +81,7 @@ def _model_fields(name: str) -> set[str] | None:
     import dataclasses
 
     from resnext_jax.models import registry
+
     try:
         builder = registry._lookup(name)[0]
     except (KeyError, ValueError):
@@ -93,8 +99,10 @@ def _apply_model_kwargs(config, kwargs: dict) -> None:
         if fields is not None and key not in fields:
             close = difflib.get_close_matches(key, sorted(fields), n=3, cutoff=0.6)
             hint = f' Did you mean "{close[0]}"?' if close else ""
-            sys.exit(f"error: unknown config override --config.model_kwargs.{key}: {config.model} has no field "
-                     f"{key!r}.{hint} Its fields: {', '.join(sorted(fields))}")
+            sys.exit(
+                f"error: unknown config override --config.model_kwargs.{key}: {config.model} has no field "
+                f"{key!r}.{hint} Its fields: {', '.join(sorted(fields))}"
+            )
         with config.unlocked():
             config.model_kwargs[key] = list(value) if isinstance(value, tuple) else value
 
@@ -134,5 +142,6 @@ def console_main() -> None:
     `resnext_jax.ops.host_memory`; `RESNEXT_JAX_HUGEPAGES=0` turns it off), then runs `main`.
     """
     from resnext_jax.ops.host_memory import reexec_with_huge_pages
+
     reexec_with_huge_pages()
     main()

@@ -3,6 +3,7 @@
 Config files in `configs/` start from `default_config()` and change a few fields; `validate_config`
 rejects unknown (e.g. misspelled) keys by name, with the closest known keys, before anything runs.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -74,16 +75,38 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # Fields that may differ between the run that wrote a workdir and the run that resumes it.
-RESUMABLE_FIELDS = ("num_epochs", "eval_every_epochs", "log_every_steps", "checkpoint_every_steps",
-                    "keep_checkpoints", "progress_bar", "worker_count", "prefetch", "data_dir", "eval_batch_size",
-                    "stage_diagnostics", "write_report")
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "eval_every_epochs",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "progress_bar",
+    "worker_count",
+    "prefetch",
+    "data_dir",
+    "eval_batch_size",
+    "stage_diagnostics",
+    "write_report",
+)
 
 # Fields a run may change when resumed with `--allow_changes` (recorded in config_changes.jsonl): they change
 # the schedule and the update, not the shapes of the state. grad_clip_norm may not switch between 0 (off) and on,
 # which changes the optimizer state's structure.
-CHANGEABLE_FIELDS = ("learning_rate", "end_learning_rate_ratio", "warmup_epochs", "num_epochs", "weight_decay",
-                     "grad_clip_norm", "label_smoothing", "mixup_alpha", "cutmix_alpha", "momentum", "adam_b1",
-                     "adam_b2")
+CHANGEABLE_FIELDS = (
+    "learning_rate",
+    "end_learning_rate_ratio",
+    "warmup_epochs",
+    "num_epochs",
+    "weight_decay",
+    "grad_clip_norm",
+    "label_smoothing",
+    "mixup_alpha",
+    "cutmix_alpha",
+    "momentum",
+    "adam_b1",
+    "adam_b2",
+)
 
 _CHOICES = {
     "optimizer": ("adamw", "sgd"),
@@ -108,8 +131,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key, choices in _CHOICES.items():
         if config[key] not in choices:
             raise ConfigError(f"config.{key}={config[key]!r} is not supported; use one of {choices}")
-    for key in ("batch_size", "eval_batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints", "eval_every_epochs", "image_size"):
+    for key in (
+        "batch_size",
+        "eval_batch_size",
+        "grad_accum_steps",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "eval_every_epochs",
+        "image_size",
+    ):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
     if config.num_epochs <= 0:

@@ -3,6 +3,7 @@
 The same code runs on one CPU, one GPU, or many hosts: each process feeds its own slice of the global batch,
 and `jax.make_array_from_process_local_data` assembles the global array.
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnext_jax.training.config import ConfigError
 from resnext_jax.training.step import AXIS
@@ -47,13 +49,16 @@ def maybe_initialize_distributed() -> None:
     if cluster is None or jax.distributed.is_initialized():
         return
     if cluster == "explicit":
-        jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
     else:
         jax.distributed.initialize()
-    logging.info("jax.distributed initialized (%s): process %d of %d", cluster, jax.process_index(),
-                 jax.process_count())
+    logging.info(
+        "jax.distributed initialized (%s): process %d of %d", cluster, jax.process_index(), jax.process_count()
+    )
 
 
 def barrier(name: str, timeout_s: float = 1800) -> None:
@@ -79,14 +84,16 @@ def create_mesh(devices=None) -> Mesh:
 
 
 def check_batch_size(batch_size: int, num_devices: int, name: str = "batch_size", grad_accum_steps: int = 1) -> int:
-    """Returns the per-process batch size; raises ConfigError (a ValueError) naming valid sizes if the batch does not split evenly."""
+    """Returns the per-process batch size; raises ConfigError (a ValueError) naming valid sizes if the batch does not
+    split evenly."""
     unit = num_devices * grad_accum_steps
     if batch_size % unit:
         lower, upper = (batch_size // unit) * unit, (batch_size // unit + 1) * unit
         what = f"{num_devices} devices" + (f" x {grad_accum_steps} grad_accum_steps" if grad_accum_steps > 1 else "")
         options = " or ".join(str(s) for s in (lower, upper) if s > 0)
-        raise ConfigError(f"{name}={batch_size} is not divisible by {what}; use a multiple of {unit} "
-                         f"(e.g. --config.{name}={options})")
+        raise ConfigError(
+            f"{name}={batch_size} is not divisible by {what}; use a multiple of {unit} (e.g. --config.{name}={options})"
+        )
     return batch_size // jax.process_count()
 
 

@@ -4,6 +4,7 @@ Rerunning it with the same config and workdir resumes from the latest checkpoint
 step, RNG and data-iterator position), so an interrupted and resumed run logs the same metrics as an
 uninterrupted one. All hyperparameters come from the config (see `resnext_jax.training.config`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,13 +23,20 @@ from jax.experimental import multihost_utils
 import resnext_jax
 from resnext_jax import data
 from resnext_jax.errors import UserError, disk_error
-from resnext_jax.training import distributed, workdir as workdir_lib
+from resnext_jax.training import distributed
+from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
 from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
-from resnext_jax.training.step import (AXIS, create_train_state, init_variables, make_dead_relu_step, make_eval_step,
-                                       make_train_step)
+from resnext_jax.training.step import (
+    AXIS,
+    create_train_state,
+    init_variables,
+    make_dead_relu_step,
+    make_eval_step,
+    make_train_step,
+)
 
 
 class StopRequested:
@@ -46,8 +54,9 @@ class StopRequested:
 
     def _handle(self, signum, frame):
         self.requested = True
-        logging.warning("received %s: finishing this step, saving a checkpoint and exiting",
-                        signal.Signals(signum).name)
+        logging.warning(
+            "received %s: finishing this step, saving a checkpoint and exiting", signal.Signals(signum).name
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -63,6 +72,7 @@ class StopRequested:
 
 def _in_main_thread() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()
 
 
@@ -75,8 +85,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     kwargs.setdefault("num_classes", num_classes)
     if "stage_sizes" in kwargs:
         kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
-    return resnext_jax.create_model(config.model, dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-                                    bn_axis_name=AXIS, **kwargs)
+    return resnext_jax.create_model(
+        config.model, dtype=jnp.bfloat16 if config.half_precision else jnp.float32, bn_axis_name=AXIS, **kwargs
+    )
 
 
 def describe_model(config: ml_collections.ConfigDict, params) -> str:
@@ -86,8 +97,10 @@ def describe_model(config: ml_collections.ConfigDict, params) -> str:
     is not the 25M-parameter builder its name alone would suggest.
     """
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    overrides = ", ".join(f"{key}={tuple(value) if isinstance(value, list) else value!r}"
-                          for key, value in sorted(config.model_kwargs.to_dict().items()))
+    overrides = ", ".join(
+        f"{key}={tuple(value) if isinstance(value, list) else value!r}"
+        for key, value in sorted(config.model_kwargs.to_dict().items())
+    )
     return f"{config.model} ({overrides + '; ' if overrides else ''}{count / 1e6:.2f}M params)"
 
 
@@ -96,10 +109,17 @@ def _initial_variables(config, num_classes, rng):
     if not config.init_from:
         return None
     from resnext_jax.convert import from_torchvision
+
     # The layout must match the model's: stacked per stage when the config scans blocks.
     scan = bool(config.model_kwargs.to_dict().get("scan_blocks", False))
-    return from_torchvision(config.model, config.init_from, num_classes=num_classes, reinit_head=config.reinit_head,
-                            rng=rng, scan_blocks=scan)
+    return from_torchvision(
+        config.model,
+        config.init_from,
+        num_classes=num_classes,
+        reinit_head=config.reinit_head,
+        rng=rng,
+        scan_blocks=scan,
+    )
 
 
 def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
@@ -110,8 +130,12 @@ def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
-    return {"loss": float(totals["loss"]) / count, "top1": float(totals["top1"]) / count,
-            "top5": float(totals["top5"]) / count, "count": int(totals["count"])}
+    return {
+        "loss": float(totals["loss"]) / count,
+        "top1": float(totals["top1"]) / count,
+        "top5": float(totals["top5"]) / count,
+        "count": int(totals["count"]),
+    }
 
 
 def _mean_metrics(pending: list[dict]) -> dict:
@@ -129,19 +153,25 @@ def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, learning
         last = checkpointer.latest_step()
         lower = f"{learning_rate / 4:.3g}"
         if last is None:
-            where, how = ("No checkpoint was saved yet", f"Rerun with --config.learning_rate={lower} (and a new "
-                          f"--workdir, or the same one with --allow_changes), a longer warmup_epochs or a positive "
-                          f"grad_clip_norm")
+            where, how = (
+                "No checkpoint was saved yet",
+                f"Rerun with --config.learning_rate={lower} (and a new "
+                f"--workdir, or the same one with --allow_changes), a longer warmup_epochs or a positive "
+                f"grad_clip_norm",
+            )
         else:
             where = f"The last good checkpoint (step {last}) in {checkpointer.directory} is intact"
-            how = (f"To resume from it with a lower learning rate, rerun the same command with "
-                   f"--config.learning_rate={lower} --allow_changes (longer warmup_epochs or a positive "
-                   f"grad_clip_norm can change the same way)")
+            how = (
+                f"To resume from it with a lower learning rate, rerun the same command with "
+                f"--config.learning_rate={lower} --allow_changes (longer warmup_epochs or a positive "
+                f"grad_clip_norm can change the same way)"
+            )
         raise TrainingDiverged(f"training diverged: the loss is {metrics['loss']} at step {step}. {where}. {how}.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
-                       allow_changes: bool = False) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None, allow_changes: bool = False
+) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint that verifies; returns a summary.
 
     Args:
@@ -215,12 +245,26 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         preset = resnext_jax.model_info(config.model)
         loader_args.update(mean=preset.mean, std=preset.std)
     train_loader = data.create_train_loader(
-        config.dataset, data_dir=data_dir, batch_size=local_batch, image_size=config.image_size,
-        transform=config.transform, augment=config.augment or None, seed=config.seed,
-        worker_count=config.worker_count, prefetch=config.prefetch, **loader_args)
+        config.dataset,
+        data_dir=data_dir,
+        batch_size=local_batch,
+        image_size=config.image_size,
+        transform=config.transform,
+        augment=config.augment or None,
+        seed=config.seed,
+        worker_count=config.worker_count,
+        prefetch=config.prefetch,
+        **loader_args,
+    )
     eval_loader = data.create_eval_loader(
-        config.dataset, data_dir=data_dir, batch_size=local_eval_batch, image_size=config.image_size,
-        resize_size=config.eval_resize_size or None, worker_count=config.worker_count, **loader_args)
+        config.dataset,
+        data_dir=data_dir,
+        batch_size=local_eval_batch,
+        image_size=config.image_size,
+        resize_size=config.eval_resize_size or None,
+        worker_count=config.worker_count,
+        **loader_args,
+    )
     steps_per_epoch = train_loader.steps_per_epoch
     total_steps = int(math.ceil(config.num_epochs * steps_per_epoch))
     num_epochs = int(math.ceil(config.num_epochs))
@@ -258,19 +302,36 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         workdir_lib.record_changes(workdir, start_step, changes)
 
     train_step = make_train_step(
-        model, tx, schedule, mesh, num_classes=num_classes, label_smoothing=config.label_smoothing,
-        mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, grad_accum_steps=config.grad_accum_steps,
-        ema_decay=config.ema_decay, freeze_bn=config.freeze_bn, stage_diagnostics=config.stage_diagnostics)
+        model,
+        tx,
+        schedule,
+        mesh,
+        num_classes=num_classes,
+        label_smoothing=config.label_smoothing,
+        mixup_alpha=config.mixup_alpha,
+        cutmix_alpha=config.cutmix_alpha,
+        grad_accum_steps=config.grad_accum_steps,
+        ema_decay=config.ema_decay,
+        freeze_bn=config.freeze_bn,
+        stage_diagnostics=config.stage_diagnostics,
+    )
     dead_relu = make_dead_relu_step(model, mesh) if config.stage_diagnostics else None
     eval_step = make_eval_step(model, mesh)
     progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
-    progress.write(f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "
-                   f"{jax.process_count()} process(es), global batch {config.batch_size}, "
-                   f"{steps_per_epoch} steps/epoch, {total_steps} steps"
-                   + (f", resuming at step {start_step}" if start_step else ""))
+    progress.write(
+        f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "
+        f"{jax.process_count()} process(es), global batch {config.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps"
+        + (f", resuming at step {start_step}" if start_step else "")
+    )
 
-    summary = {"step": start_step, "epoch": start_step // steps_per_epoch, "train": None, "eval": None,
-               "stopped_early": False}
+    summary = {
+        "step": start_step,
+        "epoch": start_step // steps_per_epoch,
+        "train": None,
+        "eval": None,
+        "stopped_early": False,
+    }
     pending, epoch_metrics, epoch_start = [], [], time.perf_counter()
     with StopRequested() as stop:
         for step in range(start_step + 1, total_steps + 1):
@@ -297,18 +358,25 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
                 epoch = math.ceil(step / steps_per_epoch)
                 evals = {}
                 if epoch % config.eval_every_epochs == 0 or step == total_steps:
-                    evals["eval"] = evaluate(eval_step, {"params": state.params, "batch_stats": state.batch_stats},
-                                             eval_loader, mesh)
+                    evals["eval"] = evaluate(
+                        eval_step, {"params": state.params, "batch_stats": state.batch_stats}, eval_loader, mesh
+                    )
                     if config.ema_decay > 0:
                         evals["eval_ema"] = evaluate(
-                            eval_step, {"params": state.ema_params, "batch_stats": state.ema_batch_stats},
-                            eval_loader, mesh)
+                            eval_step,
+                            {"params": state.ema_params, "batch_stats": state.ema_batch_stats},
+                            eval_loader,
+                            mesh,
+                        )
                     eval_metrics = evals["eval"]
                     if eval_metrics["top1"] > best_top1:
                         best_top1, best_step = eval_metrics["top1"], step
                     for split, metrics_ in evals.items():
-                        logger.write(step, split, {"epoch": epoch, **metrics_,
-                                                   **({"best_top1": best_top1} if split == "eval" else {})})
+                        logger.write(
+                            step,
+                            split,
+                            {"epoch": epoch, **metrics_, **({"best_top1": best_top1} if split == "eval" else {})},
+                        )
                     summary["eval"] = eval_metrics
                 counts = sum(n for n, _ in epoch_metrics)
                 epoch_train = {k: sum(n * m[k] for n, m in epoch_metrics) / counts for k in ("loss", "top1")}
@@ -325,8 +393,10 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
             summary["step"] = step
             if stopping:
                 summary["stopped_early"] = step < total_steps
-                progress.write(f"stopping at step {step}: checkpoint saved in {checkpointer.directory}; "
-                               f"rerun the same command to resume")
+                progress.write(
+                    f"stopping at step {step}: checkpoint saved in {checkpointer.directory}; "
+                    f"rerun the same command to resume"
+                )
                 break
     progress.close()
     checkpointer.close()
@@ -334,10 +404,13 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     summary.update(best_top1=best_top1, best_step=best_step)
     if primary and not summary["stopped_early"] and config.write_report and jax.process_count() == 1:
         from resnext_jax.inference.report import write_run_report
+
         report = write_run_report(workdir, which="best", speed_batch_sizes=(1, local_eval_batch), min_seconds=1.0)
         summary["report"] = os.path.join(report["report_dir"], "report.md")
     if primary and not summary["stopped_early"]:
         report = f"; report {summary['report']}" if "report" in summary else ""
-        progress.write(f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
-                       f"workdir {workdir}{report}")
+        progress.write(
+            f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
+            f"workdir {workdir}{report}"
+        )
     return summary

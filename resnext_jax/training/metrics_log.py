@@ -2,6 +2,7 @@
 
 Only process 0 writes; the others get a logger whose methods do nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, split: str, metrics: dict) -> None:
@@ -90,8 +92,15 @@ class Progress:
     def __init__(self, total_steps: int, initial_step: int, global_batch: int, primary: bool, show_bar: bool):
         self.primary = primary
         self.global_batch = global_batch
-        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
-                              disable=not (primary and show_bar), file=sys.stderr, desc="train")
+        self._bar = tqdm.tqdm(
+            total=total_steps,
+            initial=initial_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (primary and show_bar),
+            file=sys.stderr,
+            desc="train",
+        )
         self._last_time, self._last_step = time.perf_counter(), initial_step
 
     def update(self, step: int, metrics: dict | None = None) -> None:
@@ -107,8 +116,11 @@ class Progress:
 
     def epoch_line(self, epoch: int, num_epochs: int, train: dict, seconds: float, evals: dict[str, dict]) -> None:
         """Prints one summary line: train loss and top-1, epoch time, and each eval's loss, top-1 and top-5."""
-        parts = [f"epoch {epoch}/{num_epochs}", f"train loss {train['loss']:.4f} top1 {train['top1']:.2%}",
-                 f"{seconds:.1f}s"]
+        parts = [
+            f"epoch {epoch}/{num_epochs}",
+            f"train loss {train['loss']:.4f} top1 {train['top1']:.2%}",
+            f"{seconds:.1f}s",
+        ]
         for split, metrics in evals.items():
             parts.append(f"{split} loss {metrics['loss']:.4f} top1 {metrics['top1']:.2%} top5 {metrics['top5']:.2%}")
         self.write(" | ".join(parts))

@@ -6,17 +6,20 @@ synchronizes its statistics through the axis name (the model is built with `bn_a
 gradients and metrics are averaged with `lax.pmean`. Plain `jit` auto-sharding would all-gather the batch
 around every grouped conv (openxla/xla#47945), which is why the steps use shard_map.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from resnext_jax.models.init import init_variables  # noqa: F401  (loop.py and the tests import it from here)
 from resnext_jax.models.layers import BatchNorm, GroupNorm
@@ -37,6 +40,7 @@ class TrainState:
       rng: base PRNG key (uint32[2]); step and device indices are folded in.
       ema_params, ema_batch_stats: exponential moving average of the weights ({} when EMA is off).
     """
+
     step: jax.Array
     params: Any
     batch_stats: Any
@@ -46,14 +50,20 @@ class TrainState:
     ema_batch_stats: Any
 
 
-def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: jax.Array,
-                       use_ema: bool) -> TrainState:
+def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: jax.Array, use_ema: bool) -> TrainState:
     """Wraps model `variables` (random or converted torchvision weights) and a fresh optimizer state."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     # The EMA starts as a copy: the step donates the state, and one buffer cannot be donated twice.
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree) if use_ema else {}  # noqa: E731
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=rng, ema_params=copy(params), ema_batch_stats=copy(batch_stats))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        rng=rng,
+        ema_params=copy(params),
+        ema_batch_stats=copy(batch_stats),
+    )
 
 
 def with_frozen_norm(model: nn.Module) -> nn.Module:
@@ -77,14 +87,24 @@ def cross_entropy_top1(logits: jax.Array, targets: jax.Array, labels: jax.Array)
 
 class LossAndGrads(NamedTuple):
     """What `loss_and_grads` returns for one device's batch."""
+
     loss: jax.Array  # mean softmax cross-entropy (float32 scalar)
     top1: jax.Array  # fraction of the batch whose top logit is the label (float32 scalar)
     batch_stats: Any  # the BatchNorm statistics updated by this batch (unchanged under freeze_bn; {} for group norm)
     grads: Any  # d loss / d params, a params-shaped tree
 
 
-def loss_and_grads(model: nn.Module, params, batch_stats, images: jax.Array, targets: jax.Array, labels: jax.Array,
-                   dropout_rng: jax.Array, *, freeze_bn: bool = False) -> LossAndGrads:
+def loss_and_grads(
+    model: nn.Module,
+    params,
+    batch_stats,
+    images: jax.Array,
+    targets: jax.Array,
+    labels: jax.Array,
+    dropout_rng: jax.Array,
+    *,
+    freeze_bn: bool = False,
+) -> LossAndGrads:
     """The training forward and backward on one device's batch: the loss, top-1 and gradients of every train step.
 
     `images` is (B, H, W, 3), `targets` (B, num_classes) probabilities (one-hot, smoothed or mixed) and `labels`
@@ -95,8 +115,13 @@ def loss_and_grads(model: nn.Module, params, batch_stats, images: jax.Array, tar
     module = with_frozen_norm(model) if freeze_bn else model
 
     def per_device_loss(params):
-        logits, updates = module.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
-                                       mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        logits, updates = module.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
+        )
         new_stats = batch_stats if freeze_bn else updates.get("batch_stats", batch_stats)
         loss, top1 = cross_entropy_top1(logits, targets, labels)
         return loss, (new_stats, top1)
@@ -128,11 +153,21 @@ def stage_norms(tree) -> dict[str, jax.Array]:
     return {stage: jnp.sqrt(value) for stage, value in squares.items()}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, *,
-                    num_classes: int, label_smoothing: float = 0.0, mixup_alpha: float = 0.0,
-                    cutmix_alpha: float = 0.0, grad_accum_steps: int = 1, ema_decay: float = 0.0,
-                    freeze_bn: bool = False, stage_diagnostics: bool = True
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    *,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+    freeze_bn: bool = False,
+    stage_diagnostics: bool = True,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted, with `state` donated.
 
     `batch` is {'image': (B, H, W, 3) float, 'label': (B,) int32}, sharded along `data` over `mesh`;
@@ -141,14 +176,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     `param_norm/<stage>` for stem, each stage and head (see `stage_name`): a few reductions over trees the step
     already holds.
     """
+
     def step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
         mix_rng, dropout_rng = jax.random.split(rng)
         images, labels = batch["image"], batch["label"]
         if mixup_alpha > 0 or cutmix_alpha > 0:
             from resnext_jax.data import mixup_cutmix
-            images, targets = mixup_cutmix(mix_rng, images, labels, num_classes, mixup_alpha=mixup_alpha,
-                                           cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing)
+
+            images, targets = mixup_cutmix(
+                mix_rng,
+                images,
+                labels,
+                num_classes,
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
+            )
         else:
             targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
@@ -159,8 +203,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         for index in range(grad_accum_steps):
             part = slice(index * size, (index + 1) * size)
             micro_loss, micro_top1, batch_stats, micro_grads = loss_and_grads(
-                model, state.params, batch_stats, images[part], targets[part], labels[part],
-                jax.random.fold_in(dropout_rng, index), freeze_bn=freeze_bn)
+                model,
+                state.params,
+                batch_stats,
+                images[part],
+                targets[part],
+                labels[part],
+                jax.random.fold_in(dropout_rng, index),
+                freeze_bn=freeze_bn,
+            )
             grads = micro_grads if grads is None else jax.tree_util.tree_map(jnp.add, grads, micro_grads)
             loss, top1 = loss + micro_loss, top1 + micro_top1
         scale = 1.0 / grad_accum_steps
@@ -175,17 +226,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         params = optax.apply_updates(state.params, updates)
         ema_params, ema_stats = state.ema_params, state.ema_batch_stats
         if ema_decay > 0:
+
             def ema(e, p):
                 return ema_decay * e + (1.0 - ema_decay) * p
+
             ema_params = jax.tree_util.tree_map(ema, ema_params, params)
             ema_stats = jax.tree_util.tree_map(ema, ema_stats, batch_stats)
-        metrics = dict(loss=loss, top1=top1, grad_norm=optax.tree.norm(grads),
-                       param_norm=optax.tree.norm(params), learning_rate=schedule(state.step))
+        metrics = dict(
+            loss=loss,
+            top1=top1,
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+            learning_rate=schedule(state.step),
+        )
         if stage_diagnostics:
             metrics.update({f"grad_norm/{stage}": norm for stage, norm in stage_norms(grads).items()})
             metrics.update({f"param_norm/{stage}": norm for stage, norm in stage_norms(params).items()})
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                                  ema_params=ema_params, ema_batch_stats=ema_stats)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema_params,
+            ema_batch_stats=ema_stats,
+        )
         return new_state, metrics
 
     # check_vma=False keeps pmap's semantics: gradients w.r.t. replicated params stay per-device until the
@@ -199,6 +263,7 @@ def _relu_outputs(outputs: list):
     each norm called with an activation and no residual (stems, a block's inner norms), and each block's output
     (its last norm, shortcut add and activation, fused or not). Blocks under `scan_blocks` (`*_rest`) run inside
     a scan body, whose values cannot leave it, and SE's squeeze ReLU are left out."""
+
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         if context.method_name != "__call__" or not isinstance(out, jax.Array):
@@ -214,6 +279,7 @@ def _relu_outputs(outputs: list):
         elif len(path) == 1 and _STAGE_PREFIX.match(path[0]):
             outputs.append((stage_name(path[0]), out))
         return out
+
     return interceptor
 
 
@@ -232,8 +298,9 @@ def make_dead_relu_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], 
     def step(variables, batch):
         outputs = []
         with nn.intercept_methods(_relu_outputs(outputs)):
-            model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
-                        rngs={"dropout": jax.random.key(0)})
+            model.apply(
+                variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}
+            )
         dead, units = {}, {}
         for stage, out in outputs:
             alive = jax.lax.pmax(jnp.any(out != 0, axis=tuple(range(out.ndim - 1))).astype(jnp.int32), AXIS)
@@ -251,14 +318,16 @@ def make_eval_step(model: nn.Module, mesh: Mesh) -> Callable[[dict, dict], dict]
     `batch` has 'image', 'label' and a boolean 'mask' (False on padding rows). Returns global sums (replicated):
     loss (cross-entropy), top1, top5 (correct counts) and count (real examples), so padded rows never count.
     """
+
     def step(variables, batch):
         logits = model.apply(variables, batch["image"], train=False)
         labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
         top1 = jnp.argmax(logits, -1) == labels
-        sums = dict(loss=jnp.sum(loss * mask), top1=jnp.sum(top1 * mask), top5=jnp.sum(top5 * mask),
-                    count=jnp.sum(mask))
+        sums = dict(
+            loss=jnp.sum(loss * mask), top1=jnp.sum(top1 * mask), top5=jnp.sum(top5 * mask), count=jnp.sum(mask)
+        )
         return jax.lax.psum(sums, AXIS)
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)

@@ -1,5 +1,6 @@
 """The workdir's run records (the resolved config, package versions and devices), the incompatible-run guard,
 the record of resumed-with-changes runs, and the one-writer lock."""
+
 from __future__ import annotations
 
 import datetime
@@ -14,8 +15,21 @@ import jax
 
 from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
 
-PACKAGES = ("resnext-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml-collections",
-            "pillow", "tensorflow-datasets", "torch", "torchvision")
+PACKAGES = (
+    "resnext-jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "numpy",
+    "ml-collections",
+    "pillow",
+    "tensorflow-datasets",
+    "torch",
+    "torchvision",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -45,24 +59,32 @@ def check_compatible(workdir: str, config_dict: dict, allow_changes: bool = Fals
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"{path} cannot be read ({error}); restore it, or use a new --workdir") from None
     diffs = config_differences(saved, config_dict)
-    changes = {key: (saved.get(key), config_dict.get(key)) for key in CHANGEABLE_FIELDS
-               if saved.get(key) != config_dict.get(key)}
+    changes = {
+        key: (saved.get(key), config_dict.get(key))
+        for key in CHANGEABLE_FIELDS
+        if saved.get(key) != config_dict.get(key)
+    }
     clip = changes.get("grad_clip_norm")
     if allow_changes and clip and (not clip[0]) != (not clip[1]):
-        raise ConfigError(f"config.grad_clip_norm cannot switch between 0 (off) and on when resuming ({clip[0]} -> "
-                          f"{clip[1]}): that changes the optimizer state. Keep it {'off' if not clip[0] else 'on'}, "
-                          f"or start a new --workdir.")
+        raise ConfigError(
+            f"config.grad_clip_norm cannot switch between 0 (off) and on when resuming ({clip[0]} -> "
+            f"{clip[1]}): that changes the optimizer state. Keep it {'off' if not clip[0] else 'on'}, "
+            f"or start a new --workdir."
+        )
     refused = [line for line in diffs if not (allow_changes and line.split(":", 1)[0] in changes)]
     if refused:
         hint = ""
         if not allow_changes and all(line.split(":", 1)[0] in CHANGEABLE_FIELDS for line in refused):
-            hint = ("\nThese fields may change on resume: rerun with --allow_changes to continue this run with "
-                    "them (the change is recorded in config_changes.jsonl).")
+            hint = (
+                "\nThese fields may change on resume: rerun with --allow_changes to continue this run with "
+                "them (the change is recorded in config_changes.jsonl)."
+            )
         raise ConfigError(
             f"{workdir} holds a run with a different config, which this run would overwrite:\n  "
             + "\n  ".join(refused)
             + f"\nUse a new --workdir for the new config, or rerun with the saved config ({path}) to resume it."
-            + hint)
+            + hint
+        )
     return changes if allow_changes else {}
 
 
@@ -70,8 +92,11 @@ def record_changes(workdir: str, step: int, changes: dict[str, tuple]) -> None:
     """Appends `{time, step, changes}` to `<workdir>/config_changes.jsonl`: what a resumed run changed, and where."""
     if not changes:
         return
-    record = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "step": int(step),
-              "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}
+    record = {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "step": int(step),
+        "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()},
+    }
     with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -99,14 +124,25 @@ class WorkdirLock:
             except json.JSONDecodeError:
                 holder = {}
             f.close()
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-                   if holder else "another process")
-            raise ConfigError(f"{os.path.dirname(self.path)} is in use by another run ({who}). Wait for it to "
-                              f"finish or stop it (Ctrl-C saves and exits), or use another --workdir.") from None
+            who = (
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                if holder
+                else "another process"
+            )
+            raise ConfigError(
+                f"{os.path.dirname(self.path)} is in use by another run ({who}). Wait for it to "
+                f"finish or stop it (Ctrl-C saves and exits), or use another --workdir."
+            ) from None
         f.seek(0)
         f.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                   "started": datetime.datetime.now().isoformat(timespec="seconds")}, f)
+        json.dump(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            },
+            f,
+        )
         f.flush()
         self._file = f
 

@@ -21,59 +21,61 @@ VERSION = "1.0.0"
 
 
 def digits_images_and_labels() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Returns (images uint8 (1797, 32, 32, 3) NHWC, labels int64 (1797,), is_test bool (1797,)).
+    """Returns (images uint8 (1797, 32, 32, 3) NHWC, labels int64 (1797,), is_test bool (1797,)).
 
-  This is the exact content the builder writes, so tests can compare the loaded dataset against it.
-  """
-  from PIL import Image
-  from sklearn.datasets import load_digits
+    This is the exact content the builder writes, so tests can compare the loaded dataset against it.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
 
-  digits = load_digits()
-  small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  images = np.stack([
-      np.asarray(Image.fromarray(im, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR))
-      for im in small
-  ])
-  images = np.repeat(images[..., None], 3, axis=-1)
-  order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-  is_test = np.zeros(len(images), dtype=bool)
-  is_test[order[-NUM_TEST:]] = True
-  return images, digits.target.astype(np.int64), is_test
+    digits = load_digits()
+    small = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.stack(
+        [np.asarray(Image.fromarray(im, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)) for im in small]
+    )
+    images = np.repeat(images[..., None], 3, axis=-1)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
+    is_test = np.zeros(len(images), dtype=bool)
+    is_test[order[-NUM_TEST:]] = True
+    return images, digits.target.astype(np.int64), is_test
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
-  from PIL import Image
+    from PIL import Image
 
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def build(data_dir: str) -> str:
-  """Writes digits into `<data_dir>/digits/1.0.0` (once, in about a second) and returns that directory.
+    """Writes digits into `<data_dir>/digits/1.0.0` (once, in about a second) and returns that directory.
 
-  It prints one line: TFDS's builder printed size warnings and nested progress bars for a one-second job. The
-  examples, their features and their order (TFDS's key-hash order; keys are the example indices) are those TFDS's
-  builder wrote, so a directory made by an older version reads the same.
-  """
-  import sys
+    It prints one line: TFDS's builder printed size warnings and nested progress bars for a one-second job. The
+    examples, their features and their order (TFDS's key-hash order; keys are the example indices) are those TFDS's
+    builder wrote, so a directory made by an older version reads the same.
+    """
+    import sys
 
-  from resnext_jax.data.prepare.writer import DatasetWriter
+    from resnext_jax.data.prepare.writer import DatasetWriter
 
-  images, labels, is_test = digits_images_and_labels()
-  print(f"Building the digits dataset once (offline, from scikit-learn) in {data_dir}", file=sys.stderr)
-  with DatasetWriter(data_dir, "digits", VERSION, features(), description=__doc__,
-                     metadata={"source": "scikit-learn load_digits"}) as writer:
-    for split, indices in (("train", np.flatnonzero(~is_test)), ("test", np.flatnonzero(is_test))):
-      split_writer = writer.split(split)
-      for index in indices:
-        split_writer.add(str(int(index)), {"image": _png_bytes(images[index]), "label": int(labels[index])})
-  return writer.target
+    images, labels, is_test = digits_images_and_labels()
+    print(f"Building the digits dataset once (offline, from scikit-learn) in {data_dir}", file=sys.stderr)
+    with DatasetWriter(
+        data_dir, "digits", VERSION, features(), description=__doc__, metadata={"source": "scikit-learn load_digits"}
+    ) as writer:
+        for split, indices in (("train", np.flatnonzero(~is_test)), ("test", np.flatnonzero(is_test))):
+            split_writer = writer.split(split)
+            for index in indices:
+                split_writer.add(str(int(index)), {"image": _png_bytes(images[index]), "label": int(labels[index])})
+    return writer.target
 
 
 def features():
-  """The TFDS features of digits: a 32x32x3 PNG and one of 10 labels."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
-      "label": tfds.features.ClassLabel(num_classes=10),
-  })
+    """The TFDS features of digits: a 32x32x3 PNG and one of 10 labels."""
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }
+    )

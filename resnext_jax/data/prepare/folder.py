@@ -4,6 +4,7 @@ Class names are the sorted subfolder names, as in torchvision. The validation sp
 chosen per class by an md5 hash of each file's path relative to the root, so the same files give the same split on
 every machine, every class is represented in proportion, and adding a file moves no other file across the split.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,10 @@ def check_name(name: str) -> None:
     from resnext_jax.data import datasets
 
     if not NAME_PATTERN.fullmatch(name):
-        raise UserError(f"--name {name!r} is not a valid dataset name; use lower-case letters, digits and _, "
-                        f"starting with a letter (e.g. my_flowers)")
+        raise UserError(
+            f"--name {name!r} is not a valid dataset name; use lower-case letters, digits and _, "
+            f"starting with a letter (e.g. my_flowers)"
+        )
     if name in datasets.BUILT_IN or name.split("/")[0] in datasets.BUILT_IN:
         raise UserError(f"--name {name!r} is a built-in dataset; choose another name for your folder")
 
@@ -62,8 +65,9 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
         if not os.path.isdir(class_root):
             continue
         found, visited = [], set()
-        for directory, subdirectories, names in os.walk(class_root, followlinks=True,
-                                                        onerror=lambda error: _walk_error(error, report)):
+        for directory, subdirectories, names in os.walk(
+            class_root, followlinks=True, onerror=lambda error: _walk_error(error, report)
+        ):
             status = os.stat(directory)
             if (status.st_dev, status.st_ino) in visited:
                 report.skipped.append((directory, "symlink loop (directory already read)"))
@@ -83,8 +87,10 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
                 else:
                     found.append((relative, path))
         if not found:
-            raise UserError(f"class folder {class_root} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
-                            f"add images or remove the folder")
+            raise UserError(
+                f"class folder {class_root} has no images ({', '.join(images.IMAGE_EXTENSIONS)}); "
+                f"add images or remove the folder"
+            )
         files[label] = found
     return files
 
@@ -105,8 +111,17 @@ def split_files(files: list[tuple[str, str]], val_fraction: float) -> tuple[list
     return ordered[count:], ordered[:count]
 
 
-def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None = None, val_fraction: float = 0.1,
-                   workers: int = 0, overwrite: bool = False, quiet: bool = False) -> Report:
+def prepare_folder(
+    root: str,
+    name: str,
+    *,
+    data_dir: str,
+    val_dir: str | None = None,
+    val_fraction: float = 0.1,
+    workers: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Report:
     """Prepares the image folder `root` as dataset `name` in `data_dir` (see the module docstring); returns the
     report. Raises UserError for an unusable folder, an existing dataset (without `overwrite`) or a full disk."""
     started = time.perf_counter()
@@ -118,16 +133,19 @@ def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None =
     if not class_names:
         raise UserError(f"{root} has no class subfolders; lay the images out as {root}/<class>/<image>.jpg")
     if len(class_names) == 1:
-        raise UserError(f"{root} has only one class folder ({class_names[0]!r}); a classifier needs at least two "
-                        f"classes, as {root}/<class>/<image>.jpg")
+        raise UserError(
+            f"{root} has only one class folder ({class_names[0]!r}); a classifier needs at least two "
+            f"classes, as {root}/<class>/<image>.jpg"
+        )
     report = Report(class_names=class_names)
     files = scan(root, class_names, report, os.path.basename(root))
     if val_dir:
         val_dir = os.path.abspath(val_dir)
         unknown = sorted(set(_class_folders(val_dir, "--val-dir")) - set(class_names))
         if unknown:
-            raise UserError(f"--val-dir {val_dir} has class folders that {root} lacks: {unknown}; use the same "
-                            f"class names in both")
+            raise UserError(
+                f"--val-dir {val_dir} has class folders that {root} lacks: {unknown}; use the same class names in both"
+            )
         train = {label: found for label, found in files.items()}
         validation = scan(val_dir, class_names, report, os.path.basename(val_dir))
     else:
@@ -136,21 +154,31 @@ def prepare_folder(root: str, name: str, *, data_dir: str, val_dir: str | None =
             train[label], validation[label] = split_files(found, val_fraction)
 
     if not any(validation.values()):
-        raise UserError(f"no class in {root} has the 2 images a validation split needs; add images or pass "
-                        f"--val-dir")
+        raise UserError(f"no class in {root} has the 2 images a validation split needs; add images or pass --val-dir")
     split_arguments = ["--val-dir", val_dir] if val_dir else ["--val-fraction", str(val_fraction)]
     command = rerun_command("folder", root, "--name", name, *split_arguments, data_dir=data_dir)
     features = folder_features(class_names)
-    metadata = {"source": f"folder {root}", "train_split": "train", "eval_split": "validation",
-                "image_size": DEFAULT_IMAGE_SIZE, "class_names": class_names, "command": command}
-    with DatasetWriter(data_dir, name, VERSION, features, description=f"Images from {root}.", metadata=metadata,
-                       overwrite=overwrite) as writer:
+    metadata = {
+        "source": f"folder {root}",
+        "train_split": "train",
+        "eval_split": "validation",
+        "image_size": DEFAULT_IMAGE_SIZE,
+        "class_names": class_names,
+        "command": command,
+    }
+    with DatasetWriter(
+        data_dir, name, VERSION, features, description=f"Images from {root}.", metadata=metadata, overwrite=overwrite
+    ) as writer:
         # In the order the writer stores them, so it writes each split once instead of copying it into order.
-        items = sorted((Item(split=split, key=relative, label=label, source=path, name=path,
-                             extra={"file_name": relative})
-                        for split, by_label in (("train", train), ("validation", validation))
-                        for label, found in by_label.items() for relative, path in found),
-                       key=lambda item: (item.split, md5_key(item.split, item.key)))
+        items = sorted(
+            (
+                Item(split=split, key=relative, label=label, source=path, name=path, extra={"file_name": relative})
+                for split, by_label in (("train", train), ("validation", validation))
+                for label, found in by_label.items()
+                for relative, path in found
+            ),
+            key=lambda item: (item.split, md5_key(item.split, item.key)),
+        )
         write_items(writer, items, report, workers=workers, total=len(items), stats_split="train", quiet=quiet)
         _check_every_class_written(report, class_names)
         writer.metadata["mean"], writer.metadata["std"] = report.mean_std()
@@ -163,16 +191,20 @@ def _check_every_class_written(report: Report, class_names: list[str]) -> None:
     empty = [class_names[label] for label in range(len(class_names)) if not report.written["train"][label]]
     if empty:
         examples = "; ".join(f"{name}: {why}" for name, why in report.skipped[:3])
-        raise UserError(f"no usable training image in class folder(s) {empty} (skipped, e.g. {examples}); "
-                        f"add images that open, or remove those folders")
+        raise UserError(
+            f"no usable training image in class folder(s) {empty} (skipped, e.g. {examples}); "
+            f"add images that open, or remove those folders"
+        )
 
 
 def folder_features(class_names: list[str]):
     """TFDS features of a folder dataset: encoded image (any format PIL reads), label, relative file name."""
     import tensorflow_datasets as tfds
 
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(),
-        "label": tfds.features.ClassLabel(names=class_names),
-        "file_name": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(),
+            "label": tfds.features.ClassLabel(names=class_names),
+            "file_name": tfds.features.Text(),
+        }
+    )

@@ -8,6 +8,7 @@ TFDS re-encodes the 22 CMYK JPEGs and the one PNG named .JPEG (n02105855_2933.JP
 every file as it is, which is what torchvision's ImageFolder reads: PIL opens both and the loaders convert them to
 RGB exactly as `ImageFolder`'s `pil_loader` does, so training sees torchvision's pixels.
 """
+
 from __future__ import annotations
 
 import io
@@ -55,8 +56,14 @@ def _train_items(path: str, label_of: dict[str, int], report: Report) -> Iterato
                     if not images.is_image_name(name):
                         report.ignore("non-image files", f"{class_tar}:{member}")
                         continue
-                    yield Item(split="train", key=name, label=label_of[synset], source=image,
-                               name=f"{TRAIN_TAR}:{class_tar}:{member}", extra={"file_name": name})
+                    yield Item(
+                        split="train",
+                        key=name,
+                        label=label_of[synset],
+                        source=image,
+                        name=f"{TRAIN_TAR}:{class_tar}:{member}",
+                        extra={"file_name": name},
+                    )
 
 
 def _val_items(path: str, label_of: dict[str, int], validation: list[str], report: Report) -> Iterator[Item]:
@@ -70,12 +77,19 @@ def _val_items(path: str, label_of: dict[str, int], validation: list[str], repor
             except (IndexError, ValueError):
                 report.skipped.append((f"{VAL_TAR}:{member}", "not an ILSVRC2012_val_NNNNNNNN.JPEG file"))
                 continue
-            yield Item(split="validation", key=name, label=label_of[synset], source=image,
-                       name=f"{VAL_TAR}:{member}", extra={"file_name": name})
+            yield Item(
+                split="validation",
+                key=name,
+                label=label_of[synset],
+                source=image,
+                name=f"{VAL_TAR}:{member}",
+                extra={"file_name": name},
+            )
 
 
-def prepare_imagenet(source: str, *, data_dir: str, workers: int = 0, overwrite: bool = False,
-                     quiet: bool = False) -> Report:
+def prepare_imagenet(
+    source: str, *, data_dir: str, workers: int = 0, overwrite: bool = False, quiet: bool = False
+) -> Report:
     """Prepares imagenet2012 (train and validation) from the folder `source` that holds the two tars."""
     from resnext_jax.data.prepare.archives import _imagenet_like_features
 
@@ -83,21 +97,34 @@ def prepare_imagenet(source: str, *, data_dir: str, workers: int = 0, overwrite:
     paths = {tar: os.path.join(source, tar) for tar in (TRAIN_TAR, VAL_TAR)}
     missing = [tar for tar, path in paths.items() if not os.path.isfile(path)]
     if missing:
-        raise UserError(f"{source} lacks {', '.join(missing)}; download them from https://image-net.org/ into "
-                        f"that folder (the tars as downloaded, not extracted)")
+        raise UserError(
+            f"{source} lacks {', '.join(missing)}; download them from https://image-net.org/ into "
+            f"that folder (the tars as downloaded, not extracted)"
+        )
     synsets, validation = imagenet_labels()
     label_of = {synset: label for label, synset in enumerate(synsets)}
     report = Report(class_names=synsets)
-    metadata = {"source": f"imagenet2012 {os.path.abspath(source)}", "train_split": "train",
-                "eval_split": "validation", "class_names": synsets,
-                "command": rerun_command("imagenet2012", "--from", os.path.abspath(source), data_dir=data_dir)}
+    metadata = {
+        "source": f"imagenet2012 {os.path.abspath(source)}",
+        "train_split": "train",
+        "eval_split": "validation",
+        "class_names": synsets,
+        "command": rerun_command("imagenet2012", "--from", os.path.abspath(source), data_dir=data_dir),
+    }
 
     def items() -> Iterator[Item]:
         yield from _train_items(paths[TRAIN_TAR], label_of, report)
         yield from _val_items(paths[VAL_TAR], label_of, validation, report)
 
-    with DatasetWriter(data_dir, "imagenet2012", VERSION, _imagenet_like_features(synsets, True), metadata=metadata,
-                       description="ILSVRC 2012 from the original tars", overwrite=overwrite) as writer:
+    with DatasetWriter(
+        data_dir,
+        "imagenet2012",
+        VERSION,
+        _imagenet_like_features(synsets, True),
+        metadata=metadata,
+        description="ILSVRC 2012 from the original tars",
+        overwrite=overwrite,
+    ) as writer:
         write_items(writer, items(), report, workers=workers, quiet=quiet)
         _require_splits(report, source, ("train", "validation"))
     report.seconds, report.target = time.perf_counter() - started, writer.target

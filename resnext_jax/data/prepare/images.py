@@ -5,6 +5,7 @@ that PIL cannot decode to RGB here would fail in every epoch later. JPEGs are de
 reads every byte, so truncation is caught) and their per-channel statistics come from that small image, which is
 why checking a 500x375 photo costs about a millisecond. Raw pixels (CIFAR) are encoded as PNG, as TFDS stores them.
 """
+
 from __future__ import annotations
 
 import io

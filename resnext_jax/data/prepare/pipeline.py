@@ -5,6 +5,7 @@ writer keeps three numbers per written example. Workers are forked (they start i
 process whose JAX runtime is running (a test, a notebook): its threads must not be forked, so a forkserver starts
 them there. Workers ignore Ctrl-C, which the parent handles by removing the partial output.
 """
+
 from __future__ import annotations
 
 import collections
@@ -80,8 +81,9 @@ class Report:
 def rerun_command(command: str, *arguments: str, data_dir: str) -> str:
     """The command line that prepares the same dataset again; stored with it, so that the error for a damaged
     file can give it."""
-    return shlex.join(["python", "-m", "resnext_jax.data.prepare", command, *arguments,
-                       "--data-dir", os.path.abspath(data_dir)])
+    return shlex.join(
+        ["python", "-m", "resnext_jax.data.prepare", command, *arguments, "--data-dir", os.path.abspath(data_dir)]
+    )
 
 
 def _ignore_interrupts() -> None:
@@ -138,8 +140,16 @@ def _with_bytes(chunk: list[Item], result) -> Iterator[tuple[Item, tuple]]:
         yield item, (data, problem, stats)
 
 
-def write_items(writer, items: Iterable[Item], report: Report, *, workers: int, total: int | None = None,
-                stats_split: str | None = None, quiet: bool = False) -> None:
+def write_items(
+    writer,
+    items: Iterable[Item],
+    report: Report,
+    *,
+    workers: int,
+    total: int | None = None,
+    stats_split: str | None = None,
+    quiet: bool = False,
+) -> None:
     """Checks and writes `items` (each into its own split) with the DatasetWriter, recording what happened.
 
     Unusable images are skipped and listed in the report. Images of `stats_split` feed the normalization
@@ -147,8 +157,15 @@ def write_items(writer, items: Iterable[Item], report: Report, *, workers: int, 
     """
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=f"preparing {writer.display_name}", unit=" img", file=sys.stderr,
-               disable=quiet, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"preparing {writer.display_name}",
+        unit=" img",
+        file=sys.stderr,
+        disable=quiet,
+        dynamic_ncols=True,
+        leave=False,
+    )
     with bar:
         for item, (data, problem, stats) in _loaded(items, workers):
             bar.update(1)

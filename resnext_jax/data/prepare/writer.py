@@ -14,6 +14,7 @@ Why the temporary directory: everything is written under `<name>/.incomplete-<ve
 and renamed into place at the very end. An interrupted or failed run leaves no version directory, hence nothing
 that loads; a full disk removes the partial output and says so.
 """
+
 from __future__ import annotations
 
 import array
@@ -108,7 +109,7 @@ class SplitWriter:
             path = self._shard_path(shard, num_shards)
             writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
             for start in range(bounds[shard], bounds[shard + 1], 64):
-                indices = order[start:min(start + 64, bounds[shard + 1])].tolist()
+                indices = order[start : min(start + 64, bounds[shard + 1])].tolist()
                 for record in reader.read(indices):
                     _write(writer, record, path)
             _close(writer, path, int(bounds[shard + 1] - bounds[shard]))
@@ -125,8 +126,18 @@ class DatasetWriter:
     On any error (or Ctrl-C) the temporary directory is removed; a full or read-only disk becomes one `UserError`.
     """
 
-    def __init__(self, data_dir: str, name: str, version: str, features, *, config: str | None = None,
-                 description: str = "", metadata: dict | None = None, overwrite: bool = False):
+    def __init__(
+        self,
+        data_dir: str,
+        name: str,
+        version: str,
+        features,
+        *,
+        config: str | None = None,
+        description: str = "",
+        metadata: dict | None = None,
+        overwrite: bool = False,
+    ):
         self.data_dir, self.name, self.version, self.config = data_dir, name, version, config
         self.features, self.description, self.metadata = features, description, dict(metadata or {})
         self.overwrite = overwrite
@@ -143,8 +154,10 @@ class DatasetWriter:
 
     def __enter__(self) -> DatasetWriter:  # noqa: PYI034 - not subclassed
         if os.path.exists(os.path.join(self.target, "dataset_info.json")) and not self.overwrite:
-            raise UserError(f"{self.target} already holds a prepared {self.display_name}; pass --overwrite to "
-                            f"replace it, or choose another --name or --data-dir")
+            raise UserError(
+                f"{self.target} already holds a prepared {self.display_name}; pass --overwrite to "
+                f"replace it, or choose another --name or --data-dir"
+            )
         try:
             os.makedirs(self.parent, exist_ok=True)
             _remove_stale_temporaries(self.parent)
@@ -167,8 +180,9 @@ class DatasetWriter:
             except BaseException as finish_error:  # the same cleanup as an error inside the block
                 self._remove_temporary()
                 if isinstance(finish_error, OSError):
-                    raise _disk_user_error(finish_error, self.data_dir, self.display_name,
-                                           removed=True) from finish_error
+                    raise _disk_user_error(
+                        finish_error, self.data_dir, self.display_name, removed=True
+                    ) from finish_error
                 raise
         self._remove_temporary()
         if isinstance(error, OSError):
@@ -200,9 +214,15 @@ class DatasetWriter:
             "fileFormat": "array_record",
             "moduleName": "resnext_jax.data.prepare",
             "version": self.version,
-            "splits": [{"name": name, "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-                        "numBytes": str(writer.num_bytes), "shardLengths": [str(n) for n in writer.shard_lengths]}
-                       for name, writer in self.splits.items()],
+            "splits": [
+                {
+                    "name": name,
+                    "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+                    "numBytes": str(writer.num_bytes),
+                    "shardLengths": [str(n) for n in writer.shard_lengths],
+                }
+                for name, writer in self.splits.items()
+            ],
             "supervisedKeys": {"tuple": {"items": [{"featureKey": "image"}, {"featureKey": "label"}]}},
         }
         if self.config:
