@@ -64,7 +64,8 @@ def preset(tag: str) -> Preprocessing:
 @pytest.mark.parametrize("tag", TAGS)
 def test_the_eval_loader_gives_timms_pixels(photos, tag):
     """evaluate's loader, fed the model's preset, gives timm's eval pixels within 1/255 and predict's exactly."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     pre = preset(tag)
     config = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(tag).to_dict())
     transform = timm.data.create_transform(**config)
@@ -92,9 +93,9 @@ def test_the_eval_loader_gives_timms_pixels(photos, tag):
 def test_evaluate_with_a_timm_tag_runs_and_reports_its_bicubic_preset(photos, tmp_path, capsys):
     """`python -m resnext_jax.evaluate model.safetensors --model resnet18.a1_in1k`: the accuracy pass's loss is
     the model's on the bicubic pixels (not the bilinear ones), and report.json and report.md say bicubic."""
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("safetensors")
     import optax
+    import safetensors  # noqa: F401  (timm depends on it)
+    import timm
     from safetensors.torch import save_file
 
     from resnext_jax.evaluate import main as evaluate_main

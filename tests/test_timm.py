@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
 import torch
 from flax import traverse_util
 from torch_reference import torch_logits
@@ -26,8 +27,6 @@ from resnext_jax.convert import timm as timm_convert
 from resnext_jax.convert.core import flax_shape
 from resnext_jax.errors import InputError
 from resnext_jax.models.init import variable_shapes
-
-timm = pytest.importorskip("timm")
 
 TIMM_NAMES = resnext_jax.list_models(source="timm")
 # Small names that between them take every rule of the name map (7x7, deep and tiered stems, both shortcuts, SE on

@@ -6,13 +6,12 @@ from __future__ import annotations
 import fnmatch
 
 import pytest
+import timm
 
 import resnext_jax
 from resnext_jax.errors import InputError
 from resnext_jax.models import timm_names
 from resnext_jax.models.regnet import regnet_widths
-
-timm = pytest.importorskip("timm")
 
 
 def test_list_models_patterns_follow_timm():

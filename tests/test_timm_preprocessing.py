@@ -6,6 +6,7 @@ timm (run it after a timm upgrade, then review the diff).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -31,6 +32,7 @@ do not edit by hand).
 TAGS: "name.tag" -> (input_size, test_input_size, crop_pct, test_crop_pct, interpolation, mean, std, num_classes).
 DEFAULT_TAGS: name -> the tag timm loads for `pretrained=True` without one.
 \"\"\"
+
 IMAGENET = {IMAGENET}
 INCEPTION = {INCEPTION}
 
@@ -48,18 +50,18 @@ TAGS = {{"""
             test_size = cfg.test_input_size[-1] if cfg.test_input_size else None
             norm = constants[(tuple(cfg.mean), tuple(cfg.std))]
             lines.append(
-                f"    {tag!r}: ({cfg.input_size[-1]}, {test_size}, {cfg.crop_pct}, {cfg.test_crop_pct}, "
-                f"{cfg.interpolation!r}, *{norm}, {cfg.num_classes}),"
+                f"    {json.dumps(tag)}: ({cfg.input_size[-1]}, {test_size}, {cfg.crop_pct}, {cfg.test_crop_pct}, "
+                f"{json.dumps(cfg.interpolation)}, *{norm}, {cfg.num_classes}),"
             )
     lines += ["}", "", "DEFAULT_TAGS = {"]
-    lines += [f"    {name!r}: {tag!r}," for name, tag in defaults.items()]
+    lines += [f"    {json.dumps(name)}: {json.dumps(tag)}," for name, tag in defaults.items()]
     lines += ["}", ""]
     return "\n".join(lines)
 
 
 def test_table_matches_timm():
-    """The committed table is what timm says today (a timm upgrade that changes a preset fails here)."""
-    pytest.importorskip("timm")
+    """The committed table is what timm says today (a timm upgrade that changes a preset fails here). The generator
+    writes the formatter's style (double quotes), so the committed file is both generated and ruff-formatted."""
     with open(TABLE) as f:
         assert f.read() == generate_table(), "regenerate with: python tests/test_timm_preprocessing.py"
 
@@ -85,7 +87,8 @@ def _sample_images():
 @pytest.mark.parametrize("tag, test_size", PRESETS)
 def test_eval_transform_matches_timms(tag, test_size):
     """Our preset and transform give timm's `create_transform(**resolve_data_config(...))` pixels within 1/255."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     from resnext_jax.inference.images import normalize, preprocess
     from resnext_jax.models.pretrained import pretrained_config
 
@@ -128,7 +131,7 @@ def test_unknown_tags_and_interpolations_name_the_choices():
 
 def test_load_model_uses_the_tags_preset(tmp_path):
     """A timm .safetensors file with its weight tag as --model: timm's preset (bicubic, floor(224 / 0.95))."""
-    timm = pytest.importorskip("timm")
+    import timm
     from safetensors.torch import save_file
 
     from resnext_jax.inference import load_model
