@@ -85,22 +85,7 @@ def load_torchvision(source: str, model: str | None) -> LoadedModel:
         std=info.std,
         class_names=default_class_names(num_classes),
     )
-    module = create_model(model, num_classes=num_classes)
-    return LoadedModel(
-        name=model,
-        module=module,
-        variables=jax.device_put(variables),
-        preprocessing=preprocessing,
-        source={
-            "kind": "torchvision",
-            "path": os.path.abspath(source) if is_file else None,
-            "which": None,
-            "weights": tag,
-            "step": None,
-        },
-        config=None,
-        model_kwargs={"num_classes": num_classes},
-    )
+    return _loaded(model, "torchvision", source if is_file else None, tag, variables, preprocessing, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,16 +140,20 @@ def load_timm(source: str, model: str | None) -> LoadedModel:
         class_names=default_class_names(num_classes),
         interpolation=interpolation,
     )
-    module = create_model(name, num_classes=num_classes)
-    is_file = os.path.exists(source)
+    path = source if os.path.exists(source) else None
+    return _loaded(name, "timm", path, tag, variables, preprocessing, num_classes)
+
+
+def _loaded(name: str, kind: str, path: str | None, tag, variables, preprocessing, num_classes: int) -> LoadedModel:
+    """The `LoadedModel` of converted weights: the registry's module with their head, on the default device."""
     return LoadedModel(
         name=name,
-        module=module,
+        module=create_model(name, num_classes=num_classes),
         variables=jax.device_put(variables),
         preprocessing=preprocessing,
         source={
-            "kind": "timm",
-            "path": os.path.abspath(source) if is_file else None,
+            "kind": kind,
+            "path": os.path.abspath(path) if path else None,
             "which": None,
             "weights": tag,
             "step": None,
