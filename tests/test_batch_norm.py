@@ -1,4 +1,4 @@
-"""`models.layers.BatchNorm` (hand-written backward, fused add + ReLU) against flax.linen.BatchNorm + autodiff.
+"""`models.norms.BatchNorm` (hand-written backward, fused add + ReLU) against flax.linen.BatchNorm + autodiff.
 
 flax's BatchNorm is the second implementation: same variables, same update rule, so outputs, running
 statistics and gradients with respect to the input, the residual, scale and bias must all agree.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from resnext_jax import cpu
-from resnext_jax.models.layers import BatchNorm
+from resnext_jax.models.norms import BatchNorm
 
 
 class FlaxReference(nn.Module):
@@ -489,3 +489,28 @@ def test_conv_defers_only_1x1_convs_the_matmul_takes(monkeypatch):
             assert isinstance(out, DeferredConv) == (deferred and bool(isas)), fields
             expected = conv.apply(variables, inputs)
             np.testing.assert_allclose(out.compute() if isinstance(out, DeferredConv) else out, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["batch", "definition", "partial"])
+def test_freeze_bn_freezes_every_way_of_naming_batch_norm(norm):
+    """`freeze_bn` (`training.step.with_frozen_norm`): in training mode the frozen model normalizes with the
+    running statistics (so its logits are the inference logits) and leaves them unchanged, whether the norm is the
+    config string or a `BatchNorm` definition."""
+    import functools
+
+    from resnext_jax.models import BasicBlock, ResNet
+    from resnext_jax.training.step import with_frozen_norm
+
+    norm_def = {"batch": "batch", "definition": BatchNorm, "partial": functools.partial(BatchNorm, momentum=0.8)}
+    model = ResNet(stage_sizes=(1,), block_cls=BasicBlock, num_classes=3, num_filters=8, norm=norm_def[norm])
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])  # running statistics unlike the batch's
+    variables = {"params": variables["params"], "batch_stats": stats}
+    expected = model.apply(variables, x, train=False)
+    logits, updates = with_frozen_norm(model).apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(stats)):
+        np.testing.assert_array_equal(ours, theirs)
+    unfrozen, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(unfrozen, expected, atol=1e-3)  # the check above can fail

@@ -20,7 +20,7 @@ from test_training import tiny_config
 from resnext_jax.errors import UserError
 from resnext_jax.training import ConfigError, read_metrics, train_and_evaluate
 from resnext_jax.training.checkpoint import DAMAGED_DIR, Checkpointer
-from resnext_jax.training.loop import TrainingDiverged
+from resnext_jax.training.guards import TrainingDiverged
 from resnext_jax.training.step import create_train_state, init_variables
 from resnext_jax.training.workdir import WorkdirLock
 

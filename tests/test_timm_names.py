@@ -101,8 +101,8 @@ def test_width_rounding_is_checked():
 
 @pytest.mark.parametrize("name", list(timm_names.TIMM_REGNETS))
 def test_widths_follow_timm(name):
-    """`timm_regnet_widths` is timm's arithmetic for every config; torchvision's (`regnet_widths`, what `RegNet`
-    computes) agrees except for the five names marked for timm rounding."""
+    """`regnet_widths(..., rounding="timm")` is timm's arithmetic for every config; torchvision's rounding (the
+    default) agrees except for the five names marked for timm rounding."""
     from timm.models.regnet import RegNet, model_cfgs
 
     cfg = model_cfgs[name]
@@ -113,5 +113,5 @@ def test_widths_follow_timm(name):
     if cfg.group_min_ratio:  # the *_tv names use torchvision's rounding
         assert regnet_widths(*design) == expected
     else:
-        assert timm_names.timm_regnet_widths(*design) == expected
+        assert regnet_widths(*design, rounding="timm") == expected
         assert (regnet_widths(*design) != expected) == timm_rounding

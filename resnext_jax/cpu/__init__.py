@@ -111,7 +111,7 @@ def report() -> dict:
         "available": ok,
         "isa": isa(),
         "unavailable_reason": unavailable_reason(),
-        "build": {k: v for k, v in BUILD.items()} if ok else {},
+        "build": dict(BUILD) if ok else {},
         "used": used,
         "not_used": {
             name: (_WHY_NOT.get(name, "not needed by the computations traced") if ok else unavailable_reason())

@@ -209,9 +209,9 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def write_artifact(out: str, data: bytes, make_sidecar) -> dict:
-    """Writes the artifact, then its sidecar (`make_sidecar(path)` -> dict), each through a temporary file and a
-    rename, so a reader never sees half a file or an artifact beside the sidecar of an older one."""
+def write_artifact(out: str, data: bytes, loaded, **fields) -> dict:
+    """Writes the artifact, then its sidecar (`sidecar(loaded, artifact=out, **fields)`), each through a temporary
+    file and a rename, so a reader never sees half a file or an artifact beside the sidecar of an older one."""
     out = os.fspath(out)
     side = sidecar_path(out)
     try:
@@ -220,7 +220,7 @@ def write_artifact(out: str, data: bytes, make_sidecar) -> dict:
         if os.path.exists(side):
             os.remove(side)
         _atomic_write(out, data)
-        metadata = make_sidecar(out)
+        metadata = sidecar(loaded, artifact=out, **fields)
         _atomic_write(side, (json.dumps(metadata, indent=1) + "\n").encode())
     except OSError as error:
         raise disk_error(error, out, "the exported model") from error

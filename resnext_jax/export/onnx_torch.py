@@ -133,17 +133,14 @@ def export_onnx(
     return common.write_artifact(
         out,
         data,
-        lambda path: common.sidecar(
-            loaded,
-            artifact=path,
-            fmt="onnx",
-            batch=batch,
-            resolution=resolution,
-            with_preprocessing=with_preprocessing,
-            dtype=dtype,
-            checked=checked,
-            extra=extra,
-        ),
+        loaded,
+        fmt="onnx",
+        batch=batch,
+        resolution=resolution,
+        with_preprocessing=with_preprocessing,
+        dtype=dtype,
+        checked=checked,
+        extra=extra,
     )
 
 

@@ -76,17 +76,14 @@ def export_stablehlo(
     return common.write_artifact(
         out,
         data,
-        lambda path: common.sidecar(
-            loaded,
-            artifact=path,
-            fmt="stablehlo",
-            batch=batch,
-            resolution=resolution,
-            with_preprocessing=with_preprocessing,
-            dtype=dtype,
-            checked=checked,
-            extra=extra,
-        ),
+        loaded,
+        fmt="stablehlo",
+        batch=batch,
+        resolution=resolution,
+        with_preprocessing=with_preprocessing,
+        dtype=dtype,
+        checked=checked,
+        extra=extra,
     )
 
 

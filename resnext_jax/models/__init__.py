@@ -10,20 +10,10 @@ layout. Imports run one way: models -> ops -> cpu (the native kernels); nothing 
 """
 
 from resnext_jax.models.init import init_variables, variable_shapes
-from resnext_jax.models.layers import (
-    ACTIVATIONS,
-    NORM_LAYERS,
-    NORMS,
-    BatchNorm,
-    Conv2d,
-    ConvNormAct,
-    DropPath,
-    GroupNorm,
-    SqueezeExcite,
-    norm_layer,
-)
+from resnext_jax.models.layers import ACTIVATIONS, Conv2d, ConvNormAct, DropPath, SqueezeExcite
 from resnext_jax.models.layout import stack_blocks, unstack_blocks
 from resnext_jax.models.network import Network, ResidualBlock, drop_path_rates, residual_tail
+from resnext_jax.models.norms import NORM_LAYERS, NORMS, BatchNorm, GroupNorm, norm_layer
 from resnext_jax.models.registry import ModelInfo, create_model, list_models, model_info
 from resnext_jax.models.regnet import RegNet, RegNetBlock, regnet_widths
 from resnext_jax.models.resnet import BasicBlock, Bottleneck, ResNet, bottleneck_width

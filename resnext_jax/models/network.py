@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.models.layers import Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation, norm_layer
+from resnext_jax.models.layers import Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation
+from resnext_jax.models.norms import norm_layer
 from resnext_jax.ops.pool import avg_pool_2x2_ceil, global_avg_pool
 
 ModuleDef = Any

@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnext_jax.errors import InputError
-from resnext_jax.models.layers import ACTIVATIONS, NORMS
+from resnext_jax.models.layers import ACTIVATIONS
+from resnext_jax.models.norms import NORMS
 from resnext_jax.models.pretrained import pretrained_config
-from resnext_jax.models.regnet import RegNet
+from resnext_jax.models.regnet import ROUNDINGS, RegNet
 from resnext_jax.models.resnet import STEM_TYPES, BasicBlock, Bottleneck, ResNet
 from resnext_jax.models.timm_names import TIMM_REGNETS, TIMM_RESNETS, VARIANTS
 from resnext_jax.models.timm_pretrained_cfgs import DEFAULT_TAGS
@@ -277,7 +278,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "stem_type": (lambda v: v in STEM_TYPES, f"one of {list(STEM_TYPES)} ('': one 7x7 conv; timm's deep 3x3 stems)"),
     "avg_down": (lambda v: isinstance(v, bool) or v in (0, 1), "True or False (average-pool shortcuts)"),
     "se_divisor": (_int_at_least(1), "an integer >= 1 (SE widths round to multiples of it; 8 in timm's SE-ResNets)"),
-    "width_rounding": (lambda v: v in ("torchvision", "timm"), "'torchvision' or 'timm' (whose RegNet width rules)"),
+    "width_rounding": (lambda v: v in ROUNDINGS, "'torchvision' or 'timm' (whose RegNet width rules)"),
     "depth": (_int_at_least(1), "an integer >= 1 (blocks in all)"),
     "group_width": (_int_at_least(1), "an integer >= 1 (channels per group)"),
     "w_0": (lambda v: _is_real(v) and v > 0, "a number > 0 (the first block's width)"),

@@ -26,14 +26,28 @@ def _make_divisible(value: float, divisor: int) -> int:
     return new_value
 
 
+ROUNDINGS = ("torchvision", "timm")
+
+
 def regnet_widths(
-    depth: int, w_0: float, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
+    depth: int,
+    w_0: float,
+    w_a: float,
+    w_m: float,
+    group_width: int,
+    bottleneck_multiplier: float = 1.0,
+    rounding: str = "torchvision",
 ) -> tuple[list[int], list[int], list[int]]:
     """Returns `(stage_widths, stage_depths, group_widths)` for a RegNet design point.
 
-    Mirrors torchvision's computation in float32 (torch's default dtype), so that
-    rounding ties break the same way.
+    Mirrors torchvision's computation in float32 (torch's default dtype), so that rounding ties break the same
+    way. Only the last step, rounding each stage's bottleneck to a multiple of its group width, differs between the
+    libraries: torchvision's `_make_divisible` rounds half up and never loses more than 10%; timm's
+    `quantize_float` (`rounding="timm"`, timm's own RegNets but not its `*_tv` ones) uses Python's round (half to
+    even) with no floor. Five of timm's RegNets come out different.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"width_rounding={rounding!r}; use one of {ROUNDINGS}")
     quant = 8
     widths_cont = np.arange(depth, dtype=np.float32) * np.float32(w_a) + np.float32(w_0)
     block_capacity = np.round(np.log(widths_cont / np.float32(w_0)) / np.float32(math.log(w_m)))
@@ -48,7 +62,10 @@ def regnet_widths(
     # Make each stage's bottleneck width divisible by its group width (torchvision's compatibility fix).
     bottleneck = [int(w * bottleneck_multiplier) for w in stage_widths]
     group_widths = [min(group_width, w) for w in bottleneck]
-    bottleneck = [_make_divisible(w, g) for w, g in zip(bottleneck, group_widths)]
+    if rounding == "timm":
+        bottleneck = [int(round(w / g) * g) for w, g in zip(bottleneck, group_widths)]
+    else:
+        bottleneck = [_make_divisible(w, g) for w, g in zip(bottleneck, group_widths)]
     stage_widths = [int(w / bottleneck_multiplier) for w in bottleneck]
     return stage_widths, stage_depths, group_widths
 
@@ -103,7 +120,7 @@ class RegNet(Network):
       depth, w_0, w_a, w_m, group_width, bottleneck_multiplier: the design-space parameters.
       se_ratio: 0 for RegNetX, 0.25 for RegNetY.
       stem_width: stem output channels (32 in torchvision).
-      width_rounding: "torchvision" (`regnet_widths`) or "timm" (`models.timm_names.timm_regnet_widths`): the
+      width_rounding: "torchvision" or "timm" (see `regnet_widths`): the
         two round a stage's bottleneck to its group width differently, which changes five of timm's RegNets.
       Shared fields: see `Network`; with `scan_blocks` the stacked blocks live under `block{s}_rest`.
     """
@@ -143,14 +160,9 @@ class RegNet(Network):
 
     def widths(self) -> tuple[list[int], list[int], list[int]]:
         """`(stage_widths, stage_depths, group_widths)` of this design point, rounded as `width_rounding` says."""
-        args = self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier
-        if self.width_rounding == "timm":
-            from resnext_jax.models.timm_names import timm_regnet_widths  # it builds on regnet_widths
-
-            return timm_regnet_widths(*args)
-        if self.width_rounding != "torchvision":
-            raise ValueError(f"width_rounding={self.width_rounding!r}; use 'torchvision' or 'timm'")
-        return regnet_widths(*args)
+        return regnet_widths(
+            self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier, self.width_rounding
+        )
 
     def stage_specs(self) -> list[dict]:
         """Per-stage design: blocks, groups, bottleneck (3x3) width and output channels."""

@@ -5,8 +5,8 @@ shortcut, no pre-activation and no linear output are our `RegNet` with other key
 exist: torchvision's (`_make_divisible`, round half up and never more than 10% down), which timm uses only for its
 `*_tv` names (`group_min_ratio=0.9`), and timm's own `quantize_float` (Python's round, half to even). They give
 different widths for five names (regnetx_004, regnetx_040, regnety_008, regnety_040, regnety_080: a stage width
-whose bottleneck is an odd multiple of half the group width); `timm_regnet_widths` is timm's rule, which those
-five build with (`RegNet(width_rounding="timm")`).
+whose bottleneck is an odd multiple of half the group width); `regnet_widths(..., rounding="timm")` is timm's
+rule, which those five build with (`RegNet(width_rounding="timm")`).
 
 timm's plain ResNets (7x7 stem, conv1x1 shortcut, no attention or anti-aliasing) have torchvision's keys and
 arithmetic; where timm and torchvision share a name it is one registry entry. Its variants (deep stems,
@@ -14,8 +14,6 @@ average-pool shortcuts, SE, GroupNorm: the letters of `VARIANTS`) are fields of 
 """
 
 from __future__ import annotations
-
-from resnext_jax.models.regnet import regnet_widths
 
 # name -> (depth, w_0, w_a, w_m, group_width, se_ratio, timm_rounding): timm's model_cfgs for the RegNets our
 # module expresses. timm_rounding marks the five names where timm's rounding differs from torchvision's.
@@ -142,20 +140,3 @@ SKIPPED_RESNETS = {
     "senet154": "3x3 shortcut convs (down_kernel_size=3) and half-width first 1x1 convs (block_reduce_first=2)",
     "test_resnet": "a test model mixing block types with custom channels",
 }
-
-
-def timm_regnet_widths(
-    depth: int, w_0: float, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
-) -> tuple[list[int], list[int], list[int]]:
-    """`(stage_widths, stage_depths, group_widths)` as timm's `RegNet._get_stage_args` computes them.
-
-    The per-block widths are torchvision's float32 arithmetic (`regnet_widths`); only the group-compatibility
-    rounding differs: timm's `quantize_float`, `int(round(bottleneck / group) * group)` with Python's round
-    (half to even) and no 10% floor, where torchvision rounds half up and never loses more than 10%.
-    """
-    # group_width=1 makes torchvision's compatibility step the identity: the quantized stage widths come back.
-    widths, depths, _ = regnet_widths(depth, w_0, w_a, w_m, 1, 1.0)
-    bottleneck = [int(w * bottleneck_multiplier) for w in widths]
-    group_widths = [min(group_width, b) for b in bottleneck]
-    bottleneck = [int(round(b / g) * g) for b, g in zip(bottleneck, group_widths)]
-    return [int(b / bottleneck_multiplier) for b in bottleneck], depths, group_widths

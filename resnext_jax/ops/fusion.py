@@ -22,7 +22,7 @@ from resnext_jax import cpu
 
 class Deferred(NamedTuple):
     """An inference batch norm not yet applied: `(x - mean) * multiplier + bias` per channel
-    (`models.layers.BatchNorm(defer=True)`).
+    (`models.norms.BatchNorm(defer=True)`).
 
     A shortcut's batch norm is deferred so that the block's native epilogue applies it while it adds the
     shortcut, instead of XLA writing the normalized shortcut out first. `materialize` applies it.

@@ -7,18 +7,14 @@ uninterrupted one. All hyperparameters come from the config (see `resnext_jax.tr
 
 from __future__ import annotations
 
-import errno
-import logging
 import math
 import os
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 import resnext_jax
 from resnext_jax import data
@@ -27,6 +23,7 @@ from resnext_jax.training import distributed
 from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
+from resnext_jax.training.guards import StopRequested, check_finite, disk_error_in
 from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 from resnext_jax.training.step import (
@@ -37,43 +34,6 @@ from resnext_jax.training.step import (
     make_eval_step,
     make_train_step,
 )
-
-
-class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (finish the step, save, exit 0)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if _in_main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        logging.warning(
-            "received %s: finishing this step, saving a checkpoint and exiting", signal.Signals(signum).name
-        )
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def should_stop(self, sync_point: bool) -> bool:
-        """Whether to stop now. With several processes the flags are all-gathered only at `sync_point` steps
-        (log steps and epoch ends, the same on every process), so all stop at the same step."""
-        if jax.process_count() == 1:
-            return self.requested
-        return sync_point and bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -143,32 +103,6 @@ def _mean_metrics(pending: list[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-class TrainingDiverged(UserError, FloatingPointError):
-    """The loss went non-finite; the message gives the command that resumes with a lower learning rate."""
-
-
-def _check_finite(metrics: dict, step: int, checkpointer: Checkpointer, learning_rate: float) -> None:
-    if not math.isfinite(metrics["loss"]):
-        checkpointer.wait()
-        last = checkpointer.latest_step()
-        lower = f"{learning_rate / 4:.3g}"
-        if last is None:
-            where, how = (
-                "No checkpoint was saved yet",
-                f"Rerun with --config.learning_rate={lower} (and a new "
-                f"--workdir, or the same one with --allow_changes), a longer warmup_epochs or a positive "
-                f"grad_clip_norm",
-            )
-        else:
-            where = f"The last good checkpoint (step {last}) in {checkpointer.directory} is intact"
-            how = (
-                f"To resume from it with a lower learning rate, rerun the same command with "
-                f"--config.learning_rate={lower} --allow_changes (longer warmup_epochs or a positive "
-                f"grad_clip_norm can change the same way)"
-            )
-        raise TrainingDiverged(f"training diverged: the loss is {metrics['loss']} at step {step}. {where}. {how}.")
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None, allow_changes: bool = False
 ) -> dict:
@@ -213,22 +147,6 @@ def train_and_evaluate(
     finally:
         if lock is not None:
             lock.release()
-
-
-def disk_error_in(error: BaseException, workdir: str) -> UserError | None:
-    """The one-line UserError for a full or read-only disk found anywhere in `error`'s chain, else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError):
-            converted = disk_error(error, workdir, "checkpoints and logs")
-            if isinstance(converted, UserError):
-                return converted
-        for text, code in (("No space left on device", errno.ENOSPC), ("Read-only file system", errno.EROFS)):
-            if text in str(error):  # tensorstore reports the OS error as text
-                return disk_error(OSError(code, text), workdir, "checkpoints and logs")
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow_changes: bool) -> dict:
@@ -343,7 +261,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if step % config.log_every_steps == 0 or epoch_end:
                 train_metrics = _mean_metrics(pending)
-                _check_finite(train_metrics, step, checkpointer, config.learning_rate)
+                check_finite(train_metrics, step, checkpointer, config.learning_rate)
                 if dead_relu is not None:
                     fractions = dead_relu({"params": state.params, "batch_stats": state.batch_stats}, batch)
                     train_metrics.update({k: float(v) for k, v in jax.device_get(fractions).items()})
@@ -388,7 +306,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
             stopping = (stop_at_step is not None and step >= stop_at_step) or stop.should_stop(sync_point)
             if epoch_end or step % config.checkpoint_every_steps == 0 or stopping:
                 if pending:  # never save a state whose loss we have not checked
-                    _check_finite(_mean_metrics(pending), step, checkpointer, config.learning_rate)
+                    check_finite(_mean_metrics(pending), step, checkpointer, config.learning_rate)
                 checkpointer.save(step, state, data_iterator, eval_metrics, force=stopping)
             summary["step"] = step
             if stopping:

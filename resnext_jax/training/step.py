@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from resnext_jax.models.init import init_variables  # noqa: F401  (loop.py and the tests import it from here)
-from resnext_jax.models.layers import BatchNorm, GroupNorm
+from resnext_jax.models.norms import BatchNorm, GroupNorm, frozen_norm
 from resnext_jax.ops import inference_compiler_options, step_compiler_options
 
 AXIS = "data"
@@ -67,9 +67,9 @@ def create_train_state(tx: optax.GradientTransformation, variables: dict, rng: j
 
 
 def with_frozen_norm(model: nn.Module) -> nn.Module:
-    """`model` with its batch norms frozen (`norm="frozen_batch"`: running statistics in training too, never
-    updated); a group-norm model has no statistics and is returned as it is."""
-    return model.clone(norm="frozen_batch") if getattr(model, "norm", None) == "batch" else model
+    """`model` with its batch norms frozen (running statistics in training too, never updated), whether its norm
+    is the string 'batch' or a `BatchNorm` definition (`models.norms.frozen_norm`); group norm stays."""
+    return model.clone(norm=frozen_norm(model.norm)) if hasattr(model, "norm") else model
 
 
 def _norm_param_mask(params, batch_stats):
