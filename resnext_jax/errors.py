@@ -43,6 +43,29 @@ def disk_error(error: OSError, path: str, what: str) -> UserError | OSError:
     return error
 
 
+def check_output_path(path: str, flag: str, *, directory: bool = False, example: str = "out") -> None:
+    """Raises a one-line `UserError` unless `path` (a command's `--out`) can be written: a file path that is not an
+    existing directory, or a folder (with `directory`) that is not an existing file; missing parent folders are
+    created. Checked before any long work, so a typo costs seconds, not an evaluation."""
+    path = os.path.abspath(path)
+    if not directory and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give a folder path, e.g. {path}_report")
+    folder = path if directory else os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(
+            f"{flag} {path} cannot be written ({error.strerror or error} at {error.filename or folder}); "
+            f"choose a writable {'folder' if directory else 'path'}"
+        ) from None
+
+
 def run_cli(main, argv: list[str] | None = None, *, verbose: bool | None = None) -> int:
     """Runs `main(argv)` and turns a `UserError` (or a disk error) into one `error: ...` line on stderr and exit
     code 2; with `verbose` (default: `--verbose` in argv) the traceback is printed too. Returns main's exit code."""

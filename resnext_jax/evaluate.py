@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnext_jax.errors import run_cli
+from resnext_jax.errors import check_output_path, run_cli
 
 
 def parse_args(argv):
@@ -42,11 +42,15 @@ def parse_args(argv):
         parser.error(f"--batch-sizes {args.batch_sizes!r}: use comma-separated integers, e.g. 1,8,64")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error("--batch-sizes needs positive integers, e.g. 1,8,64")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch {args.batch} must be a positive integer, e.g. 64")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out:
+        check_output_path(args.out, "--out", directory=True)
     from resnext_jax.inference.report import evaluate_and_report
 
     report = evaluate_and_report(
@@ -61,9 +65,11 @@ def main(argv=None) -> int:
         out_dir=args.out,
     )
     accuracy, data = report["accuracy"], report["dataset"]
+    # top-5 of 5 classes or fewer is 100% by construction
+    top5 = f"top-5 {accuracy['top5']:.2%}, " if data["num_classes"] > 5 else ""
     print(
         f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
-        f"top-5 {accuracy['top5']:.2%}, loss {accuracy['loss']:.4f} over {accuracy['count']} examples"
+        f"{top5}loss {accuracy['loss']:.4f} over {accuracy['count']} examples"
     )
     for run in report["speed"]["runs"]:
         print(

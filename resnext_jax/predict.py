@@ -43,6 +43,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch < 1:
         parser.error("--top-k and --batch must be positive")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        parser.error(f"--max-pixels {args.max_pixels} must be a positive pixel count (default 100000000)")
     return args
 
 

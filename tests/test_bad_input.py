@@ -399,3 +399,62 @@ def test_an_empty_training_batch_is_refused_before_it_poisons_batch_norm(small_r
     with pytest.raises(InputError, match="empty batch .* NaN"):
         model.apply(variables, jnp.zeros((0, 32, 32, 3)), train=True, mutable=["batch_stats"])
     assert model.apply(variables, jnp.zeros((0, 32, 32, 3)), train=False).shape == (0, 4)  # inference: fine
+
+
+# Issue 29: batch norm on one value per channel, and the command-line errors that were tracebacks.
+
+
+def test_batch_norm_on_one_value_per_channel_in_training_is_refused_as_torch_does():
+    """resnet18 at 32 px with a batch of one: the last feature map is 1x1, so each BatchNorm there sees one value
+    per channel. It used to return all-zero logits and no gradient to the backbone; torch raises."""
+    model = torchvision.models.resnet18(num_classes=4).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model(torch.zeros(1, 3, 32, 32))
+    ours = resnext_jax.create_model("resnet18", num_classes=4)
+    variables = ours.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    with pytest.raises(InputError, match=r"1 value per channel \(input \(1, 1, 1, 512\)\).*batch of 2 or more"):
+        ours.apply(variables, jnp.ones((1, 32, 32, 3)), train=True, mutable=["batch_stats"])
+    logits, _ = ours.apply(variables, jnp.ones((2, 32, 32, 3)), train=True, mutable=["batch_stats"])
+    assert logits.shape == (2, 4)  # two values per channel are fine, as in torch
+    assert ours.apply(variables, jnp.ones((1, 32, 32, 3)), train=False).shape == (1, 4)
+
+
+def _cli_error(main, argv, capsys) -> tuple[int, str]:
+    try:
+        code = run_cli(main, argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_predict_max_pixels_must_be_positive(capsys):
+    from resnext_jax.predict import main as predict_main
+
+    code, line = _cli_error(predict_main, ["runs/x", "a.jpg", "--max-pixels", "-1"], capsys)
+    assert code == 2 and "--max-pixels -1 must be a positive pixel count" in line
+
+
+def test_evaluate_batch_zero_and_an_unwritable_out_are_one_line(tmp_path, capsys):
+    from resnext_jax.evaluate import main as evaluate_main
+
+    code, line = _cli_error(evaluate_main, ["runs/x", "--batch", "0"], capsys)
+    assert code == 2 and "--batch 0 must be a positive integer" in line
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, line = _cli_error(evaluate_main, ["runs/x", "--out", str(blocker / "report")], capsys)
+    assert code == 2 and line.startswith("error: --out ") and "cannot be written" in line
+    code, line = _cli_error(evaluate_main, ["runs/x", "--out", str(blocker)], capsys)
+    assert code == 2 and "is a file; give a folder path" in line
+
+
+def test_export_out_as_a_directory_or_unwritable_is_one_line(tmp_path, capsys):
+    from resnext_jax.export.__main__ import main as export_main
+
+    code, line = _cli_error(export_main, ["runs/x", "--format", "stablehlo", "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"is a directory; give a file path, e.g. {tmp_path / 'model.mlir'}" in line
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = str(blocker / "model.mlir")
+    code, line = _cli_error(export_main, ["runs/x", "--format", "stablehlo", "--out", out], capsys)
+    assert code == 2 and "cannot be written" in line and "Traceback" not in capsys.readouterr().err

@@ -339,3 +339,113 @@ def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path):
     assert _checksums(killed, 44) == _checksums(reference, 44), kills
     steps = [r["step"] for r in read_metrics(str(killed)) if r["split"] == "train"]
     assert steps == [r["step"] for r in read_metrics(str(reference)) if r["split"] == "train"]
+
+
+# Issue 29: config ranges, history never destroyed, failed starts, the end line.
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("label_smoothing", 1.5, r"\[0, 1\)"),
+        ("learning_rate", float("nan"), r"\(0, inf\)"),
+        ("learning_rate", float("inf"), r"\(0, inf\)"),
+        ("weight_decay", -1.0, r"\[0, inf\)"),
+        ("warmup_epochs", -1.0, r"\[0, inf\)"),
+        ("mixup_alpha", -0.2, r"\[0, inf\)"),
+        ("cutmix_alpha", float("nan"), r"\[0, inf\)"),
+        ("seed", -1, r"\[0, 2147483647\]"),
+        ("momentum", 1.0, r"\[0, 1\)"),
+        ("ema_decay", float("nan"), r"\[0, 1\)"),
+    ],
+)
+def test_every_out_of_range_config_field_is_one_line_before_config_json(tmp_path, field, value, allowed):
+    with pytest.raises(ConfigError) as raised:
+        train_and_evaluate(_config(**{field: value}), str(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and f"config.{field}=" in message and f"--config.{field}" in message
+    assert __import__("re").search(allowed, message), message
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_an_image_size_that_cannot_fit_is_refused_with_the_estimate(tmp_path):
+    """image_size=100000 was OOM-killed after config.json was written; now one line with the estimate, and the
+    size it advises passes the same check."""
+    import re
+
+    from resnext_jax.training.loop import build_model
+    from resnext_jax.training.preflight import activation_bytes_per_image, check_image_size_fits
+
+    with pytest.raises(ConfigError, match=r"image_size=100000 needs about .* of activation memory") as raised:
+        train_and_evaluate(_config(image_size=100000), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    model = build_model(_config(), 10)
+    per_image_16 = activation_bytes_per_image(model, 16)
+    assert activation_bytes_per_image(model, 32) == pytest.approx(4 * per_image_16, rel=0.05)  # grows with pixels
+    available = int(per_image_16 * 64 * 2 * 6)  # room for 6x the pixels of 16x16 at batch 64
+    with pytest.raises(ConfigError, match=r"use --config.image_size=(\d+)") as raised:
+        check_image_size_fits(model, 64, 64, available=available)
+    advised = int(re.search(r"image_size=(\d+) or less", str(raised.value)).group(1))
+    assert 16 <= advised < 64
+    check_image_size_fits(model, advised, 64, available=available)  # following the advice passes
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path):
+    workdir = tmp_path / "runs" / "typo"
+    os.makedirs(workdir.parent)
+    with pytest.raises(UserError):
+        train_and_evaluate(_config(model="resnext51"), str(workdir))
+    assert not workdir.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(UserError):
+        train_and_evaluate(_config(label_smoothing=2.0), str(existing))
+    assert existing.exists() and os.listdir(existing) == []  # the user's own folder stays, without a LOCK
+
+
+@pytest.mark.slow  # a training run; CI runs it
+def test_following_the_no_checkpoint_advice_keeps_the_metrics_history(run):
+    """The advice ("move checkpoints aside to train from scratch") used to truncate metrics.jsonl to nothing."""
+    before = open(os.path.join(run, "metrics.jsonl")).read()
+    for step in (15, 20, 22):
+        for path in _data_files(run, step):
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 2))
+    with pytest.raises(UserError, match=r"move (\S+) aside to train from scratch") as raised:
+        train_and_evaluate(_config(), run)
+    directory = __import__("re").search(r"move (\S+) aside", str(raised.value)).group(1)
+    shutil.move(directory, directory + ".aside")
+    train_and_evaluate(_config(num_epochs=0.5), run)
+    backups = glob.glob(os.path.join(run, "metrics.jsonl.*"))
+    assert len(backups) == 1 and open(backups[0]).read() == before  # every record, byte for byte
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [10, 11]
+
+
+def test_the_end_line_names_the_checkpoint_which_best_loads(tmp_path):
+    """A tie in eval top-1 between a dropped step (220) and a kept one (308): both name 308."""
+    from resnext_jax.inference.from_run import _best_step
+    from resnext_jax.training.workdir import best_kept
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, top1 in ((100, 0.5), (220, 0.9889), (308, 0.9889), (400, 0.97)):
+            f.write(json.dumps({"step": step, "split": "eval", "top1": top1}) + "\n")
+    assert best_kept(str(tmp_path), [308, 400]) == (0.9889, 308) and _best_step(str(tmp_path), [308, 400]) == 308
+    assert best_kept(str(tmp_path), [100, 220, 308]) == (0.9889, 220)  # the earliest on a tie, as load_model
+
+
+@pytest.mark.slow  # a (zero-step) training rerun; CI runs it
+def test_an_empty_metrics_log_ends_without_a_made_up_best(run, capsys):
+    open(os.path.join(run, "metrics.jsonl"), "w").close()
+    train_and_evaluate(_config(), run)
+    err = capsys.readouterr().err
+    assert "done: step 22, no eval recorded" in err and "-100" not in err and "None" not in err
+
+
+def test_top5_is_shown_only_with_more_than_5_classes(capsys):
+    from resnext_jax.training.metrics_log import Progress
+
+    evals = {"eval": {"loss": 0.5, "top1": 0.9, "top5": 1.0}}
+    for show_top5 in (False, True):
+        progress = Progress(10, 0, 8, primary=True, show_bar=False, show_top5=show_top5)
+        progress.epoch_line(1, 1, {"loss": 0.4, "top1": 0.8}, 1.0, evals)
+        assert ("top5 100.00%" in capsys.readouterr().err) == show_top5

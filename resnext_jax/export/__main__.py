@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from resnext_jax.errors import run_cli
+from resnext_jax.errors import check_output_path, run_cli
 
 
 def _batch(value: str) -> int | None:
@@ -58,6 +58,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_path(args.out, "--out", example=f"model.{'mlir' if args.format == 'stablehlo' else 'onnx'}")
     from resnext_jax.export import export
     from resnext_jax.inference import load_model
 

@@ -45,20 +45,14 @@ def _complete_steps(directory: str) -> tuple[list[int], list[int]]:
 
 
 def _best_step(workdir: str, steps: list[int]) -> int | None:
-    """The kept step with the highest logged eval top-1 (the earliest on a tie, as the training loop counts best)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    """The kept step with the highest logged eval top-1 (the earliest on a tie, as the training loop's end line
+    names it); a torn last line (a crash mid-write) is skipped."""
+    from resnext_jax.training.metrics_log import best_eval, read_metrics
+
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
-    best, best_top1 = None, -1.0
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a torn last line (a crash mid-write) holds no finished record
-                continue
-            if record.get("split") == "eval" and record.get("step") in steps and record["top1"] > best_top1:
-                best, best_top1 = record["step"], record["top1"]
-    return best
+    best = best_eval(read_metrics(workdir), steps)
+    return None if best is None else best[1]
 
 
 def _pick_step(workdir: str, which: str | int) -> tuple[int, bool]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnext_jax.errors import InputError
 from resnext_jax.ops.batch_norm import batch_norm_train
 from resnext_jax.ops.fusion import (
     Deferred,
@@ -103,6 +104,8 @@ class BatchNorm(nn.Module):
                 return affine_add_relu(x, ra_mean.value, multiplier, bias, residual, relu=act is not None)
             y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
             return add_act(y.astype(dtype), materialize(residual), act)
+        if not self.is_initializing():
+            _check_more_than_one_value(x.shape, self.axis_name)
         residual = materialize(residual)
         fuse = act is None or act is nn.relu
         y, mean, var = batch_norm_train(
@@ -120,6 +123,23 @@ class BatchNorm(nn.Module):
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y if fuse else add_act(y, residual, act)
+
+
+def _check_more_than_one_value(shape: tuple[int, ...], axis_name: str | None) -> None:
+    """torch's "Expected more than 1 value per channel when training": with one value per channel the batch
+    statistics normalize every output to 0 (the bias), so the logits are constant and no gradient reaches the
+    layers before. Shapes are static, so this costs nothing at run time."""
+    count = 1
+    for size in shape[:-1]:
+        count *= size
+    if axis_name is not None:
+        count *= lax.axis_size(axis_name)
+    if count == 1:
+        raise InputError(
+            f"BatchNorm in training got 1 value per channel (input {tuple(shape)}): every output would be 0 and no "
+            f"gradient would reach the earlier layers; train with a batch of 2 or more images (or a larger "
+            f"image size), or use train=False"
+        )
 
 
 class GroupNorm(nn.Module):

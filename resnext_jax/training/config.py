@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 
 import ml_collections
 
@@ -120,6 +121,49 @@ class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names the field and the fix."""
 
 
+# The allowed range of every numeric field that the integer check above does not cover: (low, high, hint), where a
+# bound given as a list is exclusive ([0] means > 0) and a number inclusive; None is unbounded. NaN and infinity are
+# never allowed (NaN passes every comparison, and a divergence message would advise rerunning with it).
+_RANGES = {
+    "num_epochs": ([0], None, ""),
+    "learning_rate": ([0], None, "the peak learning rate, e.g. 1e-3"),
+    "end_learning_rate_ratio": (0, 1, "the cosine ends at learning_rate * this"),
+    "warmup_epochs": (0, None, "0 for no warmup"),
+    "weight_decay": (0, None, "0 disables it"),
+    "momentum": (0, [1], ""),
+    "adam_b1": (0, [1], ""),
+    "adam_b2": (0, [1], ""),
+    "grad_clip_norm": (0, None, "0 disables clipping"),
+    "ema_decay": (0, [1], "0 disables the EMA"),
+    "label_smoothing": (0, [1], "1 would train towards the uniform distribution; 0.1 is usual"),
+    "mixup_alpha": (0, None, "0 disables mixup"),
+    "cutmix_alpha": (0, None, "0 disables CutMix"),
+    "backbone_lr_mult": (0, None, "0 freezes the backbone"),
+    "eval_resize_size": (0, None, "0 is the loader's default"),
+    "worker_count": (0, None, "0 decodes in the training process"),
+    "prefetch": (0, None, ""),
+    "seed": (0, 2**31 - 1, "any non-negative integer"),
+}
+
+
+def _check_range(key: str, value, low, high, hint: str) -> None:
+    """Raises a one-line ConfigError naming `key`, its value and the allowed range, for a value outside it."""
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+    if not bad and low is not None:
+        bad = value <= low[0] if isinstance(low, list) else value < low
+    if not bad and high is not None:
+        bad = value >= high[0] if isinstance(high, list) else value > high
+    if bad:
+        left = "unbounded" if low is None else f"({low[0]}" if isinstance(low, list) else f"[{low}"
+        right = "inf)" if high is None else f"{high[0]})" if isinstance(high, list) else f"{high}]"
+        allowed = f"{left}, {right}" if low is not None else f"at most {right}"
+        raise ConfigError(
+            f"config.{key}={value!r} is outside its range {allowed}"
+            + (f" ({hint})" if hint else "")
+            + f"; set --config.{key} to a value in that range"
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys (naming the closest known keys) and out-of-range values."""
     known = default_config()
@@ -143,12 +187,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ):
         if int(config[key]) < 1:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
-    if config.num_epochs <= 0:
-        raise ConfigError(f"config.num_epochs={config.num_epochs} must be positive")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ConfigError(f"config.ema_decay={config.ema_decay} must be in [0, 1); 0 disables the EMA")
-    if config.learning_rate <= 0:
-        raise ConfigError(f"config.learning_rate={config.learning_rate} must be positive")
+    for key, (low, high, hint) in _RANGES.items():
+        _check_range(key, config[key], low, high, hint)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import resnext_jax
 from resnext_jax import data
 from resnext_jax.errors import UserError, disk_error
-from resnext_jax.training import distributed
+from resnext_jax.training import distributed, preflight
 from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
@@ -128,6 +128,7 @@ def train_and_evaluate(
     distributed.maybe_initialize_distributed()
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
+    created = not os.path.isdir(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         lock = workdir_lib.WorkdirLock(workdir) if primary else None
@@ -147,6 +148,7 @@ def train_and_evaluate(
     finally:
         if lock is not None:
             lock.release()
+            workdir_lib.remove_if_unstarted(workdir, created)
 
 
 def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow_changes: bool) -> dict:
@@ -189,6 +191,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
 
     num_classes = info.num_classes
     model = build_model(config, num_classes)
+    preflight.check_image_size_fits(model, config.image_size, local_batch)
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = _initial_variables(config, num_classes, init_rng) or init_variables(model, init_rng, config.image_size)
@@ -235,7 +238,9 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     )
     dead_relu = make_dead_relu_step(model, mesh) if config.stage_diagnostics else None
     eval_step = make_eval_step(model, mesh)
-    progress = Progress(total_steps, start_step, config.batch_size, primary, config.progress_bar)
+    progress = Progress(
+        total_steps, start_step, config.batch_size, primary, config.progress_bar, show_top5=num_classes > 5
+    )
     progress.write(
         f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "
         f"{jax.process_count()} process(es), global batch {config.batch_size}, "
@@ -317,6 +322,9 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
                 )
                 break
     progress.close()
+    checkpointer.wait()
+    # The end line names the checkpoint `load_model(which="best")` loads: a tie may have kept a later step.
+    best_top1, best_step = workdir_lib.best_kept(workdir, checkpointer.all_steps()) if primary else (None, None)
     checkpointer.close()
     logger.close()
     summary.update(best_top1=best_top1, best_step=best_step)
@@ -327,8 +335,6 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         summary["report"] = os.path.join(report["report_dir"], "report.md")
     if primary and not summary["stopped_early"]:
         report = f"; report {summary['report']}" if "report" in summary else ""
-        progress.write(
-            f"done: step {summary['step']}, best eval top1 {best_top1:.2%} at step {best_step}; "
-            f"workdir {workdir}{report}"
-        )
+        best = "no eval recorded" if best_step is None else f"best eval top1 {best_top1:.2%} at step {best_step}"
+        progress.write(f"done: step {summary['step']}, {best}; workdir {workdir}{report}")
     return summary

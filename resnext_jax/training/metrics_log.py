@@ -5,9 +5,11 @@ Only process 0 writes; the others get a logger whose methods do nothing.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -41,16 +43,37 @@ class MetricsLogger:
             if key not in ("step", "split") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
 
-    def truncate_after(self, step: int) -> None:
-        """Drops records past `step` (written after the checkpoint a resumed run restarts from, or before the first
-        checkpoint when it restarts from step 0), and a torn last line, with a warning."""
+    def truncate_after(self, step: int) -> str | None:
+        """Sets aside the records past `step` (written after the checkpoint a resumed run restarts from, or all of
+        them when it restarts from scratch), so that the resumed run logs each step once, and drops a torn last line.
+
+        History is never deleted: the whole file as it was is first copied to `metrics.jsonl.<time>` (the eval
+        records that `which="best"` needs for checkpoints moved aside stay there), with a warning naming it.
+        Returns that path, or None when nothing was past `step`.
+        """
         if not self.enabled or not os.path.exists(self.path):
-            return
+            return None
         records = read_metrics(os.path.dirname(self.path))
         kept = [record for record in records if record["step"] <= step]
+        backup = None
+        if len(kept) < len(records):
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            backup = f"{self.path}.{stamp}"
+            suffix = 1
+            while os.path.exists(backup):
+                backup, suffix = f"{self.path}.{stamp}-{suffix}", suffix + 1
+            shutil.copyfile(self.path, backup)
+            logging.warning(
+                "restarting at step %d: %d records of %s past it are set aside in %s",
+                step,
+                len(records) - len(kept),
+                self.path,
+                backup,
+            )
         with open(self.path + ".tmp", "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in kept)
         os.replace(self.path + ".tmp", self.path)
+        return backup
 
     def close(self) -> None:
         """Flushes TensorBoard."""
@@ -78,6 +101,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return records
 
 
+def best_eval(records: list[dict], steps: list[int] | None = None) -> tuple[float, int] | None:
+    """(top-1, step) of the best `eval` record, among `steps` (the kept checkpoints) when given, the earliest on a
+    tie, as `load_model(which="best")` picks it; None without any eval record."""
+    best = None
+    for record in records:
+        if record.get("split") != "eval" or "top1" not in record or (steps is not None and record["step"] not in steps):
+            continue
+        if best is None or record["top1"] > best[0]:
+            best = (record["top1"], record["step"])
+    return best
+
+
 def _plain(value):
     value = value.item() if hasattr(value, "item") else value
     return round(value, 6) if isinstance(value, float) else value
@@ -89,8 +124,16 @@ class Progress:
     `show_bar=False` (config.progress_bar) keeps the epoch lines but hides the bar, e.g. for log files.
     """
 
-    def __init__(self, total_steps: int, initial_step: int, global_batch: int, primary: bool, show_bar: bool):
-        self.primary = primary
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int,
+        global_batch: int,
+        primary: bool,
+        show_bar: bool,
+        show_top5: bool = True,
+    ):
+        self.primary, self.show_top5 = primary, show_top5  # top-5 says nothing with 5 classes or fewer
         self.global_batch = global_batch
         self._bar = tqdm.tqdm(
             total=total_steps,
@@ -122,7 +165,8 @@ class Progress:
             f"{seconds:.1f}s",
         ]
         for split, metrics in evals.items():
-            parts.append(f"{split} loss {metrics['loss']:.4f} top1 {metrics['top1']:.2%} top5 {metrics['top5']:.2%}")
+            top5 = f" top5 {metrics['top5']:.2%}" if self.show_top5 else ""
+            parts.append(f"{split} loss {metrics['loss']:.4f} top1 {metrics['top1']:.2%}{top5}")
         self.write(" | ".join(parts))
 
     def write(self, text: str) -> None:

@@ -14,6 +14,7 @@ import socket
 import jax
 
 from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
+from resnext_jax.training.metrics_log import best_eval, read_metrics
 
 PACKAGES = (
     "resnext-jax",
@@ -192,3 +193,24 @@ def record_native_kernels(workdir: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(environment, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def remove_if_unstarted(workdir: str, created: bool) -> None:
+    """After a failed start (no config.json was written), removes the LOCK file, and the workdir itself if this
+    run created it and nothing else is in it, so that a typo leaves no `runs/NAME/LOCK` behind."""
+    try:
+        if os.path.exists(os.path.join(workdir, "config.json")) or os.listdir(workdir) != ["LOCK"]:
+            return
+        os.remove(os.path.join(workdir, "LOCK"))
+        if created:
+            os.rmdir(workdir)
+    except OSError:
+        pass  # another process took the directory meanwhile: it is theirs now
+
+
+def best_kept(workdir: str, steps: list[int]) -> tuple[float | None, int | None]:
+    """(top-1, step) of the best eval among the kept checkpoint `steps`: the step `load_model(which="best")`
+    loads; (None, None) when no kept step was evaluated."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    best = best_eval(read_metrics(workdir), steps) if os.path.exists(path) else None
+    return best if best is not None else (None, None)
