@@ -263,3 +263,82 @@ def test_a_killed_run_s_temporary_directory_is_removed_by_the_next_run(tmp_path)
         dataset_info("f", str(tmp_path / "d"))
     prepare_folder(str(tmp_path / "f"), "f", data_dir=str(tmp_path / "d"), val_fraction=0.5, quiet=True)
     assert sorted(os.listdir(tmp_path / "d" / "f")) == ["1.0.0"]
+
+
+# Issue 29: one decoder for train, eval, prepare and predict; prepare walks each file once and is race-free.
+
+
+def _every_mode(gray: np.ndarray, rgb: np.ndarray) -> dict[str, tuple[bytes, np.ndarray]]:
+    """{mode: (encoded file, the RGB uint8 pixels it must decode to)}, each built from 8-bit `gray` or `rgb`."""
+
+    def saved(image, format):
+        return encoded(image, format)
+
+    gray3 = np.repeat(gray[..., None], 3, axis=-1)
+    palette = Image.fromarray(rgb).quantize(16)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    return {
+        "1": (saved(Image.fromarray(gray > 127), "PNG"), np.where(gray3 > 127, 255, 0).astype(np.uint8)),
+        "L": (saved(Image.fromarray(gray), "PNG"), gray3),
+        "LA": (saved(Image.fromarray(np.stack([gray, 255 - gray], -1), "LA"), "PNG"), gray3),
+        "RGB": (saved(Image.fromarray(rgb), "PNG"), rgb),
+        "RGBA": (saved(Image.fromarray(np.concatenate([rgb, gray[..., None]], -1)), "PNG"), rgb),
+        "P": (saved(palette, "PNG"), np.asarray(palette.convert("RGB"))),
+        "P+transparency": (saved(transparent, "PNG"), np.asarray(palette.convert("RGB"))),
+        "CMYK": (saved(cmyk, "TIFF"), np.asarray(cmyk.convert("RGB"))),
+        "I;16": (saved(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"), gray3),
+        "I": (saved(Image.fromarray(gray.astype(np.int32) * 257), "TIFF"), gray3),
+        "F": (saved(Image.fromarray(gray.astype(np.float32) / 255), "TIFF"), gray3),
+    }
+
+
+def test_every_pil_mode_decodes_to_the_same_pixels_in_train_eval_prepare_and_predict(tmp_path):
+    """A 16-bit PNG was all white in training (PIL's convert clips at 255) and scaled in predict; a 0..1 float
+    TIFF was black. Every mode now goes through transforms.to_rgb: the train loader's "none" transform (at the
+    image's own size, so no resize), the eval loader's decode, prepare's statistics and predict's read_image."""
+    from resnext_jax.data import loaders
+    from resnext_jax.data import transforms as T
+    from resnext_jax.data.prepare.images import channel_stats, inspect_image
+    from resnext_jax.inference.images import read_image
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    train = loaders._TrainTransform("none", 24, None)
+    for mode, (data, expected) in _every_mode(gray, rgb).items():
+        assert Image.open(__import__("io").BytesIO(data)).mode == mode.split("+")[0], mode
+        path = tmp_path / f"{mode}.img"
+        path.write_bytes(data)
+        predicted, notes = read_image(str(path))
+        decoded = {
+            "train": train._augment(data, np.random.default_rng(0)),
+            "eval": np.asarray(T.decode_image(data)),
+            "predict": np.asarray(predicted),
+        }
+        for where, pixels in decoded.items():
+            np.testing.assert_array_equal(pixels, expected, err_msg=f"{mode} in {where}")
+        problem, stats = inspect_image(data)
+        assert problem is None
+        np.testing.assert_allclose(stats, channel_stats(expected), err_msg=mode)
+        assert bool(notes) == (mode in ("I;16", "I", "F")), (mode, notes)
+
+
+def test_a_folder_of_16_bit_pngs_records_the_statistics_of_the_pixels_the_loader_sees(tmp_path):
+    """Its recorded mean was 0.9966 (every pixel clipped to white) while predict scaled the files."""
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(CLASSES):
+        os.makedirs(tmp_path / "f" / name)
+        for index in range(4):
+            gray = rng.integers(40 * label, 40 * label + 60, (20, 20), dtype=np.uint16)
+            Image.fromarray(gray * 257).save(tmp_path / "f" / name / f"{index}.png")
+    prepare_folder(str(tmp_path / "f"), "wide", data_dir=str(tmp_path / "d"), val_fraction=0.25, quiet=True)
+    info = dataset_info("wide", str(tmp_path / "d"))
+    from resnext_jax.data import transforms as T
+
+    pixels = np.stack(
+        [np.asarray(T.decode_image(r["image"])) for r in read_split("wide", str(tmp_path / "d"), "train")]
+    )
+    assert pixels.max() < 200  # scaled, not clipped to white
+    np.testing.assert_allclose(info.mean, pixels[:, ::4, ::4].reshape(-1, 3).mean(0) / 255, atol=2e-4)

@@ -25,14 +25,43 @@ class BadImageError(ValueError):
     """Raised when bytes cannot be decoded into an image (truncated, corrupt or not an image)."""
 
 
-def to_pil(image) -> Image.Image:
-    """Returns an RGB PIL image from a PIL image or a uint8 HWC array, converting L, LA, P, CMYK, RGBA, I;16."""
+# Integer modes wider than 8 bits: PIL's convert("RGB") clips them at 255, so a 16-bit PNG came out all white.
+_WIDE_INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image) -> tuple[Image.Image, list[str]]:
+    """The one conversion from any image PIL opens (or a uint8 HWC array) to the RGB pixels that training, eval,
+    prepare's statistics and predict all use; returns the RGB image and notes on conversions worth knowing about.
+
+    8-bit modes convert as torchvision's ImageFolder loader does (`convert("RGB")`): alpha is dropped, CMYK,
+    YCbCr, bilevel and grayscale become RGB, and a palette with transparency goes through RGBA (the same pixels,
+    without PIL's warning). Wider modes are scaled, with a note: 16-bit grayscale (0..65535) and 32-bit integers
+    above 255 to 0..255, 32-bit float (mode F) from 0..1 (or 0..255, or 0..65535 when larger; NaN becomes 0).
+    EXIF orientation is ignored everywhere, as PIL, torchvision and the OpenCV decode path ignore it.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    if image.mode != "RGB":
-        # Same as torchvision's ImageFolder loader: alpha is dropped, CMYK and grayscale become RGB.
-        image = image.convert("RGB")
-    return image
+    if image.mode in _WIDE_INTEGER_MODES or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        array = np.where(np.isfinite(array), array, 0.0)
+        peak = float(array.max()) if array.size else 0.0
+        if image.mode == "F":
+            scale, note = (255.0, "0..1") if peak <= 1.0 else (1.0, "0..255") if peak <= 255 else (255 / 65535, "")
+            note = f"32-bit float{' in ' + note if note else ''}, scaled to 8 bits"
+        elif image.mode.startswith("I;16") or peak > 255:
+            scale, note = 255.0 / 65535.0, "16-bit grayscale, scaled to 8 bits"
+        else:
+            scale, note = 1.0, None  # a 32-bit integer image that holds 8-bit values
+        gray = np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1)), [note] if note else []
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the direct P -> RGB conversion gives the same pixels but warns
+    return (image if image.mode == "RGB" else image.convert("RGB")), []
+
+
+def to_pil(image) -> Image.Image:
+    """`to_rgb` without the notes: an RGB PIL image from a PIL image of any mode or a uint8 HWC array."""
+    return to_rgb(image)[0]
 
 
 def open_image(data: bytes) -> Image.Image:

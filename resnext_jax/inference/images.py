@@ -6,8 +6,9 @@ eval transform's for a timm weight's bicubic preset.
 
 A bad file raises `ImageReadError` with one line that says what is wrong with it: missing or unreadable, empty,
 not an image, truncated, or above the pixel limit. Two kinds of files that decode but would come out wrong are
-converted with care instead: palette images with transparency go through RGBA (PIL would warn), and 16-bit
-grayscale is scaled to 8 bits (PIL's plain RGB conversion saturates every value above 255 to white).
+converted with care instead, by the loaders' own `transforms.to_rgb`: palette images with transparency go through
+RGBA (PIL would warn), and 16-bit and float images are scaled to 8 bits with a note (PIL's plain RGB conversion
+saturates every value above 255 to white, and turns a 0..1 float image black).
 """
 
 from __future__ import annotations
@@ -91,17 +92,8 @@ def read_image(
 
 
 def _to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    notes = []
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # PNG stores 16-bit grayscale as 0..65535; PIL's convert("RGB") would clip it at 255 (all white).
-        notes.append("16-bit grayscale, scaled to 8 bits")
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        gray = np.clip(np.round(array * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1)), notes
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # the direct P -> RGB conversion gives the same pixels but warns
-    return T.to_pil(image), notes
+    """The decoder training and evaluation use (`transforms.to_rgb`), so a file predicts as it trained."""
+    return T.to_rgb(image)
 
 
 def preprocess(image: Image.Image, resize_size: int, crop_size: int, interpolation: str = "bilinear") -> np.ndarray:

@@ -31,6 +31,8 @@ def inspect_image(data: bytes) -> tuple[str | None, np.ndarray | None]:
     """
     from PIL import Image, UnidentifiedImageError
 
+    from resnext_jax.data.transforms import to_rgb
+
     if not data:
         return "empty file (0 bytes)", None
     try:
@@ -39,7 +41,7 @@ def inspect_image(data: bytes) -> tuple[str | None, np.ndarray | None]:
             with Image.open(io.BytesIO(data)) as image:
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                rgb = np.asarray(image.convert("RGB"))
+                rgb = np.asarray(to_rgb(image)[0])  # the loaders' decoder, so the statistics are of their pixels
     except UnidentifiedImageError:
         return "not an image PIL can read", None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
