@@ -253,20 +253,25 @@ def test_exporter_writes_nothing_that_misses_jax(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "fields,named",
-    [
-        ({"se_ratio": 0.25}, "se_ratio=0.25"),
-        ({"norm": "group"}, "norm='group'"),
-        ({"activation": "silu"}, "activation='silu'"),
-        ({"small_stem": True}, "small_stem=True"),
-    ],
-)
-def test_onnx_refuses_what_torchvision_cannot_build(tmp_path, fields, named):
-    loaded = dataclasses.replace(_model("resnet18"), module=create_model("resnet18", **fields))  # checked first
-    with pytest.raises(UserError, match=f"no {named}.*--format stablehlo"):
+def test_onnx_refuses_a_custom_block_by_name(tmp_path):
+    from resnext_jax.models import Bottleneck
+
+    class MyBlock(Bottleneck):
+        pass
+
+    loaded = dataclasses.replace(_model("resnet18"), module=create_model("resnet50", block_cls=MyBlock))
+    with pytest.raises(UserError, match=r"not block_cls=MyBlock; export this model with --format stablehlo"):
         export(loaded, tmp_path / "m.onnx", format="onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_quantize_with_stablehlo_is_one_line(tmp_path, capsys):
+    argv = ["runs/x", "--format", "stablehlo", "--out", str(tmp_path / "m.stablehlo"), "--quantize", "int8"]
+    assert run_cli(cli.main, argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["error: --quantize int8 needs --format onnx (StableHLO artifacts are float32 or bfloat16)"]
+    with pytest.raises(UserError, match="--quantize int8 is for --format onnx"):
+        export(_model("resnet18"), tmp_path / "m.stablehlo", format="stablehlo", quantize="int8")
 
 
 @pytest.mark.slow
@@ -317,10 +322,37 @@ def test_cli_exports_torchvision_weights_with_a_fixed_batch(tmp_path, capsys):
     assert error == [error[0]] and error[0].startswith("error: ONNX export is float32 only (")  # one line
 
 
-def test_load_model_points_an_artifact_to_export_load(small_artifacts):
+def test_load_model_runs_an_artifact_with_its_sidecars_preprocessing(small_artifacts):
+    """load_model on either file: the normalized float batch predict and evaluate build gives the float model's
+    logits (the uint8 pixels are recovered exactly inside), with the sidecar's sizes and names."""
+    from resnext_jax import load_model
+    from resnext_jax.inference.from_artifact import runtime_fields
+
+    loaded, paths = small_artifacts
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 63, 63, 3), dtype=np.uint8)
+    from resnext_jax.inference import images as image_io
+
+    normalized = image_io.normalize(pixels, loaded.preprocessing.mean, loaded.preprocessing.std)
+    for fmt, path in paths.items():
+        artifact = load_model(str(path), model="ignored")
+        assert artifact.preprocessing.crop_size == 63 and artifact.preprocessing.resize_size == 65
+        assert artifact.preprocessing.class_names == loaded.preprocessing.class_names
+        got = jax.jit(lambda images, artifact=artifact: artifact.module.apply({}, images))(normalized)
+        _assert_close(got, _apply(loaded, normalized), 1e-5 if fmt == "stablehlo" else 1e-4)
+        fields = runtime_fields(artifact)
+        assert fields == (
+            {"runtime": "onnxruntime", "provider": "CPUExecutionProvider", "precision": "float32"}
+            if fmt == "onnx"
+            else {"runtime": "jax (StableHLO)", "provider": "cpu", "precision": "float32"}
+        )
+    assert runtime_fields(loaded) == {"runtime": "jax", "provider": "cpu", "precision": "float32"}
+
+
+def test_a_file_that_is_not_onnx_or_stablehlo_is_one_line(tmp_path):
     from resnext_jax import load_model
 
-    _, paths = small_artifacts
-    for path in paths.values():
-        with pytest.raises(UserError, match=r"is an exported model .* resnext_jax\.export\.load\("):
-            load_model(str(path), model="resnet18")
+    for name in ("notes.onnx", "notes.stablehlo"):
+        (tmp_path / name).write_text("just text")
+        kind = "ONNX" if name.endswith("onnx") else "StableHLO"
+        with pytest.raises(UserError, match=rf"{name} is not an {kind} file .* python -m resnext_jax.export"):
+            load_model(str(tmp_path / name))

@@ -26,19 +26,27 @@ from resnext_jax.errors import InputError, UserError
 from resnext_jax.export.common import FORMAT, SIDECAR_SUFFIX, sidecar_path
 
 FORMATS = ("stablehlo", "onnx")
+_STABLEHLO_OPTIONS = ("batch", "resolution", "with_preprocessing", "dtype")
 
 __all__ = ["FORMATS", "ExportedModel", "export", "load", "sidecar_path"]
 
 
 def export(loaded, out: str, *, format: str, **options) -> dict:
     """Exports a `LoadedModel` as `format` ('stablehlo' or 'onnx') to `out`; returns the sidecar written beside it.
-    Options: batch (None: dynamic), resolution, with_preprocessing, dtype; see `stablehlo.export_stablehlo`."""
+    Options: batch (None: dynamic), resolution, with_preprocessing, dtype (see `stablehlo.export_stablehlo`); for
+    ONNX also quantize='int8' with calibrate, calibration_images, max_drop, data_dir (see `onnx_export`)."""
+    if format == "stablehlo" and options.get("quantize"):
+        raise InputError(
+            "--quantize int8 is for --format onnx (onnxruntime runs int8 QDQ files; StableHLO artifacts are "
+            "float32 or bfloat16); use --format onnx --quantize int8, or drop --quantize"
+        )
     if format == "stablehlo":
         from resnext_jax.export.stablehlo import export_stablehlo
 
+        options = {key: value for key, value in options.items() if key in _STABLEHLO_OPTIONS}
         return export_stablehlo(loaded, out, **options)
     if format == "onnx":
-        from resnext_jax.export.onnx_torch import export_onnx
+        from resnext_jax.export.onnx_export import export_onnx
 
         return export_onnx(loaded, out, **options)
     raise InputError(f"format={format!r}; use one of {', '.join(FORMATS)}")
@@ -62,6 +70,7 @@ class ExportedModel:
     preprocessing: dict
     class_names: tuple[str, ...]
     run: object = dataclasses.field(repr=False)
+    run_exported: object = dataclasses.field(default=None, repr=False)  # StableHLO: the `jax.export.Exported`
 
     def __call__(self, images) -> np.ndarray:
         """images: (B, H, W, 3) in the sidecar's input dtype (uint8 when the preprocessing is inside)."""
@@ -122,6 +131,8 @@ def load(path: str) -> ExportedModel:
             f"{side} is not a resnext-jax export sidecar ({type(error).__name__}: {error}); "
             f"export the model again with python -m resnext_jax.export"
         ) from error
+    import jax
+
     from resnext_jax.export.common import sha256
 
     if sha256(artifact) != expected_hash:
@@ -129,13 +140,23 @@ def load(path: str) -> ExportedModel:
             f"{artifact} does not match its sidecar {os.path.basename(side)} (sha256 differs): the file "
             f"is damaged or was replaced; export it again"
         )
+    exported = None
     if fmt == "stablehlo":
-        run = _open_stablehlo(artifact, metadata)
+        exported = _open_stablehlo(artifact, metadata)
+        run = jax.jit(exported.call)
     elif fmt == "onnx":
         run = _open_onnx(artifact)
     else:
         raise UserError(f"{side} describes a {fmt!r} artifact; this resnext-jax reads {', '.join(FORMATS)}")
-    return ExportedModel(path=artifact, format=fmt, metadata=metadata, preprocessing=pre, class_names=names, run=run)
+    return ExportedModel(
+        path=artifact,
+        format=fmt,
+        metadata=metadata,
+        preprocessing=pre,
+        class_names=names,
+        run=run,
+        run_exported=exported,
+    )
 
 
 def _open_stablehlo(artifact: str, metadata: dict):
@@ -157,7 +178,7 @@ def _open_stablehlo(artifact: str, metadata: dict):
             f"{artifact} was lowered for {', '.join(exported.platforms)}, not {platform}; export it again "
             f"on a machine with jax for {platform}, or run it on {exported.platforms[0]}"
         )
-    return jax.jit(exported.call)
+    return exported
 
 
 def _open_onnx(artifact: str):

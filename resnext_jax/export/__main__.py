@@ -1,5 +1,6 @@
 """`python -m resnext_jax.export SOURCE --format stablehlo|onnx --out PATH [--model NAME] [--batch dynamic|N]
-[--resolution 224] [--with-preprocessing] [--dtype float32|bfloat16]`
+[--resolution 224] [--with-preprocessing] [--dtype float32|bfloat16]
+[--quantize int8 --calibrate NAME[:split] [--calibration-images 512] [--max-drop 1.0]]`
 
 Exports a trained workdir or torchvision weights (anything `load_model` accepts) for serving, verifies the file
 against `model.apply` (StableHLO: deserialized and run; ONNX: in onnxruntime) and writes it with a sidecar
@@ -12,7 +13,7 @@ import argparse
 import sys
 import time
 
-from resnext_jax.errors import check_output_path, run_cli
+from resnext_jax.errors import UserError, check_output_path, run_cli
 
 
 def _batch(value: str) -> int | None:
@@ -49,8 +50,19 @@ def parse_args(argv):
         choices=("float32", "bfloat16"),
         help="compute dtype (ONNX: float32 only); input and logits stay float32",
     )
+    parser.add_argument("--quantize", choices=("int8",), help="ONNX only: static int8 (QDQ, per-channel weights)")
+    parser.add_argument("--calibrate", metavar="NAME[:split]", help="int8 calibration data (default split: train)")
+    parser.add_argument("--calibration-images", type=int, default=512, help="int8: images to calibrate on")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="int8: refuse if top-1 falls more points than this")
+    parser.add_argument("--data-dir", help="int8: dataset directory (default: the run's, else $TFDS_DATA_DIR)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
+    if args.quantize and args.format != "onnx":
+        raise UserError("--quantize int8 needs --format onnx (StableHLO artifacts are float32 or bfloat16)")
+    if args.quantize and not args.calibrate:
+        raise UserError("--quantize int8 needs --calibrate NAME[:split], the images to calibrate on (e.g. digits)")
+    if args.calibration_images < 1 or args.max_drop < 0:
+        raise UserError("--calibration-images must be positive and --max-drop at least 0")
     if args.resolution is not None and args.resolution < 32:
         parser.error("--resolution must be at least 32 (the models downsample 32x)")
     return args
@@ -63,7 +75,7 @@ def main(argv=None) -> int:
     from resnext_jax.inference import load_model
 
     if args.format == "onnx":  # before minutes of loading
-        from resnext_jax.export.onnx_torch import check_dtype
+        from resnext_jax.export.onnx_export import check_dtype
 
         check_dtype(args.dtype)
     start = time.perf_counter()
@@ -82,6 +94,17 @@ def main(argv=None) -> int:
         resolution=args.resolution,
         with_preprocessing=args.with_preprocessing,
         dtype=args.dtype,
+        **(
+            {
+                "quantize": args.quantize,
+                "calibrate": args.calibrate,
+                "calibration_images": args.calibration_images,
+                "max_drop": args.max_drop,
+                "data_dir": args.data_dir,
+            }
+            if args.quantize
+            else {}
+        ),
     )
     shape = ["batch" if dim is None else dim for dim in metadata["input"]["shape"]]
     parity = metadata["parity"]
@@ -92,6 +115,12 @@ def main(argv=None) -> int:
         f"max-abs error vs JAX {parity['max_abs_error']:.2g} (tolerance {parity['tolerance']:.2g})"
         + (f", platforms {', '.join(metadata['platforms'])}" if "platforms" in metadata else "")
     )
+    if "int8" in metadata:
+        int8 = metadata["int8"]
+        print(
+            f"int8: top-1 {int8['int8_top1']:.2%} against float32 {int8['float32_top1']:.2%} on "
+            f"{int8['dataset']}:{int8['split']} ({int8['count']} images), a drop of {int8['drop_points']:.2f} points"
+        )
     return 0
 
 

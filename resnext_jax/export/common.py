@@ -39,6 +39,14 @@ def sidecar_path(artifact: str) -> str:
     return os.fspath(artifact) + SIDECAR_SUFFIX
 
 
+def scaled_preprocessing(preprocessing, resolution: int):
+    """`preprocessing` at another crop `resolution`, its resize scaled in proportion (232 at 224 is 265 at 256)."""
+    import dataclasses
+
+    resize = max(resolution, round(preprocessing.resize_size * resolution / preprocessing.crop_size))
+    return dataclasses.replace(preprocessing, resize_size=resize, crop_size=resolution)
+
+
 def export_module(loaded, dtype: str):
     """The loaded module as it is exported: pure-XLA convolutions (our native CPU kernels are custom calls that
     exist only in a process that imported resnext_jax, and carry no compatibility guarantee) in `dtype`."""
@@ -151,8 +159,8 @@ def sidecar(
     extra: dict,
 ) -> dict:
     """The JSON written beside an artifact: everything a server needs to feed it and read its output."""
-    pre = loaded.preprocessing
-    resize = max(resolution, round(pre.resize_size * resolution / pre.crop_size))
+    pre = scaled_preprocessing(loaded.preprocessing, resolution)
+    resize = pre.resize_size
     num_classes = len(pre.class_names)
     return {
         "format": FORMAT,
@@ -176,7 +184,7 @@ def sidecar(
             "inside": with_preprocessing,
             "resize_size": resize,
             "crop_size": resolution,
-            "interpolation": "bilinear, antialiased",
+            "interpolation": f"{pre.interpolation}, antialiased",
             "mean": list(pre.mean),
             "std": list(pre.std),
             "steps": (

@@ -83,6 +83,33 @@ def _use_split(loader, dataset: str, split: str, data_dir: str | None, batch_siz
     loader.num_batches = len(indices) // batch_size
 
 
+def sample_loader(
+    loaded: LoadedModel,
+    dataset: str,
+    split: str | None,
+    data_dir: str | None,
+    batch_size: int,
+    count: int,
+    seed: int = 0,
+):
+    """`eval_loader`'s pass (the model's own eval preprocessing) over `count` examples of `split` (default: the
+    dataset's training split) drawn at random without replacement, in index order (int8 calibration)."""
+    from resnext_jax.data import datasets, loaders
+
+    loader = eval_loader(loaded, dataset, None, data_dir, batch_size)
+    split = split or loader.info.train_split
+    try:
+        source = datasets.open_source(dataset, split, data_dir)
+    except (KeyError, ValueError) as error:
+        raise UserError(f"{dataset} has no split {split!r} ({error}); use e.g. {dataset}:train") from error
+    chosen = np.sort(np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False))
+    indices = np.full(math.ceil(len(chosen) / batch_size) * batch_size, -1, np.int64)
+    indices[: len(chosen)] = chosen
+    loader._source = loaders._PaddedEvalSource(source, indices)
+    loader.num_batches = len(indices) // batch_size
+    return loader, split
+
+
 def make_predict_step(loaded: LoadedModel, mesh):
     """`step(variables, batch) -> per-example {'pred', 'top5', 'loss'}` over the mesh, as the training loop's
     `make_eval_step` computes them (argmax for top-1, lax.top_k for top-5, cross-entropy on the logits)."""

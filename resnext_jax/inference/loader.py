@@ -13,7 +13,6 @@ its run is still training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from importlib import resources
 
@@ -96,7 +95,9 @@ def load_model(
     Args:
       source: a workdir (holds config.json and checkpoints/), a `.pth`/`.pt` state_dict file, a torchvision
         weight tag ('IMAGENET1K_V1', 'IMAGENET1K_V2', 'DEFAULT'; torchvision downloads it once), timm's
-        `.safetensors` file, or a timm weight tag ('regnety_032.ra_in1k'; downloaded from the Hugging Face hub).
+        `.safetensors` file, a timm weight tag ('regnety_032.ra_in1k'; downloaded from the Hugging Face hub), or
+        an exported `.onnx` / `.stablehlo` file with its sidecar (`inference.from_artifact`: run by onnxruntime or
+        jax, with the sidecar's preprocessing and class names; `model` and `which` are ignored).
       model: the builder name; required for torchvision weights, and must match the run's model for a workdir.
         A timm weight tag here ('resnext50_32x4d.a1h_in1k') names the model and the preset its file was
         evaluated with (timm's crop_pct and bicubic resize); a timm-only name takes its default weights' preset.
@@ -107,11 +108,13 @@ def load_model(
     Raises:
       UserError: with the fix in its message (no checkpoint, unknown model, missing `model=`, incomplete step...).
     """
+    from resnext_jax.inference.from_artifact import is_artifact, load_artifact
     from resnext_jax.inference.from_run import load_workdir
     from resnext_jax.inference.from_weights import is_timm, load_timm, load_torchvision
 
     source = os.fspath(source)
-    _refuse_exported(source)
+    if is_artifact(source):
+        return load_artifact(source, resize_size, crop_size)
     if os.path.isdir(source):
         loaded = load_workdir(source, model, which)
     elif is_timm(source, model):
@@ -135,26 +138,3 @@ def check_model_name(name, what: str) -> None:
         close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
         hint = f" (closest: {', '.join(close)})" if close else ""
         raise UserError(f"{what} names unknown model {name!r}{hint}; use one of resnext_jax.list_models()")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# exported artifacts (resnext_jax.export)
-
-
-def _refuse_exported(source: str) -> None:
-    """An exported artifact holds a compiled program, not the module and variables `LoadedModel` promises; rather
-    than failing as a bad torch file, point to `resnext_jax.export.load`, which runs it."""
-    if not os.path.isfile(source):
-        return
-    exported = source.endswith((".stablehlo", ".onnx"))
-    try:
-        with open(source + ".json") as f:
-            exported = exported or json.load(f).get("format") == "resnext_jax.export"
-    except (OSError, ValueError, AttributeError):
-        pass
-    if exported:
-        raise UserError(
-            f"{source} is an exported model (python -m resnext_jax.export): it holds a compiled program, "
-            f"not the Flax module and variables load_model returns; run it with "
-            f"resnext_jax.export.load({source!r}), or pass the workdir or weights it was exported from"
-        )
