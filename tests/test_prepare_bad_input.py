@@ -2,6 +2,7 @@
 fix, or a listed skip, and nothing half-written ever loads."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,3 +343,55 @@ def test_a_folder_of_16_bit_pngs_records_the_statistics_of_the_pixels_the_loader
     )
     assert pixels.max() < 200  # scaled, not clipped to white
     np.testing.assert_allclose(info.mean, pixels[:, ::4, ::4].reshape(-1, 3).mean(0) / 255, atol=2e-4)
+
+
+def test_links_into_other_classes_or_back_to_the_root_never_relabel_an_image(tmp_path):
+    """`circle/loop -> ..` walked into the other classes and labelled their images circle; a link into another
+    class's folder did the same. Each directory and file is now read once, by real path, and the skips listed."""
+    root = tmp_path / "f"
+    files = make_folder(str(root), per_class=6)
+    os.symlink("..", root / "circle" / "loop")
+    os.symlink(os.path.join("..", "triangle"), root / "square" / "theirs")
+    os.symlink("000.png", root / "triangle" / "again.png")
+    report = prepare_folder(str(root), "linked", data_dir=str(tmp_path / "d"), quiet=True)
+    stored = [
+        (r["file_name"].decode(), int(r["label"]))
+        for split in ("train", "validation")
+        for r in read_split("linked", str(tmp_path / "d"), split)
+    ]
+    assert sorted(stored) == sorted((path, label) for path, (label, _) in files.items())  # each once, own label
+    skipped = dict(report.skipped)
+    assert skipped[str(root / "circle" / "loop")].startswith("a link to the folder being prepared")
+    assert skipped[str(root / "square" / "theirs")].startswith("a link into class 'triangle'")
+    assert skipped[str(root / "triangle" / "again.png")] == "the same file as triangle/000.png (read once)"
+
+
+def test_two_prepares_of_one_name_never_silently_replace_each_other(tmp_path, monkeypatch):
+    """Two prepares of the same name started together both printed "wrote"; the later silently replaced the
+    other's dataset. A lock per name refuses the second; a writer the lock cannot see (another machine) makes
+    the final rename refuse, keeping the other's dataset."""
+    from resnext_jax.data.prepare import folder, writer
+
+    make_folder(str(tmp_path / "a"), per_class=2, seed=0)
+    make_folder(str(tmp_path / "b"), per_class=3, seed=1)
+    data_dir = str(tmp_path / "d")
+    os.makedirs(data_dir)
+    held = writer._take_lock(data_dir, "same")
+    with pytest.raises(UserError, match=r"another prepare of same is running .*pid \d+.*wait for it to finish"):
+        prepare_folder(str(tmp_path / "b"), "same", data_dir=data_dir, quiet=True)
+    writer._release_lock(held)
+    assert_nothing_loads("same", tmp_path / "d")
+
+    elsewhere = str(tmp_path / "elsewhere")
+    prepare_folder(str(tmp_path / "a"), "same", data_dir=elsewhere, val_fraction=0.5, quiet=True)
+    real_write_items = folder.write_items
+
+    def meanwhile_another_machine_writes(*args, **kwargs):  # its rename lands while this run writes
+        shutil.copytree(os.path.join(elsewhere, "same", "1.0.0"), os.path.join(data_dir, "same", "1.0.0"))
+        return real_write_items(*args, **kwargs)
+
+    monkeypatch.setattr(folder, "write_items", meanwhile_another_machine_writes)
+    with pytest.raises(UserError, match="was written by another prepare while this one ran; it is kept"):
+        prepare_folder(str(tmp_path / "b"), "same", data_dir=data_dir, val_fraction=0.34, quiet=True)
+    assert dataset_info("same", data_dir).num_train == 3  # the other's (2 per class, half for validation)
+    assert sorted(os.listdir(tmp_path / "d" / "same")) == ["1.0.0"]  # nothing half-written left

@@ -49,9 +49,10 @@ def _class_folders(root: str, what: str) -> list[str]:
 def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[int, list[tuple[str, str]]]:
     """Lists the image files of each class folder: label -> sorted [(path relative to root, absolute path)].
 
-    Symbolic links are followed (as torchvision does) but a directory reached twice is a loop and is entered
-    once. Non-image files and files outside class folders are ignored and counted in `report`; broken links are
-    skipped and listed.
+    Symbolic links are followed (as torchvision does), but every directory and file is read once, by its real
+    path: a directory reached twice (a loop) is entered once, and a link into another class's folder, or back to
+    the folder being prepared, is never entered, so no image is ever labelled with a class it is not in. Each skip
+    is listed in `report`, as are broken links; non-image files and files outside class folders are counted.
     """
     for entry in sorted(os.listdir(root)):
         path = os.path.join(root, entry)
@@ -59,21 +60,28 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
             report.ignore("hidden entries", os.path.join(what, entry))
         elif not os.path.isdir(path):
             report.ignore("files outside class folders", os.path.join(what, entry))
+    root_real = os.path.realpath(root)
+    owners: dict[str, str] = {}
+    for name in class_names:  # a class folder that links to another's belongs to the first
+        owners.setdefault(os.path.realpath(os.path.join(root, name)), name)
+    directories_read: set[str] = set()
+    files_read: dict[str, str] = {}  # real path -> the relative path it was first listed under
     files: dict[int, list[tuple[str, str]]] = {}
     for label, class_name in enumerate(class_names):
         class_root = os.path.join(root, class_name)
         if not os.path.isdir(class_root):
             continue
-        found, visited = [], set()
+        found = []
         for directory, subdirectories, names in os.walk(
             class_root, followlinks=True, onerror=lambda error: _walk_error(error, report)
         ):
-            status = os.stat(directory)
-            if (status.st_dev, status.st_ino) in visited:
-                report.skipped.append((directory, "symlink loop (directory already read)"))
+            real = os.path.realpath(directory)
+            why = _skip_directory(real, class_name, owners, root_real, directories_read)
+            if why:
+                report.skipped.append((directory, why))
                 subdirectories[:] = []
                 continue
-            visited.add((status.st_dev, status.st_ino))
+            directories_read.add(real)
             subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
             for name in sorted(names):
                 path = os.path.join(directory, name)
@@ -84,7 +92,10 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
                     report.ignore("non-image files", os.path.join(what, relative))
                 elif not os.path.exists(path):
                     report.skipped.append((path, "broken symbolic link"))
+                elif os.path.realpath(path) in files_read:
+                    report.skipped.append((path, f"the same file as {files_read[os.path.realpath(path)]} (read once)"))
                 else:
+                    files_read[os.path.realpath(path)] = relative
                     found.append((relative, path))
         if not found:
             raise UserError(
@@ -93,6 +104,21 @@ def scan(root: str, class_names: list[str], report: Report, what: str) -> dict[i
             )
         files[label] = found
     return files
+
+
+def _skip_directory(real: str, class_name: str, owners: dict[str, str], root_real: str, read: set[str]) -> str:
+    """Why the directory at real path `real`, reached from class `class_name`'s folder, must not be read ('' if
+    it may): read already, inside another class's folder, or the prepared folder (or a folder holding it)."""
+    if real in read:
+        return "symlink loop (directory already read)"
+    inside = [owner for path, owner in owners.items() if real == path or real.startswith(path + os.sep)]
+    if inside and class_name not in inside:
+        return f"a link into class {inside[0]!r}'s folder (not read, so its images keep their own label)"
+    if not inside and (
+        real == root_real or (real + os.sep).startswith(root_real + os.sep) or root_real.startswith(real + os.sep)
+    ):
+        return "a link to the folder being prepared (not read, so no other class's image is relabelled)"
+    return ""
 
 
 def _walk_error(error: OSError, report: Report) -> None:

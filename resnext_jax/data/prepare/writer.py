@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import json
 import math
 import os
@@ -147,6 +148,8 @@ class DatasetWriter:
         self.temporary = os.path.join(self.parent, f"{_INCOMPLETE}{version}-{os.getpid()}")
         self.splits: dict[str, SplitWriter] = {}
         self.started = time.perf_counter()
+        self._lock = None  # the per-dataset prepare lock, held from __enter__ to __exit__
+        self._replacing = None  # the identity of the dataset this run means to replace (None: there was none)
 
     @property
     def display_name(self) -> str:
@@ -159,11 +162,26 @@ class DatasetWriter:
                 f"replace it, or choose another --name or --data-dir"
             )
         try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            self._lock = _take_lock(self.data_dir, self.display_name)
+        except OSError as error:
+            raise _disk_user_error(error, self.data_dir, self.display_name, removed=False) from error
+        try:
+            # Checked again under the lock: a prepare that held it may have written the dataset meanwhile.
+            self._replacing = _identity(self.target)
+            if self._replacing is not None and not self.overwrite:
+                raise UserError(
+                    f"{self.target} already holds a prepared {self.display_name} (written by another prepare "
+                    f"while this one started); pass --overwrite to replace it, or choose another --name"
+                )
             os.makedirs(self.parent, exist_ok=True)
             _remove_stale_temporaries(self.parent)
             os.makedirs(self.temporary)
-        except OSError as error:
-            raise _disk_user_error(error, self.data_dir, self.display_name, removed=False) from error
+        except BaseException as error:
+            _release_lock(self._lock)
+            if isinstance(error, OSError):
+                raise _disk_user_error(error, self.data_dir, self.display_name, removed=False) from error
+            raise
         return self
 
     def split(self, split: str) -> SplitWriter:
@@ -173,6 +191,12 @@ class DatasetWriter:
         return self.splits[split]
 
     def __exit__(self, kind, error, trace) -> bool:
+        try:
+            return self._exit(error)
+        finally:
+            _release_lock(self._lock)
+
+    def _exit(self, error) -> bool:
         if error is None:
             try:
                 self._finish()
@@ -198,6 +222,11 @@ class DatasetWriter:
             json.dump(self._dataset_info(), file, indent=2)
         with open(os.path.join(self.temporary, METADATA_FILE), "w") as file:
             json.dump({"format": 1, **self.metadata}, file, indent=2)
+        if _identity(self.target) != self._replacing:  # only a writer outside the lock (another machine) gets here
+            raise UserError(
+                f"{self.target} was written by another prepare while this one ran; it is kept and this run's "
+                f"output removed. Rerun with --overwrite to replace it, or choose another --name"
+            )
         old = None
         if os.path.exists(self.target):  # only with overwrite (checked on entry): swap, then delete the old one
             old = f"{self.target}.old-{os.getpid()}"
@@ -284,6 +313,55 @@ def _raise_write_error(path: str) -> None:
     if free < 4 * 2**20:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     raise OSError(errno.EIO, f"ArrayRecord writer failed ({free / 2**20:.0f} MiB free)", path)
+
+
+def _take_lock(data_dir: str, name: str):
+    """An exclusive `flock` on `<data_dir>/.<name>.prepare-lock`, which holds the holder's pid and start time for
+    the message a second prepare of the same name gets. The kernel drops it when its process dies; a release
+    removes the file, so the lock is re-taken when the file it locked was removed meanwhile."""
+    path = os.path.join(data_dir, f".{name.replace('/', '-')}.prepare-lock")
+    while True:
+        file = open(path, "a+")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UserError(
+                f"another prepare of {name} is running in {data_dir} ({holder}); wait for it to finish, "
+                f"or choose another --name"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        file.close()  # the holder released and removed it between our open and flock
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    file.flush()
+    return file
+
+
+def _release_lock(file) -> None:
+    if file is not None and not file.closed:
+        try:
+            os.remove(file.name)  # while still holding it, so no one locks the file being removed
+        except OSError:
+            pass
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        file.close()
+
+
+def _identity(target: str) -> tuple[int, int, int] | None:
+    """(device, inode, modification time) of `target`'s dataset_info.json: which write of the dataset is there."""
+    try:
+        status = os.stat(os.path.join(target, "dataset_info.json"))
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns
 
 
 def _remove_stale_temporaries(parent: str) -> None:
