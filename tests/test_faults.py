@@ -449,3 +449,64 @@ def test_top5_is_shown_only_with_more_than_5_classes(capsys):
         progress = Progress(10, 0, 8, primary=True, show_bar=False, show_top5=show_top5)
         progress.epoch_line(1, 1, {"loss": 0.4, "top1": 0.8}, 1.0, evals)
         assert ("top5 100.00%" in capsys.readouterr().err) == show_top5
+
+
+def _folder(root, class_names, seed):
+    """root/<class>/<i>.png: 8 noisy images per class, each class a different colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(class_names):
+        os.makedirs(os.path.join(root, name))
+        for index in range(8):
+            pixels = rng.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+            pixels[..., label % 3] += 150
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{index}.png"))
+
+
+@pytest.mark.slow  # two short training runs; CI runs it
+def test_a_run_records_its_dataset_and_notices_when_it_changes(tmp_path, capsys, caplog):
+    """`prepare folder OTHER --name same --overwrite` (other classes): predict printed the new class names for the
+    old model, evaluate scored against the new labels, and a rerun resumed on them; all silently, exit 0."""
+    from resnext_jax.data.prepare.folder import prepare_folder
+    from resnext_jax.errors import run_cli
+    from resnext_jax.inference import load_model
+    from resnext_jax.inference.evaluation import evaluate_accuracy
+    from resnext_jax.predict import main as predict_main
+
+    data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "run")
+    _folder(str(tmp_path / "fruit"), ("apple", "banana", "cherry"), seed=0)
+    _folder(str(tmp_path / "tools"), ("hammer", "saw", "wrench"), seed=1)
+    prepare_folder(str(tmp_path / "fruit"), "same", data_dir=data_dir, val_fraction=0.25, quiet=True)
+    config = _config(dataset="same", data_dir=data_dir, batch_size=6, eval_batch_size=6, checkpoint_every_steps=2)
+    train_and_evaluate(config, workdir, stop_at_step=2)
+    recorded = json.load(open(os.path.join(workdir, "dataset.json")))
+    assert recorded["class_names"] == ["apple", "banana", "cherry"] and recorded["splits"] == {
+        "train": 18,
+        "validation": 6,
+    }
+
+    prepare_folder(str(tmp_path / "tools"), "same", data_dir=data_dir, val_fraction=0.25, overwrite=True, quiet=True)
+    with pytest.raises(ConfigError, match=r"dataset 'same' changed since .*\(classes \['apple'.*\] -> \['hammer'"):
+        train_and_evaluate(config, workdir)  # the rerun refuses to resume on other labels
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]  # and trained nothing
+
+    loaded = load_model(workdir)
+    assert loaded.preprocessing.class_names == ("apple", "banana", "cherry")  # the recorded names
+    assert tuple(loaded.preprocessing.mean) == tuple(recorded["mean"])
+    assert "changed since this run trained on it" in loaded.source["dataset_changed"]
+    image = os.path.join(str(tmp_path / "tools"), "saw", "0.png")
+    caplog.clear()
+    assert run_cli(predict_main, [workdir, image, "--json", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert {entry["name"] for entry in json.loads(out)["top_k"]} == {"apple", "banana", "cherry"}
+    assert [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]  # said in one line
+    with pytest.raises(UserError, match="no longer match the model's classes"):
+        evaluate_accuracy(loaded, "same", data_dir=data_dir, batch_size=6)
+
+    summary = train_and_evaluate(config, workdir, allow_changes=True)  # continuing on the new data is recorded
+    assert summary["step"] == 3  # one epoch of 18 images at batch 6
+    changes = [json.loads(line) for line in open(os.path.join(workdir, "config_changes.jsonl"))]
+    assert changes[-1]["changes"]["dataset"]["to"]["class_names"] == ["hammer", "saw", "wrench"]
+    assert json.load(open(os.path.join(workdir, "dataset.json")))["class_names"] == ["hammer", "saw", "wrench"]
+    assert glob.glob(os.path.join(workdir, "dataset.json.*"))  # the old record is kept beside it

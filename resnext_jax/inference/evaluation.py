@@ -61,9 +61,23 @@ def eval_loader(
         )
     except (FileNotFoundError, ValueError) as error:  # unknown or unprepared dataset: the message says what to do
         raise UserError(str(error)) from error
+    _refuse_changed_labels(loaded, dataset, loader.info)
     if split and split != loader.info.eval_split:
         _use_split(loader, dataset, split, data_dir, batch_size)
     return loader
+
+
+def _refuse_changed_labels(loaded: LoadedModel, dataset: str, info) -> None:
+    """A run's dataset whose classes changed since it trained (`load_model` notes that in `source`): its labels
+    no longer mean the model's outputs, so scoring against them would be silently wrong."""
+    changed = loaded.source.get("dataset_changed")
+    if not changed or dataset != (loaded.config or {}).get("dataset") or not info.class_names:
+        return
+    if tuple(info.class_names) != tuple(loaded.preprocessing.class_names):
+        raise UserError(
+            f"{changed}; its labels no longer match the model's classes, so evaluating on it would score "
+            f"against the wrong labels. Restore the data the run trained on, or evaluate with another --dataset"
+        )
 
 
 def _use_split(loader, dataset: str, split: str, data_dir: str | None, batch_size: int) -> None:

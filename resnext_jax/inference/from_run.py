@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import types
 import zlib
 
 import jax
@@ -182,6 +183,13 @@ def load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedMod
     except ValueError as error:
         raise UserError(f"{config_path}: {error}") from error
     info, info_error = _dataset_info(config)
+    recorded, changed = _recorded_dataset(workdir, config, info)
+    if recorded is not None:  # the data the run trained on, whatever the dataset on disk is now
+        info = types.SimpleNamespace(
+            class_names=tuple(recorded["class_names"]) if recorded.get("class_names") else None,
+            mean=tuple(recorded["mean"]),
+            std=tuple(recorded["std"]),
+        )
     crop = int(config.get("image_size") or model_info(name).eval_size)
     mean, std = _normalization(config, name, info, info_error)
     names = default_class_names(kwargs["num_classes"], info, config.get("dataset"))
@@ -189,6 +197,8 @@ def load_workdir(workdir: str, model: str | None, which: str | int) -> LoadedMod
         resize_size=int(config.get("eval_resize_size") or crop), crop_size=crop, mean=mean, std=std, class_names=names
     )
     source = {"kind": "workdir", "path": workdir, "step": step, "which": str(which), "weights": "ema" if ema else "raw"}
+    if changed:
+        source["dataset_changed"] = changed
     return LoadedModel(
         name=name,
         module=module,
@@ -209,6 +219,33 @@ def _dataset_info(config: dict):
     except Exception as error:  # noqa: BLE001  not prepared here: the statistics may still be known
         log.info("dataset %s is not readable here (%s)", config.get("dataset"), error)
         return None, error
+
+
+def _recorded_dataset(workdir: str, config: dict, info) -> tuple[dict | None, str | None]:
+    """(the dataset identity the run recorded in dataset.json, or None for a run without one; one line saying how
+    the dataset on disk differs from it, or None). The line is also logged as a warning."""
+    path = os.path.join(workdir, "dataset.json")
+    if not os.path.exists(path):
+        return None, None
+    recorded = _read_json(path)
+    if info is None:  # the data is not on this machine: the record is all there is
+        return recorded, None
+    from resnext_jax.data.identity import dataset_identity, identity_differences
+
+    try:
+        current = dataset_identity(config.get("dataset"), config.get("data_dir") or None)
+    except Exception as error:  # noqa: BLE001  unreadable now: the record still names the classes
+        log.info("dataset %s cannot be fingerprinted here (%s)", config.get("dataset"), error)
+        return recorded, None
+    differences = identity_differences(recorded, current)
+    if not differences:
+        return recorded, None
+    changed = (
+        f"dataset {config.get('dataset')!r} changed since this run trained on it ({'; '.join(differences)}); "
+        f"using the class names and normalization the run recorded in {path}"
+    )
+    log.warning(changed)
+    return recorded, changed
 
 
 def _normalization(config: dict, name: str, info, info_error):

@@ -160,6 +160,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     local_eval_batch = distributed.check_batch_size(config.eval_batch_size, mesh.size, "eval_batch_size")
     data_dir = config.data_dir or None
     info = data.dataset_info(config.dataset, data_dir)
+    dataset_identity, dataset_change = workdir_lib.check_dataset(workdir, config.dataset, data_dir, allow_changes)
+    changes.update(dataset_change)
     loader_args = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if config.normalize == "model":  # pretrained weights expect the normalization they were trained with
         preset = resnext_jax.model_info(config.model)
@@ -204,6 +206,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     # failed start (a typo, a missing dataset) never ties the workdir to a config that cannot run.
     if primary:
         workdir_lib.write_run_records(workdir, config_dict)
+        workdir_lib.record_dataset(workdir, dataset_identity)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, primary=primary)
     data_iterator = iter(train_loader)
     logger = MetricsLogger(workdir, enabled=primary)

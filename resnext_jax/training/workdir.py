@@ -214,3 +214,62 @@ def best_kept(workdir: str, steps: list[int]) -> tuple[float | None, int | None]
     path = os.path.join(workdir, "metrics.jsonl")
     best = best_eval(read_metrics(workdir), steps) if os.path.exists(path) else None
     return best if best is not None else (None, None)
+
+
+DATASET_FILE = "dataset.json"
+
+
+def check_dataset(workdir: str, name: str, data_dir: str | None, allow_changes: bool) -> tuple[dict, dict]:
+    """Compares the dataset on disk with the one `<workdir>/dataset.json` recorded when the run started.
+
+    Returns (the identity now, {"dataset": (recorded, now)} when it changed and `allow_changes`, else {}), for
+    `record_dataset` and `record_changes`. Raises ConfigError when it changed (other classes, split sizes,
+    normalization or files), unless `allow_changes`: resuming would train the saved model on other labels.
+    """
+    from resnext_jax.data.identity import dataset_identity, identity_differences
+
+    current = dataset_identity(name, data_dir)
+    recorded = read_dataset_record(workdir)
+    if recorded is None:
+        return current, {}
+    differences = identity_differences(recorded, current)
+    if not differences:
+        return current, {}
+    if not allow_changes:
+        raise ConfigError(
+            f"dataset {name!r} changed since {workdir} started training on it ({'; '.join(differences)}). "
+            f"Restore the dataset it trained on, use a new --workdir, or rerun with --allow_changes to continue "
+            f"on the new data (recorded in config_changes.jsonl)"
+        )
+    return current, {"dataset": ({k: recorded.get(k) for k in _SUMMARY}, {k: current.get(k) for k in _SUMMARY})}
+
+
+_SUMMARY = ("class_names", "splits", "fingerprint")
+
+
+def read_dataset_record(workdir: str) -> dict | None:
+    """`<workdir>/dataset.json` (the identity of the data the run trained on), or None for a run without one."""
+    path = os.path.join(workdir, DATASET_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} cannot be read ({error}); restore it, or delete it to record the data anew"
+        ) from None
+
+
+def record_dataset(workdir: str, identity: dict) -> None:
+    """Writes `identity` as `<workdir>/dataset.json`; a different earlier record (a change allowed with
+    `--allow_changes`) is kept beside it as `dataset.json.<time>`."""
+    path = os.path.join(workdir, DATASET_FILE)
+    previous = read_dataset_record(workdir)
+    if previous == identity:
+        return
+    if previous is not None:
+        os.replace(path, f"{path}.{datetime.datetime.now().strftime('%Y%m%dT%H%M%S')}")
+    with open(path + ".tmp", "w") as f:
+        json.dump(identity, f, indent=2)
+    os.replace(path + ".tmp", path)
