@@ -135,10 +135,13 @@ def _download_weights(name: str, tag: str):
             f"or pass the path of a checkpoint file"
         )
     weights = torchvision.models.get_model_weights(name)[tag]
+    file = weights.url.rsplit("/", 1)[-1]
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as error:  # network errors come in many types
         raise WeightsDownloadError(
             f"could not download {name} {tag} from {weights.url} ({error}). On a machine with network, "
-            f"download that file and pass its path: from_torchvision({name!r}, '/path/to/file.pth')"
+            f"download that file, copy it here and pass its path in place of {tag}: "
+            f"--config.init_from=/path/{file} to train, `python -m resnext_jax.predict /path/{file} "
+            f"--model {name} IMAGES` (evaluate and export alike), from_torchvision({name!r}, '/path/{file}') in Python"
         ) from error

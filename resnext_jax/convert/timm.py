@@ -174,7 +174,9 @@ def _download_tag(name: str, tag: str):
     except Exception as error:  # no huggingface_hub, no network, hub errors: all end the same way
         raise WeightsDownloadError(
             f"could not download timm weights {tag} ({type(error).__name__}: {_first_sentence(error)}); on "
-            f"a machine with network, download {url} and pass its path: from_timm({name!r}, '/path/model.safetensors')"
+            f"a machine with network, download {url}, copy it here and pass its path in place of {tag}: "
+            f"`python -m resnext_jax.predict /path/model.safetensors --model {tag} IMAGES` (evaluate and export "
+            f"alike), or from_timm({name!r}, '/path/model.safetensors') in Python"
         ) from error
 
 

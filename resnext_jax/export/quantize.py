@@ -143,7 +143,7 @@ def quantize_int8(
         raise UserError(
             f"int8 top-1 {int8_top1:.2%} is {drop:.2f} points below float32 {float_top1:.2%} on "
             f"{name}:{eval_split}, above --max-drop {max_drop:g}; nothing was written. Pass --max-drop "
-            f"{np.ceil(drop * 10) / 10:g} to accept it, calibrate on more images (--calibration-images), or "
+            f"{np.ceil(round(drop * 10, 6)) / 10:g} to accept it, calibrate on more images (--calibration-images), or "
             f"export float32 (drop --quantize)"
         )
     fields = {

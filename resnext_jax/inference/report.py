@@ -20,6 +20,7 @@ import numpy as np
 
 from resnext_jax.errors import UserError, disk_error
 from resnext_jax.inference import evaluation
+from resnext_jax.inference.from_artifact import runtime_fields
 from resnext_jax.inference.loader import LoadedModel, load_model
 
 SCHEMA_VERSION = 1
@@ -153,6 +154,7 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": loaded.source,
+        "runtime": runtime_fields(loaded),  # what ran it: jax or onnxruntime, its provider, the precision
         "model": model_section(loaded),
         "preprocessing": {
             "resize_size": pre.resize_size,
@@ -249,6 +251,19 @@ def _plain(value):
     return json.loads(json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item)))
 
 
+def _init_lines(init: dict | None) -> list[str]:
+    """report.md's line naming the run or file a training run's first weights came from (config.init_from)."""
+    if not init:
+        return []
+    if init.get("kind") != "workdir":
+        return [f"Initialized from torchvision weights {init.get('path')}.", ""]
+    return [
+        f"Initialized from {init['workdir']} step {init['step']} ({init['which']}, {init['weights']} weights, "
+        f"trained on {init['dataset']}, {init['num_classes']} classes); head {init['head']}.",
+        "",
+    ]
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the headline numbers, speed, memory, model table, weakest classes and provenance."""
     from resnext_jax.inference.evaluation import format_bytes
@@ -262,6 +277,11 @@ def render_markdown(report: dict) -> str:
         "",
         f"Weights: {source['kind']} {where}{step} ({source.get('weights')}). Created {report['created']}.",
         "",
+        "Runtime: {runtime} ({provider}), {precision}.".format(**report["runtime"]),
+        "",
+    ]
+    lines += _init_lines((report.get("config") or {}).get("init_from_source"))
+    lines += [
         "| top-1 | top-5 | loss | examples | eval time |",
         "|---|---|---|---|---|",
         (

@@ -25,7 +25,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.half_precision = False  # bf16 compute; params, optimizer state, logits, loss and BN stats stay float32
 
     # Initialization: "" trains from scratch; a torchvision weight tag ("IMAGENET1K_V2") or a .pth path
-    # loads the backbone through resnext_jax.convert.from_torchvision.
+    # loads the backbone through resnext_jax.convert.from_torchvision; a training workdir ("runs/pretrain", or
+    # "runs/pretrain:latest" / ":ema" / ":1200") loads that run's backbone (resnext_jax.training.init_from).
     config.init_from = ""
     config.reinit_head = True  # new classifier head sized for the dataset (fine-tuning)
     config.freeze_bn = False  # keep BN running statistics and affine params fixed (fine-tuning)
@@ -89,6 +90,7 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "stage_diagnostics",
     "write_report",
+    "init_from_source",  # not a field: the record of config.init_from's run or file (training.init_from)
 )
 
 # Fields a run may change when resumed with `--allow_changes` (recorded in config_changes.jsonl): they change

@@ -24,6 +24,7 @@ from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
 from resnext_jax.training.guards import StopRequested, check_finite, disk_error_in
+from resnext_jax.training.init_from import initial_variables
 from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 from resnext_jax.training.step import (
@@ -62,24 +63,6 @@ def describe_model(config: ml_collections.ConfigDict, params) -> str:
         for key, value in sorted(config.model_kwargs.to_dict().items())
     )
     return f"{config.model} ({overrides + '; ' if overrides else ''}{count / 1e6:.2f}M params)"
-
-
-def _initial_variables(config, num_classes, rng):
-    """Converted torchvision weights when `config.init_from` names some; None means random init."""
-    if not config.init_from:
-        return None
-    from resnext_jax.convert import from_torchvision
-
-    # The layout must match the model's: stacked per stage when the config scans blocks.
-    scan = bool(config.model_kwargs.to_dict().get("scan_blocks", False))
-    return from_torchvision(
-        config.model,
-        config.init_from,
-        num_classes=num_classes,
-        reinit_head=config.reinit_head,
-        rng=rng,
-        scan_blocks=scan,
-    )
 
 
 def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
@@ -196,7 +179,11 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     preflight.check_image_size_fits(model, config.image_size, local_batch)
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = _initial_variables(config, num_classes, init_rng) or init_variables(model, init_rng, config.image_size)
+    variables, init_source, init_line = initial_variables(config, model, num_classes, init_rng)
+    if variables is None:
+        variables = init_variables(model, init_rng, config.image_size)
+    if init_source is not None:  # config.json names the run or file the first weights came from
+        config_dict["init_from_source"] = init_source
     tx = create_optimizer(config, schedule, variables["params"])
     state = create_train_state(tx, variables, state_rng, config.ema_decay > 0)
     distributed.barrier("state-ready")  # before the first cross-process collective (see `barrier`)
@@ -250,6 +237,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         f"{steps_per_epoch} steps/epoch, {total_steps} steps"
         + (f", resuming at step {start_step}" if start_step else "")
     )
+    if init_line and not start_step:
+        progress.write(init_line)
 
     summary = {
         "step": start_step,

@@ -1,0 +1,119 @@
+"""`config.init_from` naming a training workdir: pre-train on digits, fine-tune on a prepared 3-class folder."""
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import traverse_util
+from prepared_data import make_folder
+from test_training import tiny_config
+
+from resnext_jax.errors import UserError
+from resnext_jax.inference import load_model
+from resnext_jax.training import read_metrics, train_and_evaluate
+from resnext_jax.training.init_from import split_source
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A quick-start-style run on digits (the tiny one-stage ResNeXt, 2 epochs, 10 classes)."""
+    path = str(tmp_path_factory.mktemp("pretrain"))
+    train_and_evaluate(tiny_config(num_epochs=2), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A prepared 3-class folder (circle, square, triangle): (dataset name, data_dir)."""
+    from resnext_jax.data.prepare.folder import prepare_folder
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_folder(str(root / "images"), per_class=40)
+    prepare_folder(str(root / "images"), "shapes", data_dir=str(root / "data"), val_fraction=0.25, quiet=True)
+    return "shapes", str(root / "data")
+
+
+def _flat(variables):
+    return traverse_util.flatten_dict(dict(variables))
+
+
+def test_split_source_reads_which_after_a_colon(tmp_path):
+    run = str(tmp_path)
+    assert split_source(run) == (run, "best")
+    assert split_source(run + ":latest") == (run, "latest")
+    assert split_source(run + ":ema") == (run, "ema")
+    assert split_source(run + ":120") == (run, "120")
+    assert split_source("IMAGENET1K_V2") == ("IMAGENET1K_V2", "best")
+    assert split_source(run + ":nonsense") == (run + ":nonsense", "best")  # not a run: left to the converter
+
+
+@pytest.mark.slow  # a pre-training run and a fine-tuning run
+def test_finetune_from_a_workdir_keeps_the_backbone_and_sizes_a_new_head(source_run, shapes, tmp_path, capsys):
+    """Frozen backbone (backbone_lr_mult=0, freeze_bn): every backbone array must come out bit-identical to the
+    source's latest checkpoint, the head must be 3 classes wide and trained, and the run must beat chance."""
+    name, data_dir = shapes
+    source = load_model(source_run, which="latest")
+    config = tiny_config(
+        dataset=name,
+        data_dir=data_dir,
+        init_from=source_run + ":latest",
+        backbone_lr_mult=0.0,
+        freeze_bn=True,
+        learning_rate=3e-2,
+        warmup_epochs=0,
+        num_epochs=12,
+        batch_size=30,
+        eval_batch_size=30,
+        log_every_steps=3,
+        write_report=True,
+    )
+    workdir = str(tmp_path / "finetune")
+    summary = train_and_evaluate(config, workdir)
+    assert summary["best_top1"] >= 0.8, summary  # chance is 1/3
+    out = capsys.readouterr()
+    assert f"initialized from {source_run} step {source.source['step']} (latest, trained on digits)" in out.err + (
+        out.out
+    )
+    assert "new head fc" in out.err + out.out and "-> 3 classes for shapes (the run's had 10)" in out.err + out.out
+
+    recorded = json.load(open(os.path.join(workdir, "config.json")))["init_from_source"]
+    assert recorded == {
+        "kind": "workdir",
+        "workdir": source_run,
+        "which": "latest",
+        "step": source.source["step"],
+        "weights": "raw",
+        "model": "resnext50_32x4d",
+        "dataset": "digits",
+        "num_classes": 10,
+        "head": "new",
+    }
+    report = open(os.path.join(workdir, "report", "report.md")).read()
+    assert f"Initialized from {source_run} step {source.source['step']} (latest, raw weights, trained on digits" in (
+        report
+    )
+
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(steps[-1]), "state"))
+    trained = _flat({"params": state["params"], "batch_stats": state["batch_stats"]})
+    reference = _flat(source.variables)
+    assert {k for k in trained if k[1] != "fc"} == {k for k in reference if k[1] != "fc"}
+    for key, value in reference.items():
+        if key[1] == "fc":
+            continue
+        np.testing.assert_array_equal(trained[key], value, err_msg="/".join(key))
+    assert trained[("params", "fc", "kernel")].shape == (reference[("params", "fc", "kernel")].shape[0], 3)
+    assert trained[("params", "fc", "bias")].shape == (3,)
+    evals = [r for r in read_metrics(workdir) if r["split"] == "eval"]
+    assert evals[-1]["top1"] >= 0.8
+
+
+def test_a_source_of_another_architecture_is_refused_with_the_fix(source_run, shapes, tmp_path):
+    name, data_dir = shapes
+    config = tiny_config(dataset=name, data_dir=data_dir, init_from=source_run)
+    config.model_kwargs.num_filters = 16  # the source has 8
+    with pytest.raises(UserError, match=r"do not fit this config's resnext50_32x4d .*set --config.model and"):
+        train_and_evaluate(config, str(tmp_path / "wrong"))
+    assert not os.path.exists(tmp_path / "wrong")  # a refused start leaves no workdir
