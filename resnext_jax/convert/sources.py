@@ -59,9 +59,7 @@ def load_torch_state_dict(name: str, source: Any) -> dict[str, np.ndarray]:
     `WRAPPER_KEYS` (`{"model": state_dict, "epoch": ...}`) or prefixed by DataParallel's "module." are
     unwrapped, the same for a file and an in-memory dict.
     """
-    import torch
-
-    if isinstance(source, torch.nn.Module):
+    if hasattr(source, "state_dict") and callable(source.state_dict):  # a torch Module, without importing torch
         state = source.state_dict()
     elif isinstance(source, Mapping):
         state = source

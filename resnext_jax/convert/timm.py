@@ -140,10 +140,8 @@ def read_timm_state(name: str, source: Any) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
         path = os.path.expanduser(os.fspath(source))
         if path.endswith(".safetensors") and os.path.isfile(path):
-            from safetensors.torch import load_file
-
             try:
-                source = load_file(path, device="cpu")
+                source = _read_safetensors(path)
             except Exception as error:  # safetensors raises SafetensorError, OSError...
                 raise InputError(
                     f"cannot read {source} as a safetensors file ({type(error).__name__}: {error}); "
@@ -152,6 +150,21 @@ def read_timm_state(name: str, source: Any) -> dict[str, np.ndarray]:
         elif not os.path.exists(path):
             source = _download_tag(name, os.fspath(source))
     return load_torch_state_dict(name, source)
+
+
+def _read_safetensors(path: str) -> dict:
+    """A `.safetensors` file as numpy arrays, without torch; bfloat16 tensors (which numpy lacks) through torch."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, TypeError, ValueError) as error:
+        if "bf16" not in str(error).lower() and "bfloat16" not in str(error).lower():
+            raise
+        from safetensors.torch import load_file as load_torch_file
+
+        return load_torch_file(path, device="cpu")
 
 
 def _download_tag(name: str, tag: str):
