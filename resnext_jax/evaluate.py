@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     if args.out:
         check_output_path(args.out, "--out", directory=True)
     from resnext_jax.inference.report import evaluate_and_report
+    from resnext_jax.precision import bf16_cpu_note
 
     report = evaluate_and_report(
         args.source,
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
             f"p95 {run['latency_ms_p95']:.2f} ms (compile {run['compile_s']:.2f} s)"
         )
     print(f"report: {report['report_dir']}/report.md")
+    if note := bf16_cpu_note(report["runtime"]["precision"], "evaluate"):
+        print(note, file=sys.stderr)
     return 0
 
 

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
 
     from resnext_jax.inference import images as image_io
     from resnext_jax.inference import load_model, predict_files
+    from resnext_jax.precision import bf16_cpu_note
 
     paths, problems = image_io.find_images(args.images)
     for pattern, message in problems:
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     if not paths:
         raise UserError("no image files to predict; pass image files, folders or globs")
     loaded = load_model(args.source, model=args.model, which=args.which, resize_size=args.resize, crop_size=args.crop)
+    if note := bf16_cpu_note(loaded.module.dtype, "predict"):
+        print(note, file=sys.stderr)
     writer = csv.writer(sys.stdout) if args.csv else None
     if writer:
         writer.writerow(["path", "rank", "class", "name", "probability"])

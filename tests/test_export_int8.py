@@ -156,3 +156,22 @@ def test_an_artifact_without_its_sidecar_is_one_line(tmp_path):
     images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     expected = loaded.module.apply(loaded.variables, images, train=False)
     assert np.max(np.abs(np.asarray(served.module.apply({}, images)) - np.asarray(expected))) < 1e-4
+
+
+def test_bf16_on_a_cpu_is_one_line_with_the_cost_and_the_alternative(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    from PIL import Image
+
+    from resnext_jax.precision import bf16_cpu_note
+    from resnext_jax.predict import main as predict_main
+
+    assert bf16_cpu_note(jnp.float32, "training") is None and bf16_cpu_note("int8", "evaluate") is None
+    assert bf16_cpu_note(jnp.bfloat16, "training").endswith("train in float32 with --config.half_precision=False")
+    loaded = _random_tiny(10, 32)
+    loaded = dataclasses.replace(loaded, module=loaded.module.clone(dtype=jnp.bfloat16))
+    monkeypatch.setattr(resnext_jax.inference, "load_model", lambda *args, **kwargs: loaded)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "black.png")
+    assert run_cli(predict_main, ["run", str(tmp_path / "black.png")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: predict in bfloat16")]
+    assert len(notes) == 1 and "slower than float32" in notes[0] and "--quantize int8" in notes[0]

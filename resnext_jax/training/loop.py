@@ -19,6 +19,7 @@ import numpy as np
 import resnext_jax
 from resnext_jax import data
 from resnext_jax.errors import UserError, disk_error
+from resnext_jax.precision import bf16_cpu_note
 from resnext_jax.training import distributed, preflight
 from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
@@ -239,6 +240,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     )
     if init_line and not start_step:
         progress.write(init_line)
+    if note := bf16_cpu_note(model.dtype, "training"):
+        progress.write(note)
 
     summary = {
         "step": start_step,
