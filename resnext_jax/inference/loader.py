@@ -63,6 +63,24 @@ class LoadedModel:
     config: dict | None
     model_kwargs: dict
 
+    def predict(self, images, top_k: int = 5, batch_size: int = 64) -> list[list[tuple[str, float]]]:
+        """Top-k (class name, probability) pairs, best first, one list per image, in order.
+
+        `images`: one image or a list of them, each a path, a PIL image, or an HWC array (uint8 pixels, or float
+        in 0..1); an (N, H, W, 3) array is N images. Each goes through `preprocessing` as the files of
+        `predict_files` and the eval loader do. Jitted once per model, compiled once per batch size.
+        """
+        from resnext_jax.inference import arrays
+
+        return arrays.predict(self, images, top_k=top_k, batch_size=batch_size)
+
+    def features(self, images, batch_size: int = 64) -> dict:
+        """The images' stage features as float32 NHWC numpy arrays: {'stage1': (N, H/4, W/4, C), ...,
+        'pre_logits': (N, C)} (`create_model(..., return_features=True)`); images as in `predict`."""
+        from resnext_jax.inference import arrays
+
+        return arrays.features(self, images, batch_size=batch_size)
+
 
 def imagenet_class_names() -> tuple[str, ...]:
     """ImageNet-1k's 1000 class names as torchvision spells them (`meta['categories']`), read from the package
