@@ -66,6 +66,25 @@ def check_output_path(path: str, flag: str, *, directory: bool = False, example:
         ) from None
 
 
+def drop_event_loop_noise() -> None:
+    """Keeps Orbax's asynchronous noise out of the terminal: when a damaged checkpoint fails to read, tensorstore's
+    pending callbacks meet the closed asyncio loop of that read and each reports `RuntimeError('Event loop is
+    closed')` through `sys.unraisablehook` (about 60 tracebacks, after the one warning that already names the
+    problem). Only that exact error is dropped; installed once per process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_event_loop_noise", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_event_loop_noise = True
+    sys.unraisablehook = hook
+
+
 def run_cli(main, argv: list[str] | None = None, *, verbose: bool | None = None) -> int:
     """Runs `main(argv)` and turns a `UserError` (or a disk error) into one `error: ...` line on stderr and exit
     code 2; with `verbose` (default: `--verbose` in argv) the traceback is printed too. Returns main's exit code."""

@@ -458,3 +458,25 @@ def test_export_out_as_a_directory_or_unwritable_is_one_line(tmp_path, capsys):
     out = str(blocker / "model.mlir")
     code, line = _cli_error(export_main, ["runs/x", "--format", "stablehlo", "--out", out], capsys)
     assert code == 2 and "cannot be written" in line and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_from_timm_with_one_missing_tensor_names_the_missing_key_not_another_builder(name):
+    """It said the weights "look like resnet18d or seresnet18" (resnet50 -> resnet50_gn, resnext50_32x4d ->
+    resnext50d_32x4d): builders with the same stages. from_torchvision said the right thing, and still does."""
+    import timm
+
+    from resnext_jax.convert import from_timm
+
+    state = timm.create_model(name, pretrained=False).state_dict()
+    del state["layer1.0.conv1.weight"]
+    with pytest.raises(ConversionError) as raised:
+        from_timm(name, state)
+    first = str(raised.value).splitlines()[0]
+    assert "1 missing" in first and "look like" not in first, first
+    assert "missing key: layer1.0.conv1.weight" in str(raised.value)
+    torch_state = getattr(torchvision.models, name)().state_dict()
+    del torch_state["layer1.0.conv1.weight"]
+    with pytest.raises(ConversionError) as raised:
+        from_torchvision(name, torch_state)
+    assert "look like" not in str(raised.value).splitlines()[0]

@@ -510,3 +510,74 @@ def test_a_run_records_its_dataset_and_notices_when_it_changes(tmp_path, capsys,
     assert changes[-1]["changes"]["dataset"]["to"]["class_names"] == ["hammer", "saw", "wrench"]
     assert json.load(open(os.path.join(workdir, "dataset.json")))["class_names"] == ["hammer", "saw", "wrench"]
     assert glob.glob(os.path.join(workdir, "dataset.json.*"))  # the old record is kept beside it
+
+
+def test_a_missing_checksums_item_is_damage_not_an_old_checkpoint(run, caplog):
+    """It was called "predates checksums" and loaded unverified; the step's own metadata says it had them."""
+    from resnext_jax.inference import load_model
+
+    shutil.rmtree(os.path.join(run, "checkpoints", "22", "checksums"))
+    with pytest.raises(UserError, match=r"step 22 .* is damaged: its checksums item is missing; pick another step"):
+        load_model(run, which=22)
+    step, _ = _restore(run)
+    assert step == 20
+    assert any("checksums item is missing" in r.getMessage() for r in caplog.records)
+    assert not any("predates checksums" in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoints_damaged_existing_as_a_file_is_one_line_whose_advice_works(run):
+    for path in _data_files(run, 22):
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    with open(os.path.join(run, DAMAGED_DIR), "w") as f:
+        f.write("a note the user kept here")
+    with pytest.raises(UserError, match=r"checkpoints_damaged is a file.* rename or move that file, then rerun"):
+        _restore(run)
+    os.rename(os.path.join(run, DAMAGED_DIR), os.path.join(run, "notes.txt"))  # following the advice
+    step, _ = _restore(run)
+    assert step == 20 and os.path.isdir(os.path.join(run, DAMAGED_DIR))
+
+
+@pytest.mark.slow  # a subprocess that imports JAX and restores; CI runs it
+def test_a_deleted_manifest_falls_back_without_orbax_event_loop_noise(run):
+    os.remove(os.path.join(run, "checkpoints", "22", "state", "manifest.ocdbt"))
+    script = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests'];"
+        "from test_faults import _restore; print('restored', _restore(sys.argv[2])[0])"
+    )
+    env = dict(os.environ, RESNEXT_JAX_HUGEPAGES="0")
+    done = subprocess.run(
+        [sys.executable, "-c", script, ROOT, run], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0 and "restored 20" in done.stdout, done.stderr[-2000:]
+    assert "Event loop is closed" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "checkpoint step 22" in done.stderr  # the one warning that names the problem stays
+
+
+def test_removing_lock_under_a_live_run_does_not_let_a_second_run_in(tmp_path):
+    """After `rm LOCK` mid-run, a second run started beside the live one and called its checkpoints incomplete."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from resnext_jax.training.workdir import WorkdirLock;"
+            "lock = WorkdirLock(sys.argv[2]); lock.acquire(); print('locked', flush=True); time.sleep(60)",
+            ROOT,
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        os.remove(tmp_path / "LOCK")
+        with pytest.raises(ConfigError, match=r"in use by another run \(another process; its LOCK file was removed\)"):
+            train_and_evaluate(_config(), str(tmp_path))
+        assert not (tmp_path / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = WorkdirLock(str(tmp_path))  # the dead holder's locks are dropped by the kernel
+    lock.acquire()
+    lock.release()

@@ -174,7 +174,10 @@ def _fix(
     """The likely fix of a mismatch: weights of another builder (named), none at all, or a check of their origin."""
     if not shapes:
         return "there are no weights at all"
-    others = [n for n in layout_hint(family, shapes, library.name, fits) if n != name]
+    names = layout_hint(family, shapes, library.name, fits)
+    # `name` among them means no other builder fits exactly: its own weights with a key missing or extra, not
+    # another builder's (resnet18 with one tensor missing is not resnet18d's, whose stages are the same).
+    others = [] if name in names else names
     if others:
         return f"they look like {' or '.join(others)}'s: {call.format(others[0])}"
     return f"check that they come from {library.origin.format(name)}"

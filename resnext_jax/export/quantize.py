@@ -69,19 +69,9 @@ def _calibration_batches(loaded, calibrate: str, count: int, data_dir, with_prep
     return batches, name, split
 
 
-def quantize_int8(
-    loaded,
-    data: bytes,
-    *,
-    calibrate: str | None,
-    calibration_images: int,
-    max_drop: float,
-    resolution: int,
-    with_preprocessing: bool,
-    data_dir: str | None,
-) -> tuple[bytes, dict]:
-    """The int8 file of the float32 ONNX `data`, and the sidecar's {'int8': {...}} fields. Raises `UserError` when
-    its top-1 on the eval split is more than `max_drop` points below the float file's."""
+def quantize_bytes(data: bytes, batches: list) -> bytes:
+    """The int8 QDQ file (per-channel int8 weights, uint8 activations, MinMax ranges) of the float32 ONNX `data`,
+    calibrated on `batches` (each a (B, R, R, 3) array the file takes)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -90,16 +80,6 @@ def quantize_int8(
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from resnext_jax.export.onnx_export import session
-    from resnext_jax.inference import evaluation
-
-    if not calibrate:
-        raise UserError("--quantize int8 needs --calibrate NAME[:split], the images to calibrate on")
-    data_dir = data_dir or (loaded.config or {}).get("data_dir") or None
-    at_size = common.scaled_preprocessing(loaded.preprocessing, resolution)
-    sized = dataclasses.replace(loaded, preprocessing=at_size)
-    batches, name, split = _calibration_batches(sized, calibrate, calibration_images, data_dir, with_preprocessing)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -124,7 +104,33 @@ def quantize_int8(
             calibrate_method=CalibrationMethod.MinMax,
         )
         with open(paths["int8"], "rb") as f:
-            quantized = f.read()
+            return f.read()
+
+
+def quantize_int8(
+    loaded,
+    data: bytes,
+    *,
+    calibrate: str | None,
+    calibration_images: int,
+    max_drop: float,
+    resolution: int,
+    with_preprocessing: bool,
+    data_dir: str | None,
+) -> tuple[bytes, dict]:
+    """The int8 file of the float32 ONNX `data`, and the sidecar's {'int8': {...}} fields. Raises `UserError` when
+    its top-1 on the eval split is more than `max_drop` points below the float file's."""
+    from resnext_jax.export.onnx_export import session
+    from resnext_jax.inference import evaluation
+
+    if not calibrate:
+        raise UserError("--quantize int8 needs --calibrate NAME[:split], the images to calibrate on")
+    data_dir = data_dir or (loaded.config or {}).get("data_dir") or None
+    at_size = common.scaled_preprocessing(loaded.preprocessing, resolution)
+    sized = dataclasses.replace(loaded, preprocessing=at_size)
+    batches, name, split = _calibration_batches(sized, calibrate, calibration_images, data_dir, with_preprocessing)
+
+    quantized = quantize_bytes(data, batches)
 
     accuracy = {}
     for precision, file in (("float32", data), ("int8", quantized)):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax.errors import UserError
+from resnext_jax.errors import UserError, drop_event_loop_noise
 from resnext_jax.inference.loader import LoadedModel, Preprocessing, check_model_name, default_class_names
 from resnext_jax.models.registry import create_model, model_info
 
@@ -95,6 +95,7 @@ def _restore(path: str, keys: tuple[str, ...]) -> dict:
     """Restores only `keys` of a saved TrainState (no optimizer state) onto the default device."""
     import orbax.checkpoint as ocp
 
+    drop_event_loop_noise()
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns that an item directory has no step metadata; it never does
@@ -131,6 +132,14 @@ def _verify(step_dir: str, restored: dict, step: int) -> None:
     `resnext_jax.training.checkpoint.checksums`), so that a bit-flipped or truncated step is never used."""
     path = os.path.join(step_dir, "checksums", "metadata")
     if not os.path.exists(path):
+        from resnext_jax.training.checkpoint import lists_item
+
+        if lists_item(step_dir, "checksums"):  # written with checksums, which are gone: never load it unverified
+            others = [other for other in _complete_steps(os.path.dirname(step_dir))[0] if other != step]
+            raise UserError(
+                f"checkpoint step {step} in {os.path.dirname(step_dir)} is damaged: its checksums item is missing; "
+                f"pick another step ({others or 'none left'})"
+            )
         log.warning("checkpoint step %d in %s predates checksums; loading it unverified", step, step_dir)
         return
     saved = _read_json(path)

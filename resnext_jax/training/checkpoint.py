@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from resnext_jax.errors import UserError
+from resnext_jax.errors import UserError, drop_event_loop_noise
 from resnext_jax.training.step import TrainState
 
 _COMMIT_MARKER = "commit_success.txt"  # written by Orbax once a step (or item) is complete
@@ -49,6 +49,26 @@ def checksums(state: TrainState, iterator_state) -> dict[str, str]:
         iterator_state = json.dumps(iterator_state, sort_keys=True, default=str).encode()
     sums["data_iterator"] = f"{zlib.crc32(iterator_state):08x}"
     return sums
+
+
+def lists_item(step_dir: str, item: str) -> bool:
+    """Whether Orbax's step metadata names `item`: the step was written with it, so its absence is damage (a
+    step written before that item existed does not name it)."""
+    try:
+        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+            return item in (json.load(f).get("item_handlers") or {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_damaged_dir(workdir: str) -> None:
+    """One line instead of `FileExistsError` when `checkpoints_damaged` exists as something other than a folder."""
+    path = os.path.join(workdir, DAMAGED_DIR)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(
+            f"{path} is a file, but damaged checkpoints are set aside in a folder of that name; rename or move "
+            f"that file, then rerun"
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -78,6 +98,7 @@ class Checkpointer:
             preservation_policy=policy, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        drop_event_loop_noise()  # a damaged step's failed read makes Orbax print dozens of these tracebacks
 
     def latest_step(self) -> int | None:
         """The newest step with its commit markers, or None (not verified: `restore` verifies)."""
@@ -148,6 +169,8 @@ class Checkpointer:
             return "incomplete: no commit marker", None
         root = os.path.join(self.directory, str(step))
         has_sums = os.path.isdir(os.path.join(root, "checksums"))
+        if not has_sums and lists_item(root, "checksums"):  # written with checksums, which are gone: damaged
+            return "damaged: its checksums item is missing", None
         args = {"state": ocp.args.StandardRestore(abstract), "data": grain.checkpoint.CheckpointRestore(data_iterator)}
         if has_sums:
             args["checksums"] = ocp.args.JsonRestore()
@@ -173,6 +196,7 @@ class Checkpointer:
         """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>-<time>/` with a note of what was wrong."""
         if not damaged or not self.primary:
             return
+        check_damaged_dir(self.workdir)
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
         for step, problem in damaged:
             target = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{stamp}")

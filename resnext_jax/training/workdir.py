@@ -107,33 +107,33 @@ class WorkdirLock:
     start time for the message a second run gets.
 
     The kernel releases a flock when its process dies (kill -9 included), so a lock left by a dead run on this
-    machine is stale by construction and is simply taken over. Taken by process 0 only.
+    machine is stale by construction and is simply taken over. The workdir directory itself is flocked too, so
+    that `rm LOCK` under a live run does not let a second run in beside it. Taken by process 0 only.
     """
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "LOCK")
         self._file = None
+        self._directory = None  # the flocked descriptor of the workdir itself
 
     def acquire(self) -> None:
+        try:
+            self._directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
+            fcntl.flock(self._directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._directory)
+            self._directory = None
+            self._refuse(None)
+        except OSError:  # a file system without flock on directories: the LOCK file's lock still holds
+            if self._directory is not None:
+                os.close(self._directory)
+            self._directory = None
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0)
-            try:
-                holder = json.loads(f.read() or "{}")
-            except json.JSONDecodeError:
-                holder = {}
-            f.close()
-            who = (
-                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-                if holder
-                else "another process"
-            )
-            raise ConfigError(
-                f"{os.path.dirname(self.path)} is in use by another run ({who}). Wait for it to "
-                f"finish or stop it (Ctrl-C saves and exits), or use another --workdir."
-            ) from None
+            self.release()
+            self._refuse(f)
         f.seek(0)
         f.truncate()
         json.dump(
@@ -147,6 +147,29 @@ class WorkdirLock:
         f.flush()
         self._file = f
 
+    def _refuse(self, f) -> None:
+        """Raises the one-line error naming the holder (from LOCK; 'its LOCK file was removed' when it is gone)."""
+        holder = {}
+        try:
+            if f is None:
+                f = open(self.path)
+            f.seek(0)
+            holder = json.loads(f.read() or "{}")
+        except (OSError, json.JSONDecodeError):
+            pass
+        finally:
+            if f is not None:
+                f.close()
+        who = (
+            f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+            if holder
+            else "another process" + ("" if os.path.exists(self.path) else "; its LOCK file was removed")
+        )
+        raise ConfigError(
+            f"{os.path.dirname(self.path)} is in use by another run ({who}). Wait for it to "
+            f"finish or stop it (Ctrl-C saves and exits), or use another --workdir."
+        ) from None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.seek(0)
@@ -154,6 +177,10 @@ class WorkdirLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+        if self._directory is not None:
+            fcntl.flock(self._directory, fcntl.LOCK_UN)
+            os.close(self._directory)
+            self._directory = None
 
     def __enter__(self):
         self.acquire()
