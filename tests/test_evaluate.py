@@ -99,6 +99,7 @@ REPORT_FIELDS = {
     "created": None,
     "report_dir": None,
     "source": ("kind", "path", "step", "which", "weights"),
+    "runtime": ("runtime", "provider", "precision"),
     "model": (
         "name",
         "model_kwargs",
@@ -116,6 +117,7 @@ REPORT_FIELDS = {
     "accuracy": ("top1", "top5", "loss", "count", "correct", "correct_top5", "seconds"),
     "per_class": ("class", "name", "count", "correct", "accuracy", "most_confused_with", "confused_count"),
     "confusion_matrix": ("png", "csv", "rows", "columns", "counts"),
+    "calibration": ("ece", "bin_count", "bins", "png"),
     "speed": ("device", "platform", "dtype", "resolution", "runs"),
     "memory": ("kind", "device", "peak_bytes", "bytes_limit"),
     "config": None,
@@ -130,6 +132,7 @@ SPEED_RUN_FIELDS = (
     "latency_ms_mean",
     "images_per_s",
 )
+CALIBRATION_BIN_FIELDS = ("lower", "upper", "count", "confidence", "accuracy")
 NATIVE_FIELDS = ("available", "isa", "unavailable_reason", "build", "used", "not_used", "ran", "targets")
 STAGE_FIELDS = ("name", "blocks", "groups", "bottleneck_width", "out_channels", "out_size", "params")
 
@@ -185,8 +188,42 @@ def test_report_holds_every_field_and_docs_explain_them(workdir, tmp_path, capsy
     with open(DOCS) as f:
         documented = set(re.findall(r"`([a-z0-9_]+)`", f.read()))
     fields = set(REPORT_FIELDS) | {f for fs in REPORT_FIELDS.values() if fs for f in fs}
-    fields |= set(SPEED_RUN_FIELDS) | set(NATIVE_FIELDS) | set(STAGE_FIELDS)
+    fields |= set(SPEED_RUN_FIELDS) | set(NATIVE_FIELDS) | set(STAGE_FIELDS) | set(CALIBRATION_BIN_FIELDS)
     assert fields - documented == set(), "document these report fields in docs/inference.md"
+
+
+def test_speed_off_writes_no_speed_section_and_calibration_matches_the_predictions(workdir, tmp_path, capsys):
+    """--speed off: the accuracy pass only. The report's ECE equals one recomputed here from the model's softmax
+    on the same eval split (module.apply on each batch, not evaluate's shard_map step)."""
+    from resnext_jax.data import create_eval_loader
+    from resnext_jax.inference.calibration import calibration
+
+    out = tmp_path / "off"
+    assert run_cli(evaluate_main, [workdir, "--which", "latest", "--speed", "off", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert "speed" not in report and "batch 1:" not in stdout and "## Speed" not in (out / "report.md").read_text()
+    assert set(report) == set(REPORT_FIELDS) - {"speed"}
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![reliability diagram](reliability.png)" in (out / "report.md").read_text()
+    assert sum(row["count"] for row in report["calibration"]["bins"]) == 360
+    assert set(report["calibration"]["bins"][0]) == set(CALIBRATION_BIN_FIELDS)
+
+    loaded = resnext_jax.load_model(workdir, which="latest")
+    pre = loaded.preprocessing
+    confidences, correct = [], []
+    loader = create_eval_loader(
+        "digits", batch_size=120, image_size=pre.crop_size, resize_size=pre.resize_size, mean=pre.mean, std=pre.std
+    )
+    for batch in loader:
+        mask = np.asarray(batch["mask"])
+        logits = loaded.module.apply(loaded.variables, batch["image"], train=False)
+        probabilities = np.asarray(jax.nn.softmax(logits.astype(np.float32)))[mask]
+        confidences.append(probabilities.max(-1))
+        correct.append(probabilities.argmax(-1) == np.asarray(batch["label"])[mask])
+    expected = calibration(np.concatenate(confidences), np.concatenate(correct))
+    assert report["calibration"]["ece"] == pytest.approx(expected["ece"], abs=1e-4)
+    assert f"expected calibration error {report['calibration']['ece']:.2%}" in stdout
 
 
 def test_evaluate_errors_are_one_line(workdir, tmp_path, capsys):

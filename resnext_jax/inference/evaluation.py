@@ -24,6 +24,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from resnext_jax.errors import UserError
+from resnext_jax.inference.calibration import calibration, confidence
 from resnext_jax.inference.loader import LoadedModel
 from resnext_jax.ops import inference_compiler_options
 from resnext_jax.training import distributed
@@ -125,8 +126,9 @@ def sample_loader(
 
 
 def make_predict_step(loaded: LoadedModel, mesh):
-    """`step(variables, batch) -> per-example {'pred', 'top5', 'loss'}` over the mesh, as the training loop's
-    `make_eval_step` computes them (argmax for top-1, lax.top_k for top-5, cross-entropy on the logits)."""
+    """`step(variables, batch) -> per-example {'pred', 'top5', 'loss', 'confidence'}` over the mesh, as the training
+    loop's `make_eval_step` computes them (argmax for top-1, lax.top_k for top-5, cross-entropy on the logits), and
+    the top softmax probability for calibration."""
     module = loaded.module.clone(bn_axis_name=AXIS)  # the model the training loop evaluated
 
     def step(variables, batch):
@@ -134,7 +136,7 @@ def make_predict_step(loaded: LoadedModel, mesh):
         labels = batch["label"]
         top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {"pred": jnp.argmax(logits, -1), "top5": top5, "loss": loss}
+        return {"pred": jnp.argmax(logits, -1), "top5": top5, "loss": loss, "confidence": confidence(logits)}
 
     sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False)
     return jax.jit(sharded, compiler_options=inference_compiler_options(mesh.devices.flat[0].platform))
@@ -151,7 +153,8 @@ def evaluate_accuracy(
     """Top-1, top-5, loss and the confusion matrix over every example of the split, exactly once.
 
     Returns {'dataset', 'split', 'count', 'top1', 'top5', 'loss', 'correct', 'correct_top5', 'batch_size',
-    'devices', 'seconds', 'confusion' (int64 (classes, classes), rows true, columns predicted)}.
+    'devices', 'seconds', 'confusion' (int64 (classes, classes), rows true, columns predicted), 'calibration'
+    (`inference.calibration.calibration`: ECE and its bins)}.
     """
     if jax.process_count() > 1:
         raise UserError("evaluate runs in one process (over all of its local devices); run it on one host")
@@ -173,7 +176,7 @@ def evaluate_accuracy(
     step = make_predict_step(loaded, mesh)
     variables = jax.device_put(loaded.variables, distributed.replicated(mesh))
     confusion = np.zeros((num_classes, num_classes), np.int64)
-    correct_top5, loss_sum = 0, 0.0
+    correct_top5, loss_sum, confidences, hits = 0, 0.0, [], []
     start = time.perf_counter()
     outputs = []  # fetched at the end, so the device runs while the host decodes the next batch
     for batch in loader:
@@ -185,6 +188,8 @@ def evaluate_accuracy(
         np.add.at(confusion, (labels[mask], pred[mask]), 1)
         correct_top5 += int(top5[mask].sum())
         loss_sum += float(loss[mask].astype(np.float64).sum())
+        confidences.append(np.asarray(out["confidence"])[mask])
+        hits.append(pred[mask] == labels[mask])
     seconds = time.perf_counter() - start
     count = int(confusion.sum())
     correct = int(np.trace(confusion))
@@ -201,6 +206,7 @@ def evaluate_accuracy(
         "devices": mesh.size,
         "seconds": seconds,
         "confusion": confusion,
+        "calibration": calibration(np.concatenate(confidences or [[]]), np.concatenate(hits or [[]])),
     }
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from resnext_jax.errors import UserError, disk_error
 from resnext_jax.inference import evaluation
+from resnext_jax.inference.calibration import RELIABILITY_PNG, plot_reliability
 from resnext_jax.inference.from_artifact import runtime_fields
 from resnext_jax.inference.loader import LoadedModel, load_model
 
@@ -45,7 +46,8 @@ def evaluate_and_report(
     """Evaluates `source` (anything `load_model` takes, or a LoadedModel) and writes the report to `out_dir`.
 
     `dataset` is 'NAME' or 'NAME:split' (default: the run's dataset and its eval split). `out_dir` defaults to
-    `<workdir>/report` for a workdir. Returns the report dict (as written to report.json, without the matrix
+    `<workdir>/report` for a workdir. Empty `speed_batch_sizes` skip the speed pass (the report then has no
+    'speed' section). Returns the report dict (as written to report.json, without the matrix
     for more than INLINE_CLASSES classes).
     """
     loaded = source if isinstance(source, LoadedModel) else load_model(source, model=model, which=which)
@@ -61,10 +63,10 @@ def evaluate_and_report(
         out_dir = os.path.join(loaded.source["path"], "report")
     name, split = evaluation.parse_dataset(dataset)
     accuracy = evaluation.evaluate_accuracy(loaded, name, split=split, data_dir=data_dir, batch_size=batch_size)
-    speed = evaluation.measure_speed(loaded, speed_batch_sizes, min_seconds=min_seconds)
+    speed = evaluation.measure_speed(loaded, speed_batch_sizes, min_seconds=min_seconds) if speed_batch_sizes else None
     report = build_report(loaded, accuracy, speed, evaluation.peak_memory())
     report["report_dir"] = os.path.abspath(out_dir)
-    write_report(out_dir, report, accuracy["confusion"])
+    write_report(out_dir, report, accuracy["confusion"], accuracy["calibration"])
     return report
 
 
@@ -147,8 +149,8 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
     names = loaded.preprocessing.class_names
     pre = loaded.preprocessing
     prov = provenance()
-    speed = dict(speed)
-    targets = speed.pop("native_kernel_targets")
+    speed = dict(speed) if speed is not None else None
+    targets = speed.pop("native_kernel_targets") if speed is not None else []
     prov["native_kernels"].update(ran=bool(targets), targets=targets)
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -182,21 +184,35 @@ def build_report(loaded: LoadedModel, accuracy: dict, speed: dict, memory: dict)
             "columns": "predicted class",
             "counts": confusion.tolist() if len(names) <= INLINE_CLASSES else None,
         },
+        "calibration": {
+            "ece": accuracy["calibration"]["ece"],
+            "bin_count": accuracy["calibration"]["bin_count"],
+            "bins": accuracy["calibration"]["bins"],
+            "png": RELIABILITY_PNG,
+        },
         "speed": speed,
         "memory": memory,
         "config": loaded.config or {"model": loaded.name, "weights": loaded.source.get("weights")},
         "provenance": prov,
     }
+    if speed is None:  # --speed off: no speed section at all
+        del report["speed"]
     return report
 
 
-def write_report(out_dir: str, report: dict, confusion: np.ndarray) -> dict:
-    """Writes report.json, report.md, confusion_matrix.png and .csv into `out_dir`; returns their paths."""
-    paths = {name: os.path.join(out_dir, name) for name in ("report.json", "report.md", CONFUSION_PNG, CONFUSION_CSV)}
+def write_report(out_dir: str, report: dict, confusion: np.ndarray, calibration: dict | None = None) -> dict:
+    """Writes report.json, report.md, confusion_matrix.png and .csv (and reliability.png given the calibration)
+    into `out_dir`; returns their paths."""
+    names = ("report.json", "report.md", CONFUSION_PNG, CONFUSION_CSV) + ((RELIABILITY_PNG,) if calibration else ())
+    paths = {name: os.path.join(out_dir, name) for name in names}
     try:
         os.makedirs(out_dir, exist_ok=True)
         np.savetxt(paths[CONFUSION_CSV], confusion, fmt="%d", delimiter=",")
         plot_confusion(confusion, report, paths[CONFUSION_PNG])
+        if calibration:
+            data = report["dataset"]
+            title = f"{report['model']['name']} on {data['name']}:{data['split']}"
+            plot_reliability(calibration, paths[RELIABILITY_PNG], title)
         with open(paths["report.json"], "w") as f:
             json.dump(report, f, indent=1)
         with open(paths["report.md"], "w") as f:
@@ -264,11 +280,24 @@ def _init_lines(init: dict | None) -> list[str]:
     ]
 
 
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    """report.md's calibration: the ECE and the reliability diagram (docs/inference.md says how it is binned)."""
+    if not calibration or calibration["ece"] is None:
+        return []
+    return [
+        f"Calibration: expected calibration error {calibration['ece']:.2%} over {calibration['bin_count']} "
+        f"equal-width confidence bins (0 is perfectly calibrated).",
+        "",
+        f"![reliability diagram]({calibration['png']})",
+        "",
+    ]
+
+
 def render_markdown(report: dict) -> str:
     """report.md: the headline numbers, speed, memory, model table, weakest classes and provenance."""
     from resnext_jax.inference.evaluation import format_bytes
 
-    acc, data, speed, memory = report["accuracy"], report["dataset"], report["speed"], report["memory"]
+    acc, data, speed, memory = report["accuracy"], report["dataset"], report.get("speed"), report["memory"]
     model, prov, source, pre = report["model"], report["provenance"], report["source"], report["preprocessing"]
     where = source.get("path") or source.get("weights")
     step = f", step {source['step']}" if source.get("step") is not None else ""
@@ -289,16 +318,20 @@ def render_markdown(report: dict) -> str:
             f"{acc['seconds']:.1f} s on {data['devices']} device(s), batch {data['batch_size']} |"
         ),
         "",
-        f"## Speed ({speed['device']}, {speed['dtype']}, {speed['resolution']}x{speed['resolution']})",
-        "",
-        "| batch | img/s | latency p50 | latency p95 | compile | runs |",
-        "|---|---|---|---|---|---|",
     ]
-    for run in speed["runs"]:
-        lines.append(
-            f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
-            f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |"
-        )
+    lines += _calibration_lines(report.get("calibration"))
+    if speed is not None:
+        lines += [
+            f"## Speed ({speed['device']}, {speed['dtype']}, {speed['resolution']}x{speed['resolution']})",
+            "",
+            "| batch | img/s | latency p50 | latency p95 | compile | runs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run in speed["runs"]:
+            lines.append(
+                f"| {run['batch_size']} | {run['images_per_s']:.1f} | {run['latency_ms_p50']:.2f} ms | "
+                f"{run['latency_ms_p95']:.2f} ms | {run['compile_s']:.2f} s | {run['iterations']} |"
+            )
     kind = (
         "in use on the device"
         if memory["kind"] == "device"
