@@ -136,7 +136,7 @@ def _random_tiny(num_classes: int, crop: int) -> LoadedModel:
     "classes,crop,message",
     [
         (5, 32, r"calibration set digits has 10 classes, other than the model's 5 .* calibrate on the dataset"),
-        (10, 128, r"calibration set digits holds 32-pixel images, the model takes 128; calibrate on images like"),
+        (10, 224, r"calibration set digits holds 32-pixel images, the model takes 224; calibrate on images like"),
     ],
 )
 def test_a_calibration_set_of_other_classes_or_size_is_one_line(tmp_path, classes, crop, message):

@@ -123,8 +123,8 @@ def name_results(tmp_path_factory):
     return _run(tmp_path_factory, NAME_CASES)
 
 
-def _check(result):
-    print(f"batch 1 {result['error_b1']:.2g}, batch 5 {result['error_b5']:.2g}, scale {result['scale']:.3g}")
+def _check(result, case):
+    print(f"{case}: batch 1 {result['error_b1']:.2g}, batch 5 {result['error_b5']:.2g}, scale {result['scale']:.3g}")
     assert result["input_shape"][0] is None  # one file, any batch
     assert result["shape"] == result["expected_shape"]
     assert result["error_b1"] <= 1e-4 * result["scale"]
@@ -135,7 +135,7 @@ def _check(result):
 @pytest.mark.parametrize("case", [case[0] for case in FIELD_CASES])
 def test_every_field_combination_matches_apply_without_torch(field_results, case):
     result = field_results[case]
-    _check(result)
+    _check(result, case)
     ops = set(result["ops"])
     assert "BatchNormalization" not in ops  # folded into the convs
     if "group" in case:
@@ -151,4 +151,4 @@ def test_every_field_combination_matches_apply_without_torch(field_results, case
 @pytest.mark.slow  # six ImageNet-shaped models at 64 px, about 90 s on 2 cores
 @pytest.mark.parametrize("case", [case[0] for case in NAME_CASES])
 def test_one_name_per_family_matches_apply_without_torch(name_results, case):
-    _check(name_results[case])
+    _check(name_results[case], case)

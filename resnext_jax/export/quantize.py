@@ -38,6 +38,25 @@ def artifact_model(loaded, run, *, resolution: int, with_preprocessing: bool):
     return dataclasses.replace(loaded, module=module, variables={}, preprocessing=pre, config=None)
 
 
+def _trained_image_size(loaded, calibration_set: str, image_size: int) -> tuple[int | None, str]:
+    """The image size a calibration set's must equal, with words for the message: that of the dataset the run was
+    trained on, when it is another one (and readable here); for weights with no run (torchvision, timm), the model's
+    input size when the set is more than 4x off it (digits for an ImageNet model); else None."""
+    from resnext_jax.data import dataset_info
+
+    config = loaded.config or {}
+    trained_on, crop = config.get("dataset"), loaded.preprocessing.crop_size
+    if trained_on and trained_on != calibration_set:
+        try:
+            size = dataset_info(trained_on, config.get("data_dir") or None).image_size
+        except Exception:  # noqa: BLE001  not prepared on this machine: the class check still applies
+            return None, ""
+        return size, f"the {trained_on} images the model was trained on hold {size}"
+    if not trained_on and not 0.25 <= image_size / crop <= 4:
+        return crop, f"the model takes {crop}"
+    return None, ""
+
+
 def _calibration_batches(loaded, calibrate: str, count: int, data_dir, with_preprocessing: bool) -> tuple:
     """(list of input batches for the file, the split used), checked against the model's classes and size."""
     from resnext_jax.inference import evaluation
@@ -53,10 +72,11 @@ def _calibration_batches(loaded, calibrate: str, count: int, data_dir, with_prep
             f"{len(pre.class_names)} ({', '.join(pre.class_names[:3])}, ...); calibrate on the dataset it was "
             f"trained on"
         )
-    if not 0.5 <= info.image_size / pre.crop_size <= 2:
+    reference, what = _trained_image_size(loaded, name, info.image_size)
+    if reference is not None and info.image_size != reference:
         raise UserError(
-            f"calibration set {name} holds {info.image_size}-pixel images, the model takes {pre.crop_size}; "
-            f"calibrate on images like the ones it serves (the dataset it was trained on)"
+            f"calibration set {name} holds {info.image_size}-pixel images, {what}; calibrate on "
+            f"images like the ones it serves (the dataset it was trained on)"
         )
     batches = []
     scale, offset = 255 * np.asarray(pre.std, np.float32), 255 * np.asarray(pre.mean, np.float32)
