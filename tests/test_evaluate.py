@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from test_training import tiny_config
 
 import resnext_jax
@@ -118,6 +119,7 @@ REPORT_FIELDS = {
     "per_class": ("class", "name", "count", "correct", "accuracy", "most_confused_with", "confused_count"),
     "confusion_matrix": ("png", "csv", "rows", "columns", "counts"),
     "calibration": ("ece", "bin_count", "bins", "png"),
+    "training_curves": None,
     "speed": ("device", "platform", "dtype", "resolution", "runs"),
     "memory": ("kind", "device", "peak_bytes", "bytes_limit"),
     "config": None,
@@ -184,6 +186,10 @@ def test_report_holds_every_field_and_docs_explain_them(workdir, tmp_path, capsy
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "![confusion matrix](confusion_matrix.png)" in markdown and f"{record['top1']:.2%}" in markdown
+    # The run's training curves (resnext_jax.plot) beside it: a drawn figure, not a blank canvas.
+    assert report["training_curves"] == "training_curves.png" and "![training curves]" in markdown
+    curves = np.asarray(Image.open(out / "training_curves.png").convert("L"), np.float32)
+    assert curves.var() > 300
 
     with open(DOCS) as f:
         documented = set(re.findall(r"`([a-z0-9_]+)`", f.read()))

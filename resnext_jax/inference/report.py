@@ -27,6 +27,7 @@ from resnext_jax.inference.loader import LoadedModel, load_model
 SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZES = (1, 8, 64)
 CONFUSION_PNG, CONFUSION_CSV = "confusion_matrix.png", "confusion_matrix.csv"
+CURVES_PNG = "training_curves.png"  # resnext_jax.plot's figure of the run's metrics.jsonl, for a workdir
 # Up to this many classes the matrix is also inlined in report.json and drawn with names and counts.
 INLINE_CLASSES = 100
 
@@ -66,6 +67,10 @@ def evaluate_and_report(
     speed = evaluation.measure_speed(loaded, speed_batch_sizes, min_seconds=min_seconds) if speed_batch_sizes else None
     report = build_report(loaded, accuracy, speed, evaluation.peak_memory())
     report["report_dir"] = os.path.abspath(out_dir)
+    run_metrics = os.path.join(loaded.source.get("path") or "", "metrics.jsonl")
+    report["training_curves"] = (
+        CURVES_PNG if loaded.source["kind"] == "workdir" and os.path.exists(run_metrics) else None
+    )
     write_report(out_dir, report, accuracy["confusion"], accuracy["calibration"])
     return report
 
@@ -209,6 +214,11 @@ def write_report(out_dir: str, report: dict, confusion: np.ndarray, calibration:
         os.makedirs(out_dir, exist_ok=True)
         np.savetxt(paths[CONFUSION_CSV], confusion, fmt="%d", delimiter=",")
         plot_confusion(confusion, report, paths[CONFUSION_PNG])
+        if report.get("training_curves"):
+            from resnext_jax.plot import plot_curves, read_run
+
+            workdir = report["source"]["path"]
+            plot_curves({os.path.basename(workdir): read_run(workdir)}, os.path.join(out_dir, CURVES_PNG))
         if calibration:
             data = report["dataset"]
             title = f"{report['model']['name']} on {data['name']}:{data['split']}"
@@ -319,6 +329,8 @@ def render_markdown(report: dict) -> str:
         ),
         "",
     ]
+    if report.get("training_curves"):
+        lines += [f"![training curves]({report['training_curves']})", ""]
     lines += _calibration_lines(report.get("calibration"))
     if speed is not None:
         lines += [
