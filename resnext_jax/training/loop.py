@@ -101,7 +101,9 @@ def train_and_evaluate(
         lower learning rate after a divergence); the change is recorded in `config_changes.jsonl`.
 
     Returns:
-      {'step', 'epoch', 'train': last train metrics, 'eval': last eval metrics, 'best_top1', 'best_step',
+      {'step', 'epoch', 'train': the train metrics averaged over the last logged window of steps (at most
+       `log_every_steps`; 'train_steps' is its [first, last] step; the epoch line's "train (epoch mean)" averages a
+       whole epoch instead), 'eval': last eval metrics (over the whole eval split), 'best_top1', 'best_step',
        'stopped_early': bool}.
 
     Raises:
@@ -247,6 +249,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         "step": start_step,
         "epoch": start_step // steps_per_epoch,
         "train": None,
+        "train_steps": None,
         "eval": None,
         "stopped_early": False,
     }
@@ -266,10 +269,11 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
                     fractions = dead_relu({"params": state.params, "batch_stats": state.batch_stats}, batch)
                     train_metrics.update({k: float(v) for k, v in jax.device_get(fractions).items()})
                 epoch_metrics.append((len(pending), train_metrics))
+                summary["train_steps"] = [step - len(pending) + 1, step]  # what summary["train"] averages
                 pending = []
                 logger.write(step, "train", {"epoch": step / steps_per_epoch, **train_metrics})
                 summary["train"] = train_metrics
-            progress.update(step, summary["train"] if step % config.log_every_steps == 0 else None)
+            progress.update(step, summary["train"] if step % config.log_every_steps == 0 or epoch_end else None)
 
             eval_metrics = None
             if epoch_end:

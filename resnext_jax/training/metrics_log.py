@@ -113,6 +113,13 @@ def best_eval(records: list[dict], steps: list[int] | None = None) -> tuple[floa
     return best
 
 
+def _duration(seconds: float) -> str:
+    """'1:02:03' or '2:03' (h:mm:ss or m:ss)."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _plain(value):
     value = value.item() if hasattr(value, "item") else value
     return round(value, 6) if isinstance(value, float) else value
@@ -121,7 +128,9 @@ def _plain(value):
 class Progress:
     """A tqdm bar over optimizer steps (loss, img/s, ETA) plus one summary line per epoch, on process 0 only.
 
-    `show_bar=False` (config.progress_bar) keeps the epoch lines but hides the bar, e.g. for log files.
+    `show_bar=False` (config.progress_bar) keeps the epoch lines but hides the bar. Without a terminal (stderr
+    piped to a file or a cluster's log), the bar's carriage-return frames would fill the log: it becomes one plain
+    line at most every `line_every_s` seconds instead (`periodic`; default: when stderr is not a terminal).
     """
 
     def __init__(
@@ -132,22 +141,34 @@ class Progress:
         primary: bool,
         show_bar: bool,
         show_top5: bool = True,
+        periodic: bool | None = None,
+        line_every_s: float = 30.0,
     ):
         self.primary, self.show_top5 = primary, show_top5  # top-5 says nothing with 5 classes or fewer
         self.global_batch = global_batch
+        if periodic is None:
+            periodic = not sys.stderr.isatty()
+        self.periodic = bool(primary and show_bar and periodic)
+        self.total_steps, self.line_every_s = total_steps, line_every_s
         self._bar = tqdm.tqdm(
             total=total_steps,
             initial=initial_step,
             unit="step",
             dynamic_ncols=True,
-            disable=not (primary and show_bar),
+            disable=not (primary and show_bar) or self.periodic,
             file=sys.stderr,
             desc="train",
         )
         self._last_time, self._last_step = time.perf_counter(), initial_step
+        self._line_time, self._line_step = self._last_time, initial_step
 
     def update(self, step: int, metrics: dict | None = None) -> None:
-        """Advances the bar to `step`; with `metrics`, refreshes loss and img/s."""
+        """Advances the bar to `step`; with `metrics` (the mean of the steps since the last call with them),
+        refreshes loss and img/s, or, without a terminal, writes a periodic line."""
+        if self.periodic:
+            if metrics is not None:
+                self._periodic_line(step, metrics)
+            return
         if self._bar.disable:
             return
         self._bar.update(step - self._bar.n)
@@ -157,11 +178,27 @@ class Progress:
             self._last_time, self._last_step = now, step
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}", refresh=False)
 
+    def _periodic_line(self, step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        window = step - self._last_step
+        self._last_time, self._last_step = now, step
+        if now - self._line_time < self.line_every_s and step < self.total_steps:
+            return
+        steps, seconds = step - self._line_step, max(now - self._line_time, 1e-9)
+        self._line_time, self._line_step = now, step
+        remaining = (self.total_steps - step) * seconds / max(steps, 1)
+        self.write(
+            f"step {step}/{self.total_steps} ({step / max(self.total_steps, 1):.0%}) | train loss "
+            f"{metrics['loss']:.4f} (mean of the last {window} steps) | {steps * self.global_batch / seconds:.0f} "
+            f"img/s | ETA {_duration(remaining)}"
+        )
+
     def epoch_line(self, epoch: int, num_epochs: int, train: dict, seconds: float, evals: dict[str, dict]) -> None:
-        """Prints one summary line: train loss and top-1, epoch time, and each eval's loss, top-1 and top-5."""
+        """Prints one summary line: the epoch's mean train loss and top-1 (over all of its steps), epoch time, and
+        each eval's loss, top-1 and top-5 (over the whole eval split)."""
         parts = [
             f"epoch {epoch}/{num_epochs}",
-            f"train loss {train['loss']:.4f} top1 {train['top1']:.2%}",
+            f"train (epoch mean) loss {train['loss']:.4f} top1 {train['top1']:.2%}",
             f"{seconds:.1f}s",
         ]
         for split, metrics in evals.items():
