@@ -107,13 +107,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_that_verifies(run,
 
 
 def test_flipped_bytes_are_caught_by_the_checksums_when_the_file_still_parses(run, caplog):
-    """A flip inside the data-iterator state leaves valid JSON: only the checksum can tell."""
+    """A flip inside the data-position record leaves valid JSON: only the checksum can tell."""
     path = os.path.join(run, "checkpoints", "22", "data", "process_0-of-1.json")
     state = json.load(open(path))
-    (index,) = state["last_seen_indices"]
-    state["last_seen_indices"][index] -= 64  # a batch earlier: valid, and wrong
+    state["step"] -= 1  # a batch earlier: valid, and wrong
     with open(path, "w") as f:
-        json.dump(state, f)
+        json.dump(state, f, sort_keys=True)
     assert _restore(run)[0] == 20
     assert any("checksum mismatch" in r.getMessage() and "data_iterator" in r.getMessage() for r in caplog.records)
 

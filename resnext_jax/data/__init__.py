@@ -58,11 +58,12 @@ def create_train_loader(
       worker_count: decoding processes; 0 decodes in the calling process.
       prefetch: batches each worker keeps ready.
       process_index: this process, e.g. jax.process_index().
-      process_count: all processes, e.g. jax.process_count(); each reads a disjoint 1/process_count of the split.
+      process_count: all processes, e.g. jax.process_count(); each reads its rows of every global batch.
 
     Returns:
       A TrainLoader. `iter(loader)` yields {'image': float32 (B, H, W, 3) normalized NHWC, 'label': int32 (B,)}
-      and has get_state() -> JSON bytes and set_state(bytes); the last partial batch of a run is dropped.
+      and has seek(step), get_state() -> JSON bytes and set_state(bytes): the position is the global step, the same
+      on any number of processes (`resnext_jax.data.train_order`); each epoch's last partial global batch is dropped.
     """
     return TrainLoader(
         name,

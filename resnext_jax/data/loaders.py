@@ -1,9 +1,10 @@
 """grain loaders for training and evaluation over TFDS ArrayRecord sources.
 
-The training loader shuffles with a seed, shards per process (each of N processes reads a disjoint 1/N of the
-split every epoch), decodes and augments in optional worker processes, and its iterator state is JSON bytes that
-restore the exact batch stream. The eval loader pads every process to the same number of batches and masks the
-padding, so every eval example counts exactly once.
+The training loader reads one seeded permutation of the split per epoch; each process takes its rows of every global
+batch (`train_order`), so the position is a function of the global step and a run resumes on any number of
+processes. It decodes and augments in optional worker processes, and its iterator state is a small JSON record
+(the step, epoch, seed and rows) that restores the exact batch stream. The eval loader pads every process to the
+same number of batches and masks the padding, so every eval example counts exactly once.
 """
 
 import logging
@@ -14,7 +15,7 @@ import grain.python as grain
 import numpy as np
 from PIL import Image
 
-from resnext_jax.data import autoaugment, datasets
+from resnext_jax.data import autoaugment, datasets, train_order
 from resnext_jax.data import transforms as T
 
 TRAIN_TRANSFORMS = ("imagenet", "cifar", "resize_crop", "none")
@@ -126,10 +127,11 @@ def train_operations(
 class TrainLoader:
     """An endless (or `num_epochs`-long) stream of shuffled, augmented training batches for one process.
 
-    `iter(loader)` returns a grain `DataLoaderIterator`. Save `iterator.get_state()` (JSON bytes) in the checkpoint,
-    e.g. as a bytes item or with orbax's `grain.checkpoint.CheckpointSave(iterator)`; after a restart, build the
-    same loader, call `iterator = iter(loader)` and `iterator.set_state(saved)`, and the iterator yields exactly the
-    batches the interrupted run would have seen next (augmentation randomness is seeded per record).
+    `iter(loader)` returns a `train_order.StepIterator`. Its position is the global step: after a restart, build the
+    loader (on any number of processes whose batches add up to the same global batch), call `iterator =
+    iter(loader)` and `iterator.seek(step)` (or `set_state` with a saved `get_state()`), and the global batches are
+    exactly those the interrupted run would have seen next (augmentation randomness is seeded per example and
+    epoch).
     """
 
     def __init__(
@@ -158,23 +160,19 @@ class TrainLoader:
             raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}).")
         info = datasets.dataset_info(name, data_dir)
         source = datasets.open_source(name, info.train_split, data_dir)
-        per_process = len(source) // process_count
-        if per_process < batch_size:
+        global_batch = batch_size * process_count
+        if len(source) < global_batch:
             raise ValueError(
-                f"Each of {process_count} processes gets {per_process} {name} training examples, fewer "
-                f"than batch_size {batch_size}; lower the per-process batch size."
+                f"{name} has {len(source)} training examples, fewer than the global batch {global_batch} "
+                f"({process_count} processes x {batch_size}); lower the batch size."
             )
         self.info = info
         self.batch_size = batch_size
-        self.steps_per_epoch = per_process // batch_size
-        sampler = grain.IndexSampler(
-            num_records=len(source),
-            shard_options=grain.ShardOptions(process_index, process_count, drop_remainder=True),
-            shuffle=True,
-            num_epochs=num_epochs,
-            seed=seed,
-        )
-        operations = train_operations(
+        self.steps_per_epoch = len(source) // global_batch
+        self._num_steps = None if num_epochs is None else int(num_epochs * self.steps_per_epoch)
+        self._source, self._seed = source, seed
+        self._process_index, self._process_count = process_index, process_count
+        self._operations = train_operations(
             transform,
             image_size,
             augment,
@@ -184,17 +182,38 @@ class TrainLoader:
         )
         if worker_count:
             ensure_grain_flags()
-        self._loader = grain.DataLoader(
-            data_source=source,
+        self._worker_count, self._prefetch = worker_count, prefetch
+
+    def _loader_from(self, step: int) -> grain.DataLoader:
+        """A grain loader of this process's batches from global step `step` on (see `train_order`)."""
+        sampler = train_order.EpochOrderSampler(
+            len(self._source),
+            self.batch_size * self._process_count,
+            self.batch_size,
+            self._process_index * self.batch_size,
+            self._seed,
+            step,
+            self._num_steps,
+        )
+        return grain.DataLoader(
+            data_source=self._source,
             sampler=sampler,
-            operations=operations,
-            worker_count=worker_count,
-            worker_buffer_size=max(1, prefetch),
+            operations=self._operations,
+            shard_options=grain.NoSharding(),  # the sampler already gives this process's rows
+            worker_count=self._worker_count,
+            worker_buffer_size=max(1, self._prefetch),
             read_options=READ_OPTIONS,
         )
 
-    def __iter__(self):
-        return iter(self._loader)
+    def __iter__(self) -> train_order.StepIterator:
+        return train_order.StepIterator(
+            self._loader_from,
+            process_index=self._process_index,
+            process_count=self._process_count,
+            local_batch=self.batch_size,
+            seed=self._seed,
+            steps_per_epoch=self.steps_per_epoch,
+        )
 
 
 class _PaddedEvalSource:
@@ -300,6 +319,7 @@ class EvalLoader:
             data_source=self._source,
             sampler=sampler,
             operations=self._operations,
+            shard_options=grain.NoSharding(),  # the sampler already gives this process's rows
             worker_count=self._worker_count,
             read_options=READ_OPTIONS,
         )

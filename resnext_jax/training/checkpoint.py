@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from resnext_jax.errors import UserError, drop_event_loop_noise
+from resnext_jax.training import distributed
 from resnext_jax.training.step import TrainState
 
 _COMMIT_MARKER = "commit_success.txt"  # written by Orbax once a step (or item) is complete
@@ -33,8 +34,11 @@ _ITEMS = ("state", "data")
 DAMAGED_DIR = "checkpoints_damaged"
 
 
-def checksums(state: TrainState, iterator_state) -> dict[str, str]:
-    """`{leaf path: "crc32 dtype shape"}` for every array of `state`, plus `"data_iterator"` for the iterator state.
+def checksums(state: TrainState, data_iterator=None) -> dict[str, str]:
+    """`{leaf path: "crc32 dtype shape"}` for every array of `state`; with `data_iterator` (a
+    `data.train_order.StepIterator`), also `"data_iterator/process_<p>-of-<n>"`: the CRC of each process's position
+    record (all derivable from the step, so process 0 writes them all), and `"topology"` (processes, devices,
+    global batch) for a resume on another one.
 
     The arrays are replicated, so every process sees the whole of each in its first addressable shard.
     """
@@ -45,10 +49,29 @@ def checksums(state: TrainState, iterator_state) -> dict[str, str]:
             array = jax.random.key_data(array)
         array = np.ascontiguousarray(np.asarray(array))
         sums[jax.tree_util.keystr(path)] = f"{zlib.crc32(array.view(np.uint8)):08x} {array.dtype} {list(array.shape)}"
-    if not isinstance(iterator_state, bytes):  # grain gives bytes; other iterators a JSON-able state
-        iterator_state = json.dumps(iterator_state, sort_keys=True, default=str).encode()
-    sums["data_iterator"] = f"{zlib.crc32(iterator_state):08x}"
+    if data_iterator is not None:
+        count = data_iterator.process_count
+        for index in range(count):
+            record = data_iterator.record_bytes(int(state.step), index)
+            sums[_position_key(index, count)] = f"{zlib.crc32(record):08x}"
+        sums[TOPOLOGY] = json.dumps(current_topology(data_iterator.global_batch), sort_keys=True)
     return sums
+
+
+TOPOLOGY = "topology"
+
+
+def current_topology(global_batch: int) -> dict:
+    """The layout a checkpoint records: processes, devices and the global batch."""
+    return {"process_count": jax.process_count(), "device_count": jax.device_count(), "global_batch": global_batch}
+
+
+def _position_key(index: int, count: int) -> str:
+    return f"data_iterator/process_{index}-of-{count}"
+
+
+def _is_array_key(key: str) -> bool:
+    return not (key.startswith("data_iterator") or key == TOPOLOGY)
 
 
 def lists_item(step_dir: str, item: str) -> bool:
@@ -83,6 +106,7 @@ class Checkpointer:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.primary = primary
+        self.saved_topology = None  # the topology of the step `restore` loaded (None before checkpoints had one)
         policy = pp.AnyPreservationPolicy(
             [
                 pp.LatestN(n=keep),
@@ -124,7 +148,7 @@ class Checkpointer:
         already saved."""
         if step in self.manager.all_steps():
             return False
-        sums = checksums(state, data_iterator.get_state())
+        sums = checksums(state, data_iterator)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -133,21 +157,39 @@ class Checkpointer:
         metrics = {"top1": float(eval_metrics["top1"])} if eval_metrics else None
         return self.manager.save(step, args=args, metrics=metrics, force=force)
 
-    def restore(self, abstract_state: TrainState, data_iterator) -> tuple[int, TrainState] | None:
-        """Restores the newest checkpoint that verifies into the shape/sharding of `abstract_state` and moves
-        `data_iterator` to its position: `(step, state)`, or None when the directory holds no checkpoint.
+    def restore(
+        self, abstract_state: TrainState, data_iterator, timeout_s: float = 600
+    ) -> tuple[int, TrainState] | None:
+        """Restores the newest checkpoint that verifies on every process into the shape/sharding of `abstract_state`
+        and moves `data_iterator` to its step: `(step, state)`, or None when the directory holds no checkpoint.
 
-        A step that is incomplete, cannot be read or fails its checksums is skipped with one warning naming it and
-        what was wrong, and moved to `<workdir>/checkpoints_damaged/`. Raises UserError if none verifies.
+        Each process verifies a candidate (commit markers, array checksums, its own data-position record when the
+        process count is unchanged), and the verdicts are all-gathered (`distributed.all_gather_json`, at most
+        `timeout_s` per exchange), so every process restores the same step. A step that fails on any process is
+        skipped by all with one warning naming the process and what was wrong, and process 0 alone moves it to
+        `<workdir>/checkpoints_damaged/` (nothing is deleted). Raises UserError if none verifies.
         """
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        here = sorted(self.manager.all_steps())
+        seen = distributed.all_gather_json("restore/candidates", here, timeout_s)
+        candidates = sorted({step for steps in seen for step in steps}, reverse=True)
         damaged = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            problem, state = self._try_restore(step, abstract, data_iterator)
-            if problem is None:
+        for step in candidates:
+            if step in here:
+                problem, state = self._try_restore(step, abstract, data_iterator)
+            else:
+                problem, state = "not listed in this process's view of the checkpoint directory", None
+            verdicts = distributed.all_gather_json(f"restore/verify/{step}", problem, timeout_s)
+            failed = [(index, what) for index, what in enumerate(verdicts) if what is not None]
+            if not failed:
                 logging.info("restored checkpoint step %d from %s", step, self.directory)
-                self._set_aside(damaged)
+                self._set_aside(damaged, timeout_s)
+                data_iterator.seek(step)
                 return step, state
+            if len(verdicts) == 1:
+                problem = failed[0][1]
+            else:
+                problem = "; ".join(f"on process {index}: {what}" for index, what in failed)
             logging.warning(
                 "checkpoint step %d in %s is damaged (%s); skipping it and trying an older one",
                 step,
@@ -171,7 +213,7 @@ class Checkpointer:
         has_sums = os.path.isdir(os.path.join(root, "checksums"))
         if not has_sums and lists_item(root, "checksums"):  # written with checksums, which are gone: damaged
             return "damaged: its checksums item is missing", None
-        args = {"state": ocp.args.StandardRestore(abstract), "data": grain.checkpoint.CheckpointRestore(data_iterator)}
+        args = {"state": ocp.args.StandardRestore(abstract)}
         if has_sums:
             args["checksums"] = ocp.args.JsonRestore()
         try:
@@ -183,8 +225,10 @@ class Checkpointer:
             logging.warning("checkpoint step %d in %s predates checksums; loading it unverified", step, self.directory)
             return None, state
         saved = dict(restored["checksums"])
-        now = checksums(state, data_iterator.get_state())
-        wrong = sorted(key for key in set(saved) | set(now) if saved.get(key) != now.get(key))
+        self.saved_topology = json.loads(saved.get(TOPOLOGY, "null"))
+        now = checksums(state)
+        wrong = sorted(key for key in set(saved) | set(now) if _is_array_key(key) and saved.get(key) != now.get(key))
+        wrong += self._check_position(root, saved, data_iterator)
         if wrong:
             return (
                 f"checksum mismatch in {len(wrong)} entr{'y' if len(wrong) == 1 else 'ies'}: {', '.join(wrong[:3])}",
@@ -192,9 +236,31 @@ class Checkpointer:
             )
         return None, state
 
-    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
-        """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>-<time>/` with a note of what was wrong."""
-        if not damaged or not self.primary:
+    def _check_position(self, root: str, saved: dict, data_iterator) -> list[str]:
+        """The checksum entries of this process's data-position record that fail ([] if it verifies, or if the
+        checkpoint was written by another number of processes: then the position is derived from the step alone)."""
+        key = _position_key(jax.process_index(), jax.process_count())
+        if "data_iterator" in saved:  # written before positions were records: the step alone gives the position
+            logging.warning("checkpoint %s keeps a grain iterator state; the data position comes from its step", root)
+            return []
+        if key not in saved:
+            return []
+        path = os.path.join(root, "data", f"{key.split('/', 1)[1]}.json")
+        try:
+            with open(path, "rb") as f:
+                record = f.read()
+        except OSError:
+            return [key]
+        return [] if f"{zlib.crc32(record):08x}" == saved[key] else [key]
+
+    def _set_aside(self, damaged: list[tuple[int, str]], timeout_s: float = 600) -> None:
+        """Moves damaged steps to `<workdir>/checkpoints_damaged/<step>-<time>/` with a note of what was wrong
+        (process 0 only; the others wait for it, then all reload the directory)."""
+        if not damaged:
+            return
+        if not self.primary:
+            distributed.barrier("restore/set-aside", timeout_s)
+            self.manager.reload()
             return
         check_damaged_dir(self.workdir)
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
@@ -205,6 +271,7 @@ class Checkpointer:
             with open(os.path.join(target, "DAMAGED.txt"), "w") as f:
                 f.write(f"step {step} failed verification on {stamp}: {problem}\n")
             logging.warning("moved damaged checkpoint step %d to %s", step, target)
+        distributed.barrier("restore/set-aside", timeout_s)
         self.manager.reload()
 
     def wait(self) -> None:

@@ -40,6 +40,8 @@ def _run(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set with --config.field=value")
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console to the bar and epochs
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.verbose:  # multi-host: keep the distributed runtime's own fault reports (training.peers)
+        os.environ["RESNEXT_JAX_VERBOSE"] = "1"
     if not FLAGS.verbose:  # Orbax's async writes report a full disk once per array as asyncio task errors
         std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     from resnext_jax.errors import UserError

@@ -72,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
     # units per stage on each logged batch (one extra forward pass per log step).
     config.stage_diagnostics = True
     config.write_report = True  # the evaluation report (resnext_jax.evaluate) in <workdir>/report at the end
+    # Multi-host: seconds after which a silent process counts as lost; every other process then exits (non-zero,
+    # one line), and the distributed runtime's heartbeat and the checkpoint agreement are bounded by it.
+    config.peer_timeout_s = 60.0
     config.seed = 0
     return config
 
@@ -90,6 +93,7 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "stage_diagnostics",
     "write_report",
+    "peer_timeout_s",
     "init_from_source",  # not a field: the record of config.init_from's run or file (training.init_from)
 )
 
@@ -145,6 +149,7 @@ _RANGES = {
     "worker_count": (0, None, "0 decodes in the training process"),
     "prefetch": (0, None, ""),
     "seed": (0, 2**31 - 1, "any non-negative integer"),
+    "peer_timeout_s": (4, None, "seconds a silent process may take before the job stops; 60 by default"),
 }
 
 

@@ -6,6 +6,8 @@ and `jax.make_array_from_process_local_data` assembles the global array.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 
@@ -14,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnext_jax.errors import UserError
 from resnext_jax.training.config import ConfigError
 from resnext_jax.training.step import AXIS
 
@@ -39,26 +42,126 @@ def detect_cluster() -> str | None:
     return None
 
 
-def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when launched under a cluster; a no-op for a single process.
+def maybe_initialize_distributed(peer_timeout_s: float = 60) -> None:
+    """Calls `jax.distributed.initialize()` when launched under a cluster and starts the peer watch
+    (`resnext_jax.training.peers`); a no-op for a single process.
 
     With the explicit variables JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID
-    they are passed on; SLURM, Open MPI and TPU pods are auto-detected by JAX itself.
+    they are passed on; SLURM, Open MPI and TPU pods are auto-detected by JAX itself. The runtime's heartbeat
+    timeout is `peer_timeout_s`, the backstop behind the peer watch (which acts at half of it).
     """
+    global _peer_watch
     cluster = detect_cluster()
     if cluster is None or jax.distributed.is_initialized():
         return
+    timeouts = dict(heartbeat_timeout_seconds=int(peer_timeout_s), shutdown_timeout_seconds=int(peer_timeout_s))
     if cluster == "explicit":
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            **timeouts,
         )
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     logging.info(
         "jax.distributed initialized (%s): process %d of %d", cluster, jax.process_index(), jax.process_count()
     )
+    if jax.process_count() > 1:
+        from resnext_jax.training.peers import PeerWatch, QuietRuntimeErrors
+
+        if not os.environ.get("RESNEXT_JAX_VERBOSE"):  # set by `python -m train --verbose`
+            QuietRuntimeErrors(jax.process_index(), jax.process_count())
+        _peer_watch = PeerWatch(_client(), jax.process_index(), jax.process_count(), peer_timeout_s).start()
+
+
+_peer_watch = None
+
+
+@contextlib.contextmanager
+def peer_watch_scope():
+    """Runs the body of a training run under the peer watch: an error that a lost peer may have caused (anything
+    but a UserError, or a PeerTimeout) waits for the watch's verdict, which exits with its one line; the watch
+    stops at the end, telling the peers whether this process finished normally."""
+    try:
+        yield
+    except BaseException as error:
+        if not isinstance(error, UserError) or isinstance(error, PeerTimeout):
+            wait_for_lost_peer()
+        stop_peer_watch(finished=False)
+        raise
+    stop_peer_watch(finished=True)
+
+
+def topology_change(saved: dict | None, global_batch: int) -> tuple[dict, dict] | None:
+    """`(saved, current)` topologies ({process_count, device_count, global_batch}) when they differ, else None."""
+    from resnext_jax.training.checkpoint import current_topology
+
+    current = current_topology(global_batch)
+    if saved is None or saved == current:
+        return None
+    return saved, current
+
+
+def describe_topology_change(saved: dict, current: dict, local_batch: int) -> str:
+    """The one log line of a resume on another topology."""
+    return (
+        f"resuming on another topology: {saved['process_count']} process(es) x {saved['device_count']} device(s) -> "
+        f"{current['process_count']} x {current['device_count']}; the global batch stays {current['global_batch']} "
+        f"({current['global_batch'] // current['device_count']} per device, {local_batch} per process), and the "
+        f"data order continues from the step (config_changes.jsonl records the change)"
+    )
+
+
+def stop_peer_watch(finished: bool) -> None:
+    """Stops the peer watch at the end of a run; `finished` (a normal end) tells the peers not to wait for us."""
+    global _peer_watch
+    if _peer_watch is not None:
+        _peer_watch.stop(finished)
+        _peer_watch = None
+
+
+def wait_for_lost_peer() -> None:
+    """After an error with several processes: if a peer died (and caused it), exits with the peer watch's one line;
+    else returns at once (single process) or after the watch's judging time."""
+    if _peer_watch is not None:
+        _peer_watch.wait_for_verdict()
+
+
+class PeerTimeout(UserError):
+    """Another process did not answer in time: it died, hangs or is unreachable."""
+
+
+def _client():
+    """The distributed runtime's client (None for a single process)."""
+    from jax._src import distributed as jax_distributed  # the client JAX's own array serialization uses
+
+    return jax_distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def all_gather_json(name: str, value, timeout_s: float) -> list:
+    """Every process's `value` (JSON-able), in process order, through the distributed runtime's key-value store.
+
+    `name` must be new in this job (the store lives as long as the coordinator). Waits at most `timeout_s` for each
+    other process; a process that never answers raises the runtime's DEADLINE_EXCEEDED error (and the peer watch
+    ends the job if it died). A single process gets `[value]` at once.
+    """
+    client = _client()
+    if client is None:
+        return [value]
+    prefix = f"resnext_jax/gather/{name}/"
+    client.key_value_set(prefix + str(jax.process_index()), json.dumps(value))
+    values = []
+    for index in range(jax.process_count()):
+        try:
+            values.append(json.loads(client.blocking_key_value_get(prefix + str(index), int(timeout_s * 1000))))
+        except Exception as error:  # noqa: BLE001 (the runtime's DEADLINE_EXCEEDED or UNAVAILABLE)
+            raise PeerTimeout(
+                f"process {index} of {jax.process_count()} did not answer {name!r} within {timeout_s:.0f} s "
+                f"({str(error).splitlines()[0][:120]}); check that process, then rerun the same command on every "
+                f"host to resume"
+            ) from None
+    return values
 
 
 def barrier(name: str, timeout_s: float = 1800) -> None:
@@ -69,17 +172,17 @@ def barrier(name: str, timeout_s: float = 1800) -> None:
     before their first collective: one builds the dataset or compiles while another waits
     (tests/test_train_multihost.py failed so in CI, "Gloo context initialization failed: GetKeyValue() timed out").
     """
-    from jax._src import distributed as jax_distributed  # the client JAX's own array serialization uses
-
-    client = jax_distributed.global_state.client
-    if client is None or jax.process_count() == 1:
+    client = _client()
+    if client is None:
         return
     client.wait_at_barrier(f"resnext_jax:{name}", timeout_in_ms=int(timeout_s * 1000))
 
 
 def create_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all (global) devices, axis name `data`."""
+    """A 1-D mesh over all (global) devices, axis name `data`, ordered by process: process p's devices hold rows
+    [p * local_batch, (p + 1) * local_batch) of every global batch, the rows `data.train_order` gives it."""
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -91,8 +194,12 @@ def check_batch_size(batch_size: int, num_devices: int, name: str = "batch_size"
         lower, upper = (batch_size // unit) * unit, (batch_size // unit + 1) * unit
         what = f"{num_devices} devices" + (f" x {grad_accum_steps} grad_accum_steps" if grad_accum_steps > 1 else "")
         options = " or ".join(str(s) for s in (lower, upper) if s > 0)
+        per_step = batch_size // grad_accum_steps if batch_size % grad_accum_steps == 0 else 0
+        counts = [str(count) for count in range(1, per_step + 1) if per_step % count == 0][:16]
+        devices = f", or run on a device count that divides it: {', '.join(counts)}" if counts else ""
         raise ConfigError(
             f"{name}={batch_size} is not divisible by {what}; use a multiple of {unit} (e.g. --config.{name}={options})"
+            + devices
         )
     return batch_size // jax.process_count()
 

@@ -111,7 +111,7 @@ def train_and_evaluate(
       disk or a read-only workdir.
     """
     validate_config(config)
-    distributed.maybe_initialize_distributed()
+    distributed.maybe_initialize_distributed(config.peer_timeout_s)
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     created = not os.path.isdir(workdir)
@@ -123,7 +123,8 @@ def train_and_evaluate(
     except OSError as error:
         raise disk_error(error, workdir, "the workdir") from error
     try:
-        return _train_and_evaluate(config, workdir, primary, stop_at_step, allow_changes)
+        with distributed.peer_watch_scope():  # a lost peer ends this process in one line, within peer_timeout_s
+            return _train_and_evaluate(config, workdir, primary, stop_at_step, allow_changes)
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 (Orbax and TensorBoard wrap the OSError of a full or read-only disk)
@@ -201,10 +202,13 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     data_iterator = iter(train_loader)
     logger = MetricsLogger(workdir, enabled=primary)
     best_top1, best_step = -1.0, None
-    restored = checkpointer.restore(state, data_iterator)
+    restored = checkpointer.restore(state, data_iterator, timeout_s=10 * config.peer_timeout_s)
     if restored is not None:
         state = restored[1]
     start_step = int(state.step)
+    topology = distributed.topology_change(checkpointer.saved_topology, config.batch_size) if restored else None
+    if topology:  # Orbax restored the replicated state onto this mesh; the data order follows from the step
+        changes = {**changes, "topology": topology}
     # Records past the restart point were written after its checkpoint (or before any, for step 0): drop them,
     # so that the resumed run logs each step once.
     logger.truncate_after(start_step)
@@ -240,6 +244,8 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         f"{steps_per_epoch} steps/epoch, {total_steps} steps"
         + (f", resuming at step {start_step}" if start_step else "")
     )
+    if topology:
+        progress.write(distributed.describe_topology_change(*topology, local_batch))
     if init_line and not start_step:
         progress.write(init_line)
     if note := bf16_cpu_note(model.dtype, "training"):
