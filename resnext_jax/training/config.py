@@ -72,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
     # units per stage on each logged batch (one extra forward pass per log step).
     config.stage_diagnostics = True
     config.write_report = True  # the evaluation report (resnext_jax.evaluate) in <workdir>/report at the end
+    # Where metrics, the config and the report also go, besides metrics.jsonl: any of "tensorboard", "wandb",
+    # "mlflow" (resnext_jax.training.trackers; W&B and MLflow need the track extra and read their own env settings).
+    config.trackers = ("tensorboard",)
     # Multi-host: seconds after which a silent process counts as lost; every other process then exits (non-zero,
     # one line), and the distributed runtime's heartbeat and the checkpoint agreement are bounded by it.
     config.peer_timeout_s = 60.0
@@ -93,6 +96,7 @@ RESUMABLE_FIELDS = (
     "eval_batch_size",
     "stage_diagnostics",
     "write_report",
+    "trackers",
     "peer_timeout_s",
     "init_from_source",  # not a field: the record of config.init_from's run or file (training.init_from)
 )
@@ -196,6 +200,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={config[key]} must be a positive integer")
     for key, (low, high, hint) in _RANGES.items():
         _check_range(key, config[key], low, high, hint)
+    from resnext_jax.training.trackers import TRACKERS, tracker_names
+
+    unknown = [name for name in tracker_names(config.trackers) if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(
+            f"config.trackers names {unknown}; use any of {TRACKERS}, e.g. "
+            f'--config.trackers=\'("tensorboard", "wandb")\''
+        )
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:

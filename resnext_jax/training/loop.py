@@ -36,6 +36,7 @@ from resnext_jax.training.step import (
     make_eval_step,
     make_train_step,
 )
+from resnext_jax.training.trackers import Trackers, tracker_names
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -200,7 +201,10 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         workdir_lib.record_dataset(workdir, dataset_identity)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, primary=primary)
     data_iterator = iter(train_loader)
-    logger = MetricsLogger(workdir, enabled=primary)
+    trackers = Trackers(tracker_names(config.trackers), workdir, config_dict, enabled=primary)
+    logger = MetricsLogger(
+        workdir, enabled=primary, tensorboard="tensorboard" in tracker_names(config.trackers), trackers=trackers
+    )
     best_top1, best_step = -1.0, None
     restored = checkpointer.restore(state, data_iterator, timeout_s=10 * config.peer_timeout_s)
     if restored is not None:
@@ -331,13 +335,14 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     # The end line names the checkpoint `load_model(which="best")` loads: a tie may have kept a later step.
     best_top1, best_step = workdir_lib.best_kept(workdir, checkpointer.all_steps()) if primary else (None, None)
     checkpointer.close()
-    logger.close()
     summary.update(best_top1=best_top1, best_step=best_step)
     if primary and not summary["stopped_early"] and config.write_report and jax.process_count() == 1:
         from resnext_jax.inference.report import write_run_report
 
         report = write_run_report(workdir, which="best", speed_batch_sizes=(1, local_eval_batch), min_seconds=1.0)
         summary["report"] = os.path.join(report["report_dir"], "report.md")
+        trackers.log_files(report["report_dir"])
+    logger.close()  # after the report, whose files the trackers keep as artifacts
     if primary and not summary["stopped_early"]:
         report = f"; report {summary['report']}" if "report" in summary else ""
         best = "no eval recorded" if best_step is None else f"best eval top1 {best_top1:.2%} at step {best_step}"

@@ -23,11 +23,12 @@ class MetricsLogger:
     `{"step": 100, "split": "eval", "epoch": 2, "loss": 0.31, "top1": 0.95, "top5": 0.99}`.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, trackers=None):
+        """`trackers`: a `training.trackers.Trackers` (W&B, MLflow) that every record is also sent to."""
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if enabled:
+        self._tb, self.trackers = None, trackers
+        if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -40,8 +41,10 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key not in ("step", "split") and isinstance(value, (int, float)):
+            if self._tb is not None and key not in ("step", "split") and isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{split}/{key}", value, int(step))
+        if self.trackers is not None:
+            self.trackers.log(int(step), split, {k: v for k, v in record.items() if k not in ("step", "split")})
 
     def truncate_after(self, step: int) -> str | None:
         """Sets aside the records past `step` (written after the checkpoint a resumed run restarts from, or all of
@@ -76,9 +79,11 @@ class MetricsLogger:
         return backup
 
     def close(self) -> None:
-        """Flushes TensorBoard."""
+        """Flushes TensorBoard and ends the trackers' runs."""
         if self._tb is not None:
             self._tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:
