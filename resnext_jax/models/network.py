@@ -2,9 +2,9 @@
 
 `Network` declares the design fields both families have once; `Network.layers(train)` binds the conv and norm
 definitions to the dtype, the platform and the mode, so blocks are built from definitions alone and never see
-`train`. `ResidualBlock` declares the fields every block has, and `residual_tail` is the end of every block:
-its last conv-norm, the shortcut (projected where the shape changes), squeeze-excitation, stochastic depth,
-the add and the activation.
+`train`. `ResidualBlock` declares the fields every block has and the small pieces each block's last unit takes:
+the shortcut (projected where the shape changes), what follows the last norm (squeeze-excitation, stochastic
+depth) and the last norm's scale init. Each block then reads top to bottom, as torchvision's `forward` does.
 """
 
 from __future__ import annotations
@@ -121,12 +121,20 @@ class Network(nn.Module, kw_only=True):
         return {**features, "logits": logits} if return_features else logits
 
 
+def se_features(channels: int, se_ratio: float, divisor: int = 1) -> int:
+    """Squeeze width of a block's SE: `round(channels * se_ratio)`, or with `divisor > 1` timm's
+    `make_divisible(channels * se_ratio, divisor, round_limit=0)` (seresnext*: 1/16, 8)."""
+    if divisor <= 1:
+        return max(1, round(channels * se_ratio))
+    return max(divisor, int(channels * se_ratio + divisor / 2) // divisor * divisor)
+
+
 class ResidualBlock(nn.Module, kw_only=True):
     """Fields every residual block has: its layer definitions (from `Network.layers`), stride and options.
 
     `avg_down`: a strided projection shortcut average-pools (2x2) first and then runs its 1x1 conv at stride 1
     (ResNet-D), instead of a strided 1x1 conv that reads one pixel in four. `se_divisor`: the SE width's
-    rounding (`models.resnet.se_features`).
+    rounding (`se_features`).
 
     A block is called as `block(x, drop_path_rate=None)`; `drop_path_rate`, when given, overrides the field (a
     traced per-block rate under `scan_blocks`).
@@ -148,60 +156,41 @@ class ResidualBlock(nn.Module, kw_only=True):
         """The block's conv-norm unit."""
         return ConvNormAct(self.conv, self.norm, self.act)
 
+    @property
+    def last_scale_init(self) -> Callable:
+        """The scale initializer of the branch's last norm: zeros with `zero_init_last` (the block starts as the
+        identity on its branch), else ones."""
+        return nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
 
-def residual_tail(
-    block: ResidualBlock,
-    x: jax.Array,
-    y,
-    features: int,
-    kernel_size: Sequence[int],
-    *,
-    names: tuple[str, str],
-    shortcut_names: tuple[str, str],
-    drop_path_rate=None,
-    se_features: int | None = None,
-) -> jax.Array:
-    """The end of a residual block: `act(drop(se(norm(conv(y)))) + shortcut(x))`.
+    def se_width(self, channels: int) -> int | None:
+        """The squeeze width of an SE on `channels` (`se_features`), None without SE."""
+        return se_features(channels, self.se_ratio, self.se_divisor) if self.se_ratio else None
 
-    The last conv-norm is named `names`; the shortcut is `x`, or a strided 1x1 conv-norm named `shortcut_names`
-    where the stride or the width changes (with `avg_down`, a 2x2 average pool and a stride-1 conv-norm);
-    `se_features` adds squeeze-excitation (`se`) after the last norm. The last norm's scale starts at zero with
-    `zero_init_last`.
-    """
-    rate = block.drop_path_rate if drop_path_rate is None else drop_path_rate
-    drop = block.drop_path(rate, name="drop_path")
-    unit = block.unit
-
-    def shortcut():
-        if block.strides == 1 and x.shape[-1] == features:
+    def shortcut(self, x: jax.Array, features: int, names: tuple[str, str] = ("downsample_conv", "downsample_bn")):
+        """The block's input where the shape stays, else a strided 1x1 conv-norm named `names` (with `avg_down`, a
+        2x2 average pool and then a stride-1 conv-norm); no activation."""
+        if self.strides == 1 and x.shape[-1] == features:
             return x
-        if block.avg_down:
-            return unit(
-                avg_pool_2x2_ceil(x, block.strides),
-                features,
-                (1, 1),
-                1,
-                names=shortcut_names,
-                act=False,
-                fuse_next=True,
-            )
-        return unit(x, features, (1, 1), block.strides, names=shortcut_names, act=False, fuse_next=True)
+        if self.avg_down:
+            x, strides = avg_pool_2x2_ceil(x, self.strides), 1
+        else:
+            strides = self.strides
+        return self.unit(x, features, (1, 1), strides, names=names, act=False, fuse_next=True)
 
-    def post(y):
-        if se_features:
-            y = SqueezeExcite(se_features, conv=block.conv, act=block.act, name="se")(y)
-        return drop(y)
+    def branch_end(self, se_width: int | None, drop_path_rate=None) -> Callable | None:
+        """What follows the branch's last norm, before the add: squeeze-excitation (`se`) of `se_width`, then
+        stochastic depth (`drop_path`; `drop_path_rate` overrides the field). None when both are identities."""
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        drop = self.drop_path(rate, name="drop_path")
+        if not se_width and drop.is_identity:
+            return None
 
-    scale_init = nn.initializers.zeros if block.zero_init_last else nn.initializers.ones
-    return unit(
-        y,
-        features,
-        kernel_size,
-        names=names,
-        residual=shortcut,
-        post=post if se_features or not drop.is_identity else None,
-        scale_init=scale_init,
-    )
+        def end(y):
+            if se_width:
+                y = SqueezeExcite(se_width, conv=self.conv, act=self.act, name="se")(y)
+            return drop(y)
+
+        return end
 
 
 def scan_blocks(block: nn.Module, x: jax.Array, rates: Sequence[float]) -> jax.Array:

@@ -16,7 +16,7 @@ import numpy as np
 
 from resnext_jax.models.checks import check_images
 from resnext_jax.models.layers import SqueezeExcite
-from resnext_jax.models.network import Network, ResidualBlock, residual_tail
+from resnext_jax.models.network import Network, ResidualBlock
 
 
 def _make_divisible(value: float, divisor: int) -> int:
@@ -95,18 +95,16 @@ class RegNetBlock(ResidualBlock):
             names=("b_conv", "b_bn"),
             fuse_next=not self.se_ratio,
         )
-        if self.se_ratio:
-            # torchvision squeezes relative to the block's *input* width.
+        if self.se_ratio:  # torchvision squeezes relative to the block's *input* width
             y = SqueezeExcite(int(round(self.se_ratio * x.shape[-1])), conv=self.conv, act=self.act, name="se")(y)
-        return residual_tail(
-            self,
-            x,
+        return self.unit(  # c, [drop path], + shortcut (proj), act
             y,
             self.width_out,
             (1, 1),
             names=("c_conv", "c_bn"),
-            shortcut_names=("proj_conv", "proj_bn"),
-            drop_path_rate=drop_path_rate,
+            residual=lambda: self.shortcut(x, self.width_out, names=("proj_conv", "proj_bn")),
+            post=self.branch_end(None, drop_path_rate),
+            scale_init=self.last_scale_init,
         )
 
 

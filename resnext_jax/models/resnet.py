@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from resnext_jax.models.checks import check_images
-from resnext_jax.models.network import Network, ResidualBlock, residual_tail
+from resnext_jax.models.network import Network, ResidualBlock, se_features  # noqa: F401 (se_features lived here)
 from resnext_jax.ops.pool import max_pool_3x3s2
 
 ModuleDef = Any
@@ -38,12 +38,26 @@ class BasicBlock(ResidualBlock):
     bottleneck_width: int = 64
     expansion = 1
 
+    @staticmethod
+    def inner_width(filters: int, base_width: int, cardinality: int) -> int:
+        """The width of the block's inner conv (its first 3x3): `filters`."""
+        return filters
+
     @nn.compact
     def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
         if self.cardinality != 1 or self.bottleneck_width != 64:
             raise ValueError("BasicBlock only supports cardinality=1 and bottleneck_width=64 (as torchvision)")
-        y = self.unit(x, self.filters, (3, 3), self.strides, names=("conv1", "bn1"))
-        return _tail(self, x, y, (3, 3), "2", drop_path_rate)
+        out = self.filters * self.expansion
+        y = self.unit(x, self.filters, (3, 3), self.strides, names=("conv1", "bn1"))  # conv1, bn1, act
+        return self.unit(  # conv2, bn2, [se, drop path], + shortcut (downsample), act
+            y,
+            out,
+            (3, 3),
+            names=("conv2", "bn2"),
+            residual=lambda: self.shortcut(x, out),
+            post=self.branch_end(self.se_width(out), drop_path_rate),
+            scale_init=self.last_scale_init,
+        )
 
 
 class Bottleneck(ResidualBlock):
@@ -60,37 +74,26 @@ class Bottleneck(ResidualBlock):
     bottleneck_width: int = 64
     expansion = 4
 
+    @staticmethod
+    def inner_width(filters: int, base_width: int, cardinality: int) -> int:
+        """The width of the grouped 3x3 conv (`bottleneck_width()`)."""
+        return bottleneck_width(filters, base_width, cardinality)
+
     @nn.compact
     def __call__(self, x: jax.Array, drop_path_rate: float | jax.Array | None = None) -> jax.Array:
-        width = bottleneck_width(self.filters, self.bottleneck_width, self.cardinality)
-        y = self.unit(x, width, (1, 1), names=("conv1", "bn1"))
+        width = self.inner_width(self.filters, self.bottleneck_width, self.cardinality)
+        out = self.filters * self.expansion
+        y = self.unit(x, width, (1, 1), names=("conv1", "bn1"))  # conv1, bn1, act
         y = self.unit(y, width, (3, 3), self.strides, self.cardinality, names=("conv2", "bn2"), fuse_next=True)
-        return _tail(self, x, y, (1, 1), "3", drop_path_rate)
-
-
-def se_features(channels: int, se_ratio: float, divisor: int = 1) -> int:
-    """Squeeze width of a block's SE: `round(channels * se_ratio)`, or with `divisor > 1` timm's
-    `make_divisible(channels * se_ratio, divisor, round_limit=0)` (seresnext*: 1/16, 8)."""
-    if divisor <= 1:
-        return max(1, round(channels * se_ratio))
-    return max(divisor, int(channels * se_ratio + divisor / 2) // divisor * divisor)
-
-
-def _tail(block, x, y, kernel_size, last: str, drop_path_rate):
-    """Both blocks' `residual_tail`: conv/bn `{last}`, the `downsample` shortcut, SE as `se`."""
-    out_features = block.filters * block.expansion
-    se = se_features(out_features, block.se_ratio, block.se_divisor) if block.se_ratio else None
-    return residual_tail(
-        block,
-        x,
-        y,
-        out_features,
-        kernel_size,
-        names=(f"conv{last}", f"bn{last}"),
-        shortcut_names=("downsample_conv", "downsample_bn"),
-        drop_path_rate=drop_path_rate,
-        se_features=se,
-    )
+        return self.unit(  # conv3, bn3, [se, drop path], + shortcut (downsample), act
+            y,
+            out,
+            (1, 1),
+            names=("conv3", "bn3"),
+            residual=lambda: self.shortcut(x, out),
+            post=self.branch_end(self.se_width(out), drop_path_rate),
+            scale_init=self.last_scale_init,
+        )
 
 
 class ResNet(Network):
@@ -102,7 +105,8 @@ class ResNet(Network):
 
     Attributes:
       stage_sizes: blocks per stage, e.g. `(3, 4, 6, 3)`.
-      block_cls: `BasicBlock`, `Bottleneck`, or any `ResidualBlock` with their fields (`filters`, ...).
+      block_cls: `BasicBlock`, `Bottleneck`, or any `ResidualBlock` with their fields (`filters`, ...) and their
+        `expansion` and `inner_width` (for `stage_specs`).
       cardinality: groups of each bottleneck's 3x3 conv (ResNeXt's C).
       bottleneck_width: channels per group at the first stage (ResNeXt's d; 64 for ResNet, 128 for Wide).
       num_filters: base width of the first stage (and the 7x7 stem's output).
@@ -170,11 +174,8 @@ class ResNet(Network):
         specs = []
         for stage, num_blocks in enumerate(self.stage_sizes):
             filters = self.num_filters * 2**stage
-            if self.block_cls is BasicBlock:
-                width, out = filters, filters
-            else:
-                width = bottleneck_width(filters, self.bottleneck_width, self.cardinality)
-                out = filters * Bottleneck.expansion
+            width = self.block_cls.inner_width(filters, self.bottleneck_width, self.cardinality)
+            out = filters * self.block_cls.expansion
             specs.append(
                 dict(
                     name=f"layer{stage + 1}",
