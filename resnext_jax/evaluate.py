@@ -69,6 +69,17 @@ def _check_batch(parser, args):
     return args
 
 
+def accuracy_line(report: dict) -> str:
+    """The report's one accuracy line; top-5 only with more than 5 classes (with 5 or fewer it is 100% by
+    construction)."""
+    accuracy, data = report["accuracy"], report["dataset"]
+    top5 = f"top-5 {accuracy['top5']:.2%}, " if data["num_classes"] > 5 else ""
+    return (
+        f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
+        f"{top5}loss {accuracy['loss']:.4f} over {accuracy['count']} examples"
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out:
@@ -87,13 +98,7 @@ def main(argv=None) -> int:
         min_seconds=args.min_seconds,
         out_dir=args.out,
     )
-    accuracy, data = report["accuracy"], report["dataset"]
-    # top-5 of 5 classes or fewer is 100% by construction
-    top5 = f"top-5 {accuracy['top5']:.2%}, " if data["num_classes"] > 5 else ""
-    print(
-        f"{report['model']['name']} on {data['name']}:{data['split']}: top-1 {accuracy['top1']:.2%}, "
-        f"{top5}loss {accuracy['loss']:.4f} over {accuracy['count']} examples"
-    )
+    print(accuracy_line(report))
     if report["calibration"]["ece"] is not None:
         print(f"expected calibration error {report['calibration']['ece']:.2%}")
     for run in report["speed"]["runs"] if "speed" in report else ():

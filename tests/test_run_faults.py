@@ -274,3 +274,17 @@ def test_removing_lock_under_a_live_run_does_not_let_a_second_run_in(tmp_path):
     lock = WorkdirLock(str(tmp_path))  # the dead holder's locks are dropped by the kernel
     lock.acquire()
     lock.release()
+
+
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_evaluate_prints_top5_only_with_more_than_5_classes(num_classes):
+    from resnext_jax.evaluate import accuracy_line
+
+    report = {
+        "model": {"name": "resnet18"},
+        "dataset": {"name": "shapes", "split": "validation", "num_classes": num_classes},
+        "accuracy": {"top1": 0.9, "top5": 1.0, "loss": 0.3, "count": 30},
+    }
+    line = accuracy_line(report)
+    assert line.startswith("resnet18 on shapes:validation: top-1 90.00%, ")
+    assert ("top-5 100.00%" in line) == (num_classes > 5)
