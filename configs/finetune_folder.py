@@ -4,16 +4,23 @@ ImageNet normalization (what the weights expect), 224x224 crops.
 
     python -m resnext_jax.data.prepare folder ~/photos --name my_photos      # ~/photos/<class>/<image>.jpg
     python -m train --config configs/finetune_folder.py --config.dataset=my_photos --workdir runs/my_photos
+    python -m train --config configs/finetune_folder.py:scratch --config.dataset=my_photos --workdir runs/scratch
 
-The weight tag needs the torch extra (`pip install -e '.[torch]'`) and network access once (torch hub cache), or
-pass a downloaded file with --config.init_from=/path/resnext50_32x4d-1a0047aa.pth. With fewer than a few thousand
-images, keep the epochs low and consider --config.freeze_bn=True (small batches make poor BatchNorm statistics).
+The weight tag needs the torch extra (`pip install -e '.[torch]'`) and network access once (torch hub cache).
+Offline, pass a downloaded file with --config.init_from=/path/resnext50_32x4d-1a0047aa.pth, one of your own runs
+with --config.init_from=runs/pretrain (its backbone, a new head), or train from scratch: `:scratch` after the file
+name sets init_from="" (random init), the backbone at the full learning rate and your data's own normalization.
+With fewer than a few thousand images, keep the epochs low and consider --config.freeze_bn=True (small batches make
+poor BatchNorm statistics).
 """
 
 from resnext_jax.training.config import default_config
 
 
-def get_config():
+def get_config(mode: str | None = None):
+    """`mode` (after a colon on the command line): None fine-tunes IMAGENET1K_V2, "scratch" trains from random init."""
+    if mode not in (None, "", "scratch"):
+        raise ValueError(f"configs/finetune_folder.py:{mode}: use configs/finetune_folder.py or :scratch")
     config = default_config()
     config.model = "resnext50_32x4d"
     config.init_from = "IMAGENET1K_V2"
@@ -40,4 +47,8 @@ def get_config():
     config.log_every_steps = 20
     config.checkpoint_every_steps = 500
     config.worker_count = 4
+    if mode == "scratch":  # nothing pretrained: every layer learns at the full rate, on the data's own statistics
+        config.init_from = ""
+        config.backbone_lr_mult = 1.0
+        config.normalize = "dataset"
     return config
