@@ -23,7 +23,7 @@ def parse_args(argv):
     parser.add_argument(
         "source",
         help="a training workdir, a torchvision .pth file or weight tag (IMAGENET1K_V2), "
-        "or a timm .safetensors file or weight tag (regnety_032.ra_in1k)",
+        "a timm .safetensors file or weight tag (regnety_032.ra_in1k), or an exported .onnx or .stablehlo file",
     )
     parser.add_argument("--dataset", help="NAME or NAME:split (default: the run's dataset and its eval split)")
     parser.add_argument(

@@ -27,7 +27,12 @@ FIELD_CASES = [
     ("frozen_batch_dropout", "resnet18", {**TINY, "norm": "frozen_batch", "dropout_rate": 0.5}, 32),
     ("deep_stem_avg_down", "resnet50", {**TINY, "stem_type": "deep", "stem_width": 8, "avg_down": True}, 32),
     ("tiered_stem_odd_size", "resnet50", {**TINY, "stem_type": "deep_tiered", "stem_width": 16, "avg_down": True}, 37),
-    ("scan_blocks_drop_path", "resnext50_32x4d", {**QUICKSTART, "stage_sizes": (1, 3), "scan_blocks": True}, 16),
+    (
+        "scan_blocks_drop_path",
+        "resnext50_32x4d",
+        {**QUICKSTART, "stage_sizes": (1, 3), "scan_blocks": True, "drop_path_rate": 0.2},
+        16,
+    ),
     ("no_head", "resnet18", {**TINY, "num_classes": 0}, 32),
     ("regnet_small_stem_silu", "regnet_y_400mf", {"small_stem": True, "activation": "silu", "num_classes": 7}, 32),
 ]

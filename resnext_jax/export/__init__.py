@@ -1,17 +1,20 @@
-"""Export for serving: a StableHLO artifact (`jax.export`, symbolic batch) or an ONNX file, each verified against
-`model.apply` before it is written, and a JSON sidecar beside it (`PATH.json`: input layout and dtype, the
-preprocessing and whether it is inside, class names, versions, the measured parity).
+"""Export for serving: a StableHLO artifact (`jax.export`, symbolic batch) or an ONNX file (written from the Flax
+variables by `onnx_graph`, no torch; int8 by `quantize`), each verified against `model.apply` before it is written,
+and a JSON sidecar beside it (`PATH.json`: input layout and dtype, the preprocessing and whether it is inside, class
+names, versions, the measured parity, and for int8 the float32 and int8 top-1).
 
     python -m resnext_jax.export runs/quickstart --format stablehlo --out model.stablehlo
     python -m resnext_jax.export IMAGENET1K_V2 --model resnext50_32x4d --format onnx --out rx50.onnx \
         --with-preprocessing
+    python -m resnext_jax.export runs/quickstart --format onnx --out q.int8.onnx --quantize int8 --calibrate digits
 
     served = resnext_jax.export.load("rx50.onnx")        # or a .stablehlo file
     logits = served(images)                              # NHWC, as served.preprocessing says
     served.class_names[logits.argmax(-1)[0]]
 
 The artifacts themselves need neither resnext_jax nor Flax: `jax.export.deserialize(bytes).call(images)` or
-`onnxruntime.InferenceSession(path).run(None, {"images": images})`. docs/export.md has the details.
+`onnxruntime.InferenceSession(path).run(None, {"images": images})`. `load_model` (so predict and evaluate) runs
+them too (`inference.from_artifact`). docs/export.md has the details.
 """
 
 from __future__ import annotations
