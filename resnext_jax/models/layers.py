@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,6 +154,13 @@ class Conv2d(nn.Module):
         return compute()
 
 
+def module_class(definition: ModuleDef) -> type:
+    """The module class behind a definition (a class, or `functools.partial`s of one)."""
+    while isinstance(definition, functools.partial):
+        definition = definition.func
+    return definition
+
+
 def bind(definition: ModuleDef, **fields) -> ModuleDef:
     """`definition` with those of `fields` that its module class has and that it does not set itself (so one call
     binds any conv or norm, and `functools.partial(Conv2d, impl="gemm")` keeps its impl)."""
@@ -162,6 +170,13 @@ def bind(definition: ModuleDef, **fields) -> ModuleDef:
         cls = cls.func
     names = {f.name for f in dataclasses.fields(cls)} - given
     return functools.partial(definition, **{k: v for k, v in fields.items() if k in names})
+
+
+@functools.cache
+def _takes_residual(cls: type) -> bool:
+    """Whether a norm class is called as ours are, `norm(x, residual=..., act=..., defer=...)`; a plain Flax norm
+    (`nn.GroupNorm`, `nn.LayerNorm`...) is called on `x` alone and the unit adds and activates."""
+    return "residual" in inspect.signature(cls.__call__).parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,11 +228,18 @@ class ConvNormAct:
             residual = residual()
         norm = self.norm(name=norm_name, **({} if scale_init is None else {"scale_init": scale_init}))
         activation = self.act if act else None
+        if not _takes_residual(module_class(self.norm)):
+            norm, post = _plain(norm), post or (lambda value: value)
         if post is None:
             return norm(y, residual=residual, act=activation, defer=fuse_next)
         y = post(norm(y))
         y = y if residual is None else materialize(residual) + y
         return activation(y) if activation is not None else y
+
+
+def _plain(norm: nn.Module) -> Callable:
+    """A plain Flax norm called on a materialized input (the unit then adds the residual and activates)."""
+    return lambda y: norm(materialize(y))
 
 
 def _static_zero(rate) -> bool:

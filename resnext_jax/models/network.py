@@ -9,6 +9,7 @@ depth) and the last norm's scale init. Each block then reads top to bottom, as t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -17,7 +18,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from resnext_jax.models.layers import Conv2d, ConvNormAct, DropPath, SqueezeExcite, bind, get_activation
+from resnext_jax.models.layers import (
+    Conv2d,
+    ConvNormAct,
+    DropPath,
+    SqueezeExcite,
+    bind,
+    get_activation,
+    module_class,
+)
 from resnext_jax.models.norms import norm_layer
 from resnext_jax.ops.pool import avg_pool_2x2_ceil, global_avg_pool
 
@@ -84,8 +93,16 @@ class Network(nn.Module, kw_only=True):
         """The conv, norm, activation and drop-path definitions every block of this network is built from."""
         platform = self.platform or jax.default_backend()
         conv = bind(self.conv, dtype=self.dtype, impl=self.conv_impl, platform=platform)
+        definition = norm_layer(self.norm, self.norm_groups)
+        fields = {f.name for f in dataclasses.fields(module_class(definition))}
+        if train and self.bn_axis_name is not None and "use_running_average" in fields and "axis_name" not in fields:
+            raise ValueError(
+                f"norm {module_class(definition).__name__} keeps running statistics but has no axis_name field, so "
+                f"they would not be synced over the {self.bn_axis_name!r} devices; give it an axis_name field "
+                f"(as flax.linen.BatchNorm has) or use norm='batch'"
+            )
         norm = bind(
-            norm_layer(self.norm, self.norm_groups),
+            definition,
             use_running_average=not train,
             dtype=self.dtype,
             axis_name=self.bn_axis_name,

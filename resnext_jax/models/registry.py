@@ -285,7 +285,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "w_a": (_real_in(0, float("inf")), "a number >= 0 (width slope)"),
     "w_m": (lambda v: _is_real(v) and v > 1, "a number > 1 (width multiplier between stages)"),
     "bottleneck_multiplier": (lambda v: _is_real(v) and v > 0, "a number > 0"),
-    "norm": (lambda v: v in NORMS, f"one of {list(NORMS)}"),
+    "norm": (
+        lambda v: v in NORMS if isinstance(v, str) else callable(v),
+        f"one of {list(NORMS)} or a norm definition (a Flax module class or a functools.partial of one)",
+    ),
     "norm_groups": (_int_at_least(1), "an integer >= 1 (groups of the group norm)"),
     "activation": (lambda v: isinstance(v, str) and v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}"),
     "drop_path_rate": (_real_in(0, 1), "a number in [0, 1) (1 would drop every residual branch)"),
