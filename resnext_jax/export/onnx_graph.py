@@ -125,7 +125,7 @@ class _Writer:
         )
 
     def unit(self, x: str, scope_params, scope_stats, conv: str, norm: str, stride=1, act=True, residual=None):
-        """`act(norm(conv(x)) + residual)`, as `ConvNormAct`; returns (tensor, channels)."""
+        """`act(norm(conv(x)) + residual)`, as `ConvNormAct` computes it at inference; returns the output tensor."""
         g, params = self.graph, scope_params[conv]
         in_channels = self.channels[x]
         features = params["kernel"].shape[-1]
