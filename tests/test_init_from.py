@@ -117,3 +117,42 @@ def test_a_source_of_another_architecture_is_refused_with_the_fix(source_run, sh
     with pytest.raises(UserError, match=r"do not fit this config's resnext50_32x4d .*set --config.model and"):
         train_and_evaluate(config, str(tmp_path / "wrong"))
     assert not os.path.exists(tmp_path / "wrong")  # a refused start leaves no workdir
+
+
+def test_the_download_hint_gives_the_command_line_form(monkeypatch):
+    """Offline, a torchvision tag fails in one line that says how to pass the downloaded file on each command."""
+    import torchvision
+
+    from resnext_jax.convert import from_torchvision
+    from resnext_jax.convert.sources import WeightsDownloadError
+
+    weights = torchvision.models.ResNeXt50_32X4D_Weights.IMAGENET1K_V2
+
+    def offline(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(type(weights), "get_state_dict", offline)
+    with pytest.raises(WeightsDownloadError) as error:
+        from_torchvision("resnext50_32x4d", "IMAGENET1K_V2")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--config.init_from=/path/resnext50_32x4d-1a0047aa.pth" in message
+    assert "python -m resnext_jax.predict /path/resnext50_32x4d-1a0047aa.pth --model resnext50_32x4d IMAGES" in message
+
+
+def test_finetune_folder_scratch_mode_trains_from_random_init():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_folder", os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_folder.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    finetune, scratch = module.get_config(), module.get_config("scratch")
+    assert (finetune.init_from, finetune.backbone_lr_mult, finetune.normalize) == ("IMAGENET1K_V2", 0.1, "model")
+    assert (scratch.init_from, scratch.backbone_lr_mult, scratch.normalize) == ("", 1.0, "dataset")
+    assert {k: v for k, v in scratch.items() if k not in ("init_from", "backbone_lr_mult", "normalize")} == {
+        k: v for k, v in finetune.items() if k not in ("init_from", "backbone_lr_mult", "normalize")
+    }
+    with pytest.raises(ValueError, match=r"finetune_folder.py:nope: use configs/finetune_folder.py or :scratch"):
+        module.get_config("nope")
