@@ -103,3 +103,15 @@ def test_a_missing_file_names_itself(run_and_files, tmp_path):
     with pytest.raises(UserError, match=f"{missing}: cannot read the file"):
         load_model(run_and_files[0]).predict([missing])
     assert os.path.exists(run_and_files[1][0])
+
+
+def test_features_of_an_exported_file_ask_for_the_workdir(run_and_files):
+    import dataclasses
+
+    from resnext_jax.inference.from_artifact import ArtifactModule
+
+    loaded = load_model(run_and_files[0])
+    module = ArtifactModule(run=None, exported=None, batch=None, num_classes=10, inside=False, mean=(0,), std=(1,))
+    exported = dataclasses.replace(loaded, module=module, source={"kind": "onnx", "path": "model.onnx"})
+    with pytest.raises(UserError, match="model.onnx is an exported file that only gives logits; load the training"):
+        exported.features(run_and_files[1][:1])

@@ -101,7 +101,9 @@ def _jitted(loaded, kind: str):
                 return jax.nn.softmax(module.apply(variables, batch, train=False).astype(np.float32), axis=-1)
 
         else:
-            if not hasattr(module, "run_stages"):
+            from resnext_jax.inference.from_artifact import ArtifactModule
+
+            if isinstance(module, ArtifactModule):
                 raise UserError(
                     f"features need the model's weights, and {loaded.source.get('path')} is an exported file that "
                     f"only gives logits; load the training workdir or the weights file instead"
