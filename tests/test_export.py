@@ -265,6 +265,16 @@ def test_onnx_refuses_a_custom_block_by_name(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_the_onnx_writer_knows_every_registry_model():
+    """A family or block class added to the registry without an ONNX form fails here, not at a user's export."""
+    from resnext_jax import list_models
+    from resnext_jax.export.onnx_graph import supported_problems
+
+    assert {name: supported_problems(create_model(name)) for name in list_models()} == {
+        name: [] for name in list_models()
+    }
+
+
 def test_quantize_with_stablehlo_is_one_line(tmp_path, capsys):
     argv = ["runs/x", "--format", "stablehlo", "--out", str(tmp_path / "m.stablehlo"), "--quantize", "int8"]
     assert run_cli(cli.main, argv) == 2

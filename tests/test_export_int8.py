@@ -175,3 +175,20 @@ def test_bf16_on_a_cpu_is_one_line_with_the_cost_and_the_alternative(tmp_path, c
     assert run_cli(predict_main, ["run", str(tmp_path / "black.png")]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: predict in bfloat16")]
     assert len(notes) == 1 and "slower than float32" in notes[0] and "--quantize int8" in notes[0]
+
+
+@pytest.mark.slow
+def test_int8_with_the_preprocessing_inside_calibrates_on_uint8_pixels(workdir, tmp_path):
+    out = tmp_path / "q.int8.onnx"
+    loaded = resnext_jax.load_model(workdir)
+    metadata = export(
+        loaded,
+        out,
+        format="onnx",
+        with_preprocessing=True,
+        quantize="int8",
+        calibrate="digits",
+        calibration_images=128,
+    )
+    assert metadata["input"]["dtype"] == "uint8" and metadata["int8"]["drop_points"] <= 1.0
+    assert evaluate_accuracy(resnext_jax.load_model(str(out)), "digits")["top1"] == metadata["int8"]["int8_top1"]
