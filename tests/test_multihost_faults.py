@@ -68,12 +68,12 @@ def checksums(workdir, step):
         return json.load(f)
 
 
-def wait_for(predicate, started, timeout_s=300):
+def wait_for(predicate, started, timeout_s=300, interval_s=0.2):
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         assert all(p.poll() is None for p in started), "a process ended early"
-        time.sleep(0.2)
+        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
-"""Multi-host path on one machine: 2 CPU processes x 2 devices talking through gloo, launched with the explicit
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, as a cluster launcher would."""
+"""Multi-host path on one machine: 2 CPU processes x 2 devices talking through gloo, started by launch/local.py with
+the explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, as a cluster launcher would."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,54 +11,29 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_one_run(tmp_path):
-    port = _free_port()
-    processes = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
-            JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            JAX_NUM_PROCESSES="2",
-            JAX_PROCESS_ID=str(index),
-        )
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "train",
-                    "--config",
-                    "configs/quickstart.py",
-                    "--workdir",
-                    str(tmp_path),
-                    "--config.num_epochs=1",
-                    "--config.progress_bar=False",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=600)[1] for p in processes]
-    for process, stderr in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    assert "4 device(s), 2 process(es)" in outputs[0]
-    assert "epoch 1/1" in outputs[0] and "epoch 1/1" not in outputs[1]  # only process 0 reports
+    # The local launcher, as the docs run it: process 0 on the console, process 1 in <workdir>/launch/.
+    done = subprocess.run(
+        [sys.executable, "launch/local.py", "--processes", "2", "--devices", "2", "--"]
+        + ["--config", "configs/quickstart.py", "--workdir", str(tmp_path)]
+        + ["--config.num_epochs=1", "--config.progress_bar=False"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    console = done.stdout + done.stderr
+    other = (tmp_path / "launch" / "process_1.log").read_text()
+    assert done.returncode == 0, console[-3000:] + other[-3000:]
+    assert "4 device(s), 2 process(es)" in console
+    assert "epoch 1/1" in console and "epoch 1/1" not in other  # only process 0 reports
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 1 and evals[0]["count"] == 360  # each eval example counted once across processes
     assert evals[0]["top1"] > 0.5
+    # Each process's position record, and the slowest and fastest process at each log step.
     data_state = os.listdir(tmp_path / "checkpoints" / str(evals[0]["step"]) / "data")
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)  # each process's data position
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_state)
+    train = [r for r in records if r["split"] == "train"]
+    assert all(0 < r["host_step_s_min"] <= r["host_step_s_max"] and 0 <= r["host_data_wait_max"] < 1 for r in train)

@@ -10,9 +10,11 @@ import contextlib
 import json
 import logging
 import os
+import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -106,8 +108,8 @@ def topology_change(saved: dict | None, global_batch: int) -> tuple[dict, dict] 
 def describe_topology_change(saved: dict, current: dict, local_batch: int) -> str:
     """The one log line of a resume on another topology."""
     return (
-        f"resuming on another topology: {saved['process_count']} process(es) x {saved['device_count']} device(s) -> "
-        f"{current['process_count']} x {current['device_count']}; the global batch stays {current['global_batch']} "
+        f"resuming on another topology: {saved['process_count']} process(es) with {saved['device_count']} device(s) -> "
+        f"{current['process_count']} with {current['device_count']}; the global batch stays {current['global_batch']} "
         f"({current['global_batch'] // current['device_count']} per device, {local_batch} per process), and the "
         f"data order continues from the step (config_changes.jsonl records the change)"
     )
@@ -176,6 +178,38 @@ def barrier(name: str, timeout_s: float = 1800) -> None:
     if client is None:
         return
     client.wait_at_barrier(f"resnext_jax:{name}", timeout_in_ms=int(timeout_s * 1000))
+
+
+class HostTimes:
+    """Each process's step time and data-wait fraction over a log window, gathered so that process 0 logs the
+    slowest and fastest (`host_step_s_max`, `host_step_s_min`, `host_data_wait_max`): a straggling host shows in
+    metrics.jsonl and TensorBoard. The step time is the window's wall time per step (an eval or a save inside the
+    window counts too); the data wait is the fraction of it spent waiting for the next batch."""
+
+    def __init__(self):
+        self._start, self._waited, self._steps = time.perf_counter(), 0.0, 0
+
+    def next(self, data_iterator):
+        """`next(data_iterator)`, timed."""
+        start = time.perf_counter()
+        batch = next(data_iterator)
+        self._waited += time.perf_counter() - start
+        self._steps += 1
+        return batch
+
+    def gather(self) -> dict[str, float]:
+        """The window's extremes over all processes (one small all-gather; every process must call it at the same
+        step), and a new window."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        mine = np.array([elapsed / max(self._steps, 1), self._waited / elapsed], np.float64)
+        everyone = multihost_utils.process_allgather(mine) if jax.process_count() > 1 else mine[None]
+        everyone = np.asarray(everyone).reshape(-1, 2)
+        self._start, self._waited, self._steps = time.perf_counter(), 0.0, 0
+        return {
+            "host_step_s_max": float(everyone[:, 0].max()),
+            "host_step_s_min": float(everyone[:, 0].min()),
+            "host_data_wait_max": float(everyone[:, 1].max()),
+        }
 
 
 def create_mesh(devices=None) -> Mesh:

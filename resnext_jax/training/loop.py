@@ -264,16 +264,17 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
         "stopped_early": False,
     }
     pending, epoch_metrics, epoch_start = [], [], time.perf_counter()
+    host_times = distributed.HostTimes()  # the slowest and fastest process, at each log step
     with StopRequested() as stop:
         for step in range(start_step + 1, total_steps + 1):
-            batch = distributed.global_batch(next(data_iterator), mesh)
+            batch = distributed.global_batch(host_times.next(data_iterator), mesh)
             state, metrics = train_step(state, batch)
             if step == start_step + 1 and primary:  # the step is traced now: record which CPU kernels it uses
                 workdir_lib.record_native_kernels(workdir)
             pending.append(metrics)
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if step % config.log_every_steps == 0 or epoch_end:
-                train_metrics = _mean_metrics(pending)
+                train_metrics = {**_mean_metrics(pending), **host_times.gather()}
                 check_finite(train_metrics, step, checkpointer, config.learning_rate)
                 if dead_relu is not None:
                     fractions = dead_relu({"params": state.params, "batch_stats": state.batch_stats}, batch)
