@@ -22,6 +22,10 @@ class InputError(UserError, ValueError):
     """A bad value or array given to a public function (a wrong shape, an impossible model field)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value or key is wrong; the message names the field and the fix."""
+
+
 def disk_error(error: OSError, path: str, what: str) -> UserError | OSError:
     """A one-line `UserError` for a full disk (with the free space) or a read-only filesystem met while writing
     `what` under `path`; other OS errors come back unchanged."""

@@ -27,7 +27,7 @@ PANELS = (
 
 def read_run(workdir: str) -> list[dict]:
     """The run's metrics records (`resnext_jax.training.metrics_log.read_metrics`: torn lines skipped)."""
-    from resnext_jax.training.metrics_log import read_metrics
+    from resnext_jax.run_files import read_metrics
 
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         raise UserError(f"{workdir} has no metrics.jsonl; pass a workdir of `python -m train` that has logged a step")

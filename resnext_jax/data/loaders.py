@@ -216,7 +216,7 @@ class TrainLoader:
         )
 
 
-class _PaddedEvalSource:
+class PaddedEvalSource:
     """This process's slice of the eval split, padded with empty records to a whole number of batches."""
 
     def __init__(self, source, indices: np.ndarray):
@@ -300,7 +300,8 @@ class EvalLoader:
         self.info = info
         indices = eval_shard_indices(len(source), batch_size, process_index, process_count)
         self.num_batches = len(indices) // batch_size
-        self._source = _PaddedEvalSource(source, indices)
+        self._batch_size = batch_size
+        self._source = PaddedEvalSource(source, indices)
         self._operations = [
             _EvalTransform(resize_size or image_size, image_size, interpolation),
             grain.Batch(batch_size, drop_remainder=False),
@@ -310,6 +311,14 @@ class EvalLoader:
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def read_from(self, source, indices: np.ndarray) -> None:
+        """Reads `source` at `indices` (-1: a padding record, masked out) instead of this process's slice of the
+        eval split; the batch size, the preprocessing and the masking stay (another split, a calibration sample)."""
+        if len(indices) % self._batch_size:
+            raise ValueError(f"{len(indices)} indices are not whole batches of {self._batch_size}; pad them with -1")
+        self._source = PaddedEvalSource(source, indices)
+        self.num_batches = len(indices) // self._batch_size
 
     def __iter__(self):
         if self._worker_count:

@@ -23,12 +23,12 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from resnext_jax import parallel
 from resnext_jax.errors import UserError
 from resnext_jax.inference.calibration import calibration, confidence
 from resnext_jax.inference.loader import LoadedModel
 from resnext_jax.ops import inference_compiler_options
-from resnext_jax.training import distributed
-from resnext_jax.training.step import AXIS
+from resnext_jax.parallel import AXIS
 
 
 def parse_dataset(spec: str) -> tuple[str, str | None]:
@@ -94,8 +94,7 @@ def _use_split(loader, dataset: str, split: str, data_dir: str | None, batch_siz
             f"{dataset}:{loader.info.eval_split}"
         ) from error
     indices = loaders.eval_shard_indices(len(source), batch_size, jax.process_index(), jax.process_count())
-    loader._source = loaders._PaddedEvalSource(source, indices)
-    loader.num_batches = len(indices) // batch_size
+    loader.read_from(source, indices)
 
 
 def sample_loader(
@@ -109,7 +108,7 @@ def sample_loader(
 ):
     """`eval_loader`'s pass (the model's own eval preprocessing) over `count` examples of `split` (default: the
     dataset's training split) drawn at random without replacement, in index order (int8 calibration)."""
-    from resnext_jax.data import datasets, loaders
+    from resnext_jax.data import datasets
 
     loader = eval_loader(loaded, dataset, None, data_dir, batch_size)
     split = split or loader.info.train_split
@@ -120,8 +119,7 @@ def sample_loader(
     chosen = np.sort(np.random.default_rng(seed).choice(len(source), min(count, len(source)), replace=False))
     indices = np.full(math.ceil(len(chosen) / batch_size) * batch_size, -1, np.int64)
     indices[: len(chosen)] = chosen
-    loader._source = loaders._PaddedEvalSource(source, indices)
-    loader.num_batches = len(indices) // batch_size
+    loader.read_from(source, indices)
     return loader, split
 
 
@@ -158,12 +156,12 @@ def evaluate_accuracy(
     """
     if jax.process_count() > 1:
         raise UserError("evaluate runs in one process (over all of its local devices); run it on one host")
-    mesh = distributed.create_mesh()
+    mesh = parallel.create_mesh()
     if batch_size is None:
         batch_size = int((loaded.config or {}).get("eval_batch_size") or 64)
         batch_size = max(mesh.size, batch_size // mesh.size * mesh.size)
     try:
-        local_batch = distributed.check_batch_size(batch_size, mesh.size, "batch_size")
+        local_batch = parallel.check_batch_size(batch_size, mesh.size, "batch_size")
     except ValueError as error:
         raise UserError(str(error)) from error
     loader = eval_loader(loaded, dataset, split, data_dir, local_batch)
@@ -174,13 +172,13 @@ def evaluate_accuracy(
             f"evaluate it on the dataset it was trained for"
         )
     step = make_predict_step(loaded, mesh)
-    variables = jax.device_put(loaded.variables, distributed.replicated(mesh))
+    variables = jax.device_put(loaded.variables, parallel.replicated(mesh))
     confusion = np.zeros((num_classes, num_classes), np.int64)
     correct_top5, loss_sum, confidences, hits = 0, 0.0, [], []
     start = time.perf_counter()
     outputs = []  # fetched at the end, so the device runs while the host decodes the next batch
     for batch in loader:
-        outputs.append((step(variables, distributed.global_batch(batch, mesh)), batch["label"], batch["mask"]))
+        outputs.append((step(variables, parallel.global_batch(batch, mesh)), batch["label"], batch["mask"]))
     for out, labels, mask in outputs:
         out = jax.device_get(out)
         labels, mask = np.asarray(labels), np.asarray(mask)

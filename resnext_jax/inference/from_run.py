@@ -48,7 +48,7 @@ def _complete_steps(directory: str) -> tuple[list[int], list[int]]:
 def _best_step(workdir: str, steps: list[int]) -> int | None:
     """The kept step with the highest logged eval top-1 (the earliest on a tie, as the training loop's end line
     names it); a torn last line (a crash mid-write) is skipped."""
-    from resnext_jax.training.metrics_log import best_eval, read_metrics
+    from resnext_jax.run_files import best_eval, read_metrics
 
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
@@ -132,7 +132,7 @@ def _verify(step_dir: str, restored: dict, step: int) -> None:
     `resnext_jax.training.checkpoint.checksums`), so that a bit-flipped or truncated step is never used."""
     path = os.path.join(step_dir, "checksums", "metadata")
     if not os.path.exists(path):
-        from resnext_jax.training.checkpoint import lists_item
+        from resnext_jax.run_files import lists_item
 
         if lists_item(step_dir, "checksums"):  # written with checksums, which are gone: never load it unverified
             others = [other for other in _complete_steps(os.path.dirname(step_dir))[0] if other != step]

@@ -102,7 +102,7 @@ def model_section(loaded: LoadedModel) -> dict:
 def provenance() -> dict:
     """Package versions, Python, platform, devices, the git commit, and the native CPU kernels' state."""
     from resnext_jax import cpu
-    from resnext_jax.training.workdir import package_versions
+    from resnext_jax.run_files import package_versions
 
     versions = package_versions()
     backend = jax.default_backend()

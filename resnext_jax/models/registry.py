@@ -217,6 +217,13 @@ def _lookup(name: str):
     return _BUILDERS[name]
 
 
+def model_fields(name: str) -> set[str]:
+    """The module fields `create_model(name, **overrides)` accepts as overrides; an unknown name is an InputError."""
+    builder = _lookup(name)[0]
+    module = getattr(builder, "func", builder)
+    return {f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Builds the Flax module for `name` (a torchvision builder or a timm name), with any module field overridden.
 

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from resnext_jax.errors import UserError, drop_event_loop_noise
+from resnext_jax.run_files import lists_item
 from resnext_jax.training import distributed
 from resnext_jax.training.step import TrainState
 
@@ -72,16 +73,6 @@ def _position_key(index: int, count: int) -> str:
 
 def _is_array_key(key: str) -> bool:
     return not (key.startswith("data_iterator") or key == TOPOLOGY)
-
-
-def lists_item(step_dir: str, item: str) -> bool:
-    """Whether Orbax's step metadata names `item`: the step was written with it, so its absence is damage (a
-    step written before that item existed does not name it)."""
-    try:
-        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-            return item in (json.load(f).get("item_handlers") or {})
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def check_damaged_dir(workdir: str) -> None:

@@ -80,16 +80,12 @@ def _split_model_kwargs(argv: list[str]) -> tuple[list[str], dict]:
 def _model_fields(name: str) -> set[str] | None:
     """The module fields `create_model(name, **overrides)` accepts, or None for an unknown model (whose error comes
     later, with the close names)."""
-    import dataclasses
-
-    from resnext_jax.models import registry
+    from resnext_jax.models.registry import model_fields
 
     try:
-        builder = registry._lookup(name)[0]
+        return model_fields(name)
     except (KeyError, ValueError):
         return None
-    module = getattr(builder, "func", builder)
-    return {f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
 
 
 def _apply_model_kwargs(config, kwargs: dict) -> None:

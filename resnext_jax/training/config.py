@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from resnext_jax.errors import UserError
+from resnext_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: imported from here too)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,10 +125,6 @@ _CHOICES = {
     "augment": ("", "randaugment", "autoaugment"),
     "normalize": ("dataset", "model"),
 }
-
-
-class ConfigError(UserError, ValueError):
-    """A config value or key is wrong; the message names the field and the fix."""
 
 
 # The allowed range of every numeric field that the integer check above does not cover: (low, high, hint), where a

@@ -15,6 +15,8 @@ import time
 
 import tqdm
 
+from resnext_jax.run_files import best_eval, read_metrics  # noqa: F401 (imported from here too)
+
 
 class MetricsLogger:
     """Appends one JSON object per logged point to `<workdir>/metrics.jsonl` and mirrors it to TensorBoard.
@@ -84,38 +86,6 @@ class MetricsLogger:
             self._tb.close()
         if self.trackers is not None:
             self.trackers.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """All records of `<workdir>/metrics.jsonl`, in order. A line that is not a whole JSON record (the torn last line
-    a crash or a full disk can leave) is dropped with a warning."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    records = []
-    with open(path, errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or "step" not in record or "split" not in record:
-                    raise ValueError("not a metrics record")
-            except ValueError:
-                logging.warning("%s line %d is not a whole record (%r...); dropping it", path, number, line[:60])
-                continue
-            records.append(record)
-    return records
-
-
-def best_eval(records: list[dict], steps: list[int] | None = None) -> tuple[float, int] | None:
-    """(top-1, step) of the best `eval` record, among `steps` (the kept checkpoints) when given, the earliest on a
-    tie, as `load_model(which="best")` picks it; None without any eval record."""
-    best = None
-    for record in records:
-        if record.get("split") != "eval" or "top1" not in record or (steps is not None and record["step"] not in steps):
-            continue
-        if best is None or record["top1"] > best[0]:
-            best = (record["top1"], record["step"])
-    return best
 
 
 def _duration(seconds: float) -> str:

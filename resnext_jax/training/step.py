@@ -24,8 +24,7 @@ from jax.sharding import PartitionSpec as P
 from resnext_jax.models.init import init_variables  # noqa: F401  (loop.py and the tests import it from here)
 from resnext_jax.models.norms import BatchNorm, GroupNorm, frozen_norm
 from resnext_jax.ops import inference_compiler_options, step_compiler_options
-
-AXIS = "data"
+from resnext_jax.parallel import AXIS
 
 
 @flax.struct.dataclass

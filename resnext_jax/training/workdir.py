@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import importlib.metadata
 import json
 import os
 import platform
@@ -13,35 +12,8 @@ import socket
 
 import jax
 
+from resnext_jax.run_files import PACKAGES, best_eval, package_versions, read_metrics  # noqa: F401
 from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
-from resnext_jax.training.metrics_log import best_eval, read_metrics
-
-PACKAGES = (
-    "resnext-jax",
-    "jax",
-    "jaxlib",
-    "flax",
-    "optax",
-    "orbax-checkpoint",
-    "grain",
-    "numpy",
-    "ml-collections",
-    "pillow",
-    "tensorflow-datasets",
-    "torch",
-    "torchvision",
-)
-
-
-def package_versions() -> dict[str, str | None]:
-    """`{package: installed version or None}` for `PACKAGES`: the versions a run's records and reports carry."""
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def check_compatible(workdir: str, config_dict: dict, allow_changes: bool = False) -> dict[str, tuple]:
