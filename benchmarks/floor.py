@@ -13,7 +13,7 @@ Prints, as medians over interleaved blocks (`resnext_jax.benchmarks.timing.time_
   `auto` picks for it. On CPU the 1x1 convs are single matmuls, so this is close to the step's matmul
   floor: what no rewrite of the rest of the step can remove;
 - torchvision's step, and every row as a ratio against it.
-The numbers in docs/benchmarks.md ("How far the CPU targets are") come from this script.
+The numbers in docs/benchmarks-history.md ("How far the CPU targets are") come from this script.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 Each row: M x K -> N (batch 8 at 224², one row per distinct 1x1 conv shape), the median ms of the jitted
 `relu(a @ b * s + h)` and `relu(a @ b * s + h + r)` under `ops.inference_compiler_options()` (XLA), and of
-`cpu.matmul_affine` for the same (docs/benchmarks.md). Run it on an idle machine.
+`cpu.matmul_affine` for the same (docs/benchmarks-history.md). Run it on an idle machine.
 """
 
 from __future__ import annotations

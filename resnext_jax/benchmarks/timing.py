@@ -58,7 +58,7 @@ def time_in_blocks(steps: dict, runs: int, warmup: int, rounds: int) -> dict:
     The callables take turns in blocks: in each round, each gets `warmup` untimed calls, then `runs`
     timed ones. Blocks, not single calls: alternating step by step slows the JAX step down with the memory
     state torch's step leaves behind, which no user of either framework sees; `rounds` > 1 still spreads
-    load spikes over both (the measurements are in docs/benchmarks.md).
+    load spikes over both (the measurements are in docs/benchmarks-history.md).
     """
     times = {key: [] for key in steps}
     faults = dict.fromkeys(steps, 0)

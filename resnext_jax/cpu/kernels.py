@@ -1,7 +1,7 @@
 """The native CPU kernels' entry points: each an XLA FFI call with the shape and dtype conditions it needs.
 
 XLA:CPU has no fast grouped convolution, and runs a few memory-bound passes of a ResNet's step far below the
-memory's speed; these kernels do that work instead (docs/benchmarks.md has the measurements):
+memory's speed; these kernels do that work instead (docs/benchmarks-history.md has the measurements):
 
 - `grouped_conv_forward`, `grouped_conv_input_grad`, `grouped_conv_kernel_grad`: a grouped (or dense 3x3)
   conv's forward and both gradients with AVX-512 or AVX2 FMAs, no FLOPs spent on zeros;
@@ -148,7 +148,7 @@ def affine_add_relu(
     float32, channels last; the vectors have one entry per channel. A residual block's inference epilogue:
     its last batch norm with running statistics (`scale = gamma / sqrt(var + eps)`), the shortcut (or its
     batch norm), the add and the ReLU, in one pass whose result XLA reads but does not recompute
-    (docs/benchmarks.md). Differentiable: the backward pass is the autodiff of the same
+    (docs/benchmarks-history.md). Differentiable: the backward pass is the autodiff of the same
     formula in JAX (for gradients through an inference-mode model, e.g. saliency maps).
     """
     if residual_affine is None:
@@ -164,7 +164,7 @@ def channel_sums(
     `a'` is `a`, or `where(mask > 0, a, 0)`. float32, channels last; `b` (and `mask`) of `a`'s shape, `shift`
     one entry per channel. No VJP: training-mode batch norm's statistics, `(x, x, 0)` for sum x and sum x^2,
     and its backward's, `(dy, x, mean, mask=y)` for sum dz and sum dz (x - mean) (one pass where XLA:CPU's
-    reductions ran at 6-15 GB/s; docs/benchmarks.md). The sums are in float32 over runs of
+    reductions ran at 6-15 GB/s; docs/benchmarks-history.md). The sums are in float32 over runs of
     rows and in float64 across them, in an order fixed by the shape.
     """
     channels = a.shape[-1]
@@ -178,7 +178,7 @@ def few_channel_kernel_grad(xs: jax.Array, dy: jax.Array, taps) -> jax.Array:
     gradient `(th, tw, C, O)` of a stride-1 unpadded dense conv with `taps = (th, tw)`, for `xs`
     `(N, H, W, C)` and `dy` `(N, H - th + 1, W - tw + 1, O)`, float32, O a multiple of 32. Meant for few input
     channels (the stem after space-to-depth, `ops.conv_grad`): each tap is read
-    in place, where XLA ops slice the input once per tap (docs/benchmarks.md).
+    in place, where XLA ops slice the input once per tap (docs/benchmarks-history.md).
     """
     th, tw = taps
     out = jax.ShapeDtypeStruct((th, tw, xs.shape[-1], dy.shape[-1]), jnp.float32)
@@ -206,7 +206,7 @@ def few_channel_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.A
     (left, right))` (negative crops) by the native kernel (no VJP), for few input channels (the stems'
     3, `supports_few_channels`): the input is padded here, then each output pixel's `kw * C` inputs per kernel
     row are read in place as one matmul row. The ResNet stem's 7x7/2 conv runs at about twice
-    XLA:CPU's speed (docs/benchmarks.md).
+    XLA:CPU's speed (docs/benchmarks-history.md).
     """
     (pt, pb), (pl, pr) = padding
     xp = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
@@ -260,7 +260,7 @@ def matmul_affine(
     Inference's 1x1 conv with the batch norm after it (and a residual block's shortcut and ReLU) applied to each
     register block before it is stored, and the batch norm and ReLU before it applied to each 6 rows of `a` as
     they are read, where XLA:CPU writes the matmul's output and reads it back once or twice and normalizes
-    the input in a pass of its own (docs/benchmarks.md). Differentiable: the backward pass is
+    the input in a pass of its own (docs/benchmarks-history.md). Differentiable: the backward pass is
     the autodiff of the same formula in JAX.
     """
     dummy = jnp.zeros((1,), jnp.float32)
@@ -325,7 +325,7 @@ def max_pool_grad(x: jax.Array, dy: jax.Array, window, strides, padding) -> jax.
     `(kh, kw)`, `strides` and symmetric `padding` `(ph, pw)` that never wins (-inf), for output gradient
     `dy`, by the native kernel: each output's gradient goes to the first maximum of its window in row-major
     order (torch's MaxPool2d and `flax.linen.max_pool`'s gradient do the same). One pass, where XLA:CPU
-    lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks.md).
+    lowers the pool's select-and-scatter to index iotas and a scatter (docs/benchmarks-history.md).
     """
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
     call = jax.ffi.ffi_call(

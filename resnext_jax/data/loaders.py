@@ -22,7 +22,7 @@ TRAIN_TRANSFORMS = ("imagenet", "cifar", "resize_crop", "none")
 AUGMENTS = (None, "randaugment", "autoaugment")
 # Threads that read records ahead of the transforms (in each worker process when worker_count > 0). Two hide
 # ArrayRecord read latency; grain's default of 16 only adds GIL hand-offs (290 us of overhead per record in
-# process against 140 us with 2, see docs/benchmarks.md "Input pipeline").
+# process against 140 us with 2, see docs/benchmarks-history.md "Input pipeline").
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
 
 _bad_images = 0

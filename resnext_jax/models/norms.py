@@ -44,7 +44,7 @@ class BatchNorm(nn.Module):
     `native_epilogue`: with a residual, ReLU (or no activation), float32 on a CPU where the native kernels
     are available, the epilogue runs as one native pass (in training, after the batch statistics)
     (`cpu.affine_add_relu`). XLA:CPU would otherwise fuse it into both of the next block's
-    consumers and recompute every earlier block of the stage there (docs/benchmarks.md).
+    consumers and recompute every earlier block of the stage there (docs/benchmarks-history.md).
     With running statistics, `bn(x, defer=True)` (no residual, ReLU or no activation) returns a `Deferred`:
     for a shortcut, which the epilogue normalizes as it adds it (the residual may be a `Deferred` in every
     mode), or for a 1x1 conv's input, which `cpu.matmul_affine` normalizes as it reads it. `x` may be a

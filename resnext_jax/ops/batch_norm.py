@@ -52,12 +52,12 @@ def batch_norm_train(
     (synchronized over `axis_name` when given, under shard_map/pmap). The same math as
     `flax.linen.BatchNorm` followed by the add and the ReLU, but the backward is one fused reduction and
     one elementwise pass from the saved input and output, where autodiff of the unfused ops leaves XLA:CPU
-    more passes over the activations (docs/benchmarks.md). The cotangents of `mean` and `var` are ignored:
+    more passes over the activations (docs/benchmarks-history.md). The cotangents of `mean` and `var` are ignored:
     they only feed the running statistics.
 
     `use_native`: with a residual, float32, on a CPU with the native kernels, the forward's normalize, add and
     ReLU run as `cpu.affine_add_relu` (once the statistics are reduced), which keeps XLA:CPU from
-    recomputing the earlier blocks of a stage in every later block's forward (docs/benchmarks.md).
+    recomputing the earlier blocks of a stage in every later block's forward (docs/benchmarks-history.md).
     """
     return _batch_norm_fwd(x, scale, bias, residual, epsilon, relu, axis_name, use_native, platform)[0]
 

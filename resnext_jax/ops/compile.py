@@ -11,10 +11,8 @@ def step_compiler_options(backend: str | None = None) -> dict:
 
     CPU: LLVM optimization level 1 instead of 2. The heavy math runs in XLA:CPU's library
     calls (matmuls, convolutions), which the level does not touch; level 1 only generates the
-    elementwise fusions with fewer passes. Measured on the 2-core CPU (ResNeXt-50 train step,
-    batch 8): compile 24.4-24.7 s -> 21.0 s at the same speed (4.33 vs 4.24-4.35 img/s);
-    level 0 compiles in 19.6 s but runs 35% slower (docs/benchmarks.md).
-    Other backends: none.
+    elementwise fusions with fewer passes, so it compiles faster at the same step speed (level 0 compiles
+    faster still but runs slower; docs/benchmarks-history.md). Other backends: none.
     """
     if (backend or jax.default_backend()) == "cpu":
         return {"xla_backend_optimization_level": 1}
@@ -26,9 +24,8 @@ def inference_compiler_options(backend: str | None = None) -> dict:
     library fusions (`xla_cpu_experimental_ynn_fusion_type=''`), so that XLA:CPU runs the 1x1 convs'
     matmuls in its Eigen runtime instead.
 
-    ResNeXt-50 inference, batch 8, 2-core CPU: 288.5 -> 269.5 ms per step (A/B, docs/benchmarks.md). Not
-    for training: the same option makes the ResNeXt-50 train step 2.1x slower (1232 -> 2569 ms), its
-    backward matmuls and reductions being faster in YNN.
+    Faster at inference; not for training, whose backward matmuls and reductions are faster in YNN (both
+    measured in docs/benchmarks-history.md).
     """
     options = step_compiler_options(backend)
     if (backend or jax.default_backend()) == "cpu":

@@ -4,7 +4,7 @@ Why: XLA:CPU leaves autodiff's transposed convolutions (kernel `01oi`, or batch 
 kernel gradient) in their non-canonical form and runs them through a slow generic loop, above all inside a
 `lax.scan` body (`scan_blocks=True`), where one gradient took minutes instead of seconds. Here every
 convolution of the backward pass is in the layout XLA:CPU's fast convolution expects, or a matmul, or a native
-kernel (docs/benchmarks.md has the measurements behind each threshold below).
+kernel (docs/benchmarks-history.md has the measurements behind each threshold below).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def conv2d_canonical_grad(
     into 16-channel block-diagonal chunks; a kernel with at least 16 input channels per group, at most 8
     groups and a 28x28 output takes its kernel gradient as one matmul per tap and group
     (`kernel_grad_by_taps`); a strided conv with at most 8 chunks takes its input gradient by output
-    phases (`_input_grad`); all measured faster on CPU (docs/benchmarks.md). The
+    phases (`_input_grad`); all measured faster on CPU (docs/benchmarks-history.md). The
     forward is `conv2d(forward_only=True)`, so 'auto' may pick a forward whose own autodiff backward
     would be slow (narrow groups: 'chunked').
     """
@@ -58,15 +58,13 @@ def _canonical_fwd(x, kernel, strides, padding, groups, impl, platform):
 _BWD_CHUNK_CHANNELS = 16
 # A conv's kernel gradient is one matmul per kernel tap (and group) when its output has at least this many
 # pixels, its groups this many input channels and it has at most this many groups (RegNetY-1.6GF's 24-channel
-# groups, 2-5 of them at 56x56 and 28x28: 150 -> 87 ms for the backward of its six such convs; 32 groups would
-# be 288 matmuls to compile). A strided dense conv with fewer channels and such an output (the 3-channel 7x7/2
-# stem) goes by space-to-depth taps instead: on the AVX-512 CPU 55 ms as 49 taps against 49 ms as a conv, on
-# the AVX2 one 58 ms as taps, 46 ms as 16 space-to-depth taps, 120-142 ms as a conv.
+# groups; 32 groups would be 288 matmuls to compile). A strided dense conv with fewer channels and such an output
+# (the 3-channel 7x7/2 stem) goes by space-to-depth taps instead. Measurements: docs/benchmarks-history.md.
 _TAP_MATMUL_MIN_PIXELS = 28 * 28
 _TAP_MATMUL_MIN_CHANNELS = 16
 _TAP_MATMUL_MAX_GROUPS = 8
 # A strided conv's input gradient goes by output phases (`_input_grad`) when it has at most this many chunks
-# (stride**2 convs per chunk: ResNeXt-50's 16- and 32-chunk strided convs compiled 2 s slower for no gain).
+# (stride**2 convs per chunk: more chunks compile slower for no gain).
 _PHASE_MAX_CHUNKS = 8
 
 
@@ -77,8 +75,7 @@ def _kernel_grad_space_to_depth(x, dy, kernel_hw, strides, padding, platform: st
     The padded input is cut into stride x stride blocks stacked on channels (`xs[n, Y, X, (a, b, c)] =
     x[n, s*Y + a, s*X + b, c]`); tap (p, q) of that conv is kernel taps (s*p + a, s*q + b) of the original,
     so a 7x7/2 kernel is 16 taps of 12 channels (64 taps' FLOPs for 49, the rest cropped) instead of 49
-    matmuls of 3 channels. At batch 8 on the 2-core AMD EPYC (AVX2): 46 ms, against 58 ms by 49 taps and
-    142 ms for XLA:CPU's convolution (docs/benchmarks.md).
+    matmuls of 3 channels, and faster than both those taps and XLA:CPU's convolution (docs/benchmarks-history.md).
     """
     (kh, kw), (sh, sw) = kernel_hw, strides
     n, h, w, c = x.shape
@@ -132,10 +129,9 @@ def _input_grad(
     Stride 1, or not `by_phases`: one conv of `dy` with the flipped, transposed kernel (with zeros between
     the rows of `dy` for a stride). Strided `by_phases`: one small conv per output phase (input rows and
     columns `stride * t + r`) with the kernel taps that reach that phase, interleaved afterwards, because the
-    dilated form spends stride**2 times the FLOPs on zeros. ResNet-50's 56x56x128 stride-2 3x3 conv at
-    batch 8: 24.7 ms dilated, 14.2 ms by phases. Convs with more than `_PHASE_MAX_CHUNKS` chunks do not use
-    phases: each chunk would become stride**2 convs, and a ResNeXt-50 train step (16- and 32-chunk strided convs)
-    compiled in 20.8 instead of 14.2 s for no step time measurable above the noise (docs/benchmarks.md).
+    dilated form spends stride**2 times the FLOPs on zeros. Convs with more than `_PHASE_MAX_CHUNKS` chunks do
+    not use phases: each chunk would become stride**2 convs, which compile much slower for no step time
+    measurable above the noise (docs/benchmarks-history.md).
     """
     kh, kw, cin, _ = kernel.shape
     n, ho, wo, _ = dy.shape
@@ -183,8 +179,8 @@ def _canonical_bwd(strides, padding, groups, impl, platform, residuals, dy):
     out_g = out // groups
     x_hw = x.shape[1:3]
     # Narrow groups are merged `per_chunk` at a time into one dense conv with a block-diagonal kernel (input
-    # gradient) and one dense kernel gradient whose diagonal blocks are kept: 4-channel groups at
-    # 8x56x56x128 take 36 instead of 65 ms this way; dense convs with 4 channels run far below XLA:CPU's speed.
+    # gradient) and one dense kernel gradient whose diagonal blocks are kept: faster than per-group convs, since
+    # dense convs with 4 channels run far below XLA:CPU's speed.
     per_chunk = max(1, min(groups, _BWD_CHUNK_CHANNELS // cin_g))
     while groups % per_chunk:
         per_chunk -= 1

@@ -6,9 +6,8 @@ Every implementation takes the same arguments and the same kernel layout as
 implementation does. Input channel `c` belongs to group `c // (C // groups)` and output
 channel `o` to group `o // (O // groups)`, as in torch and XLA.
 
-XLA's own grouped convolution (`feature_group_count`) is pathologically slow on
-CPU, especially its backward pass (see ../shared/REFERENCE.md and docs/benchmarks.md),
-hence the choice. Implementations:
+XLA's own grouped convolution (`feature_group_count`) is very slow on CPU, especially its
+backward pass (docs/benchmarks-history.md), hence the choice. Implementations:
 
 - `xla`: `lax.conv_general_dilated(feature_group_count=groups)`.
 - `split`: one dense conv per group, concatenated.
@@ -18,8 +17,7 @@ hence the choice. Implementations:
   larger convs than `split` at a bounded FLOP overhead (`chunks` of them).
 - `gemm`: im2col (the kernel taps' shifted views, concatenated on channels; nothing for a
   1x1 kernel) and one matmul per group. Autodiff turns it into matmuls too, which XLA:CPU runs
-  at GEMM speed, while its own convolution backward does not come close: a 1x1 conv's
-  forward+backward at 8x56x56x64->256 takes 14 ms this way and 110-130 ms as a convolution.
+  at GEMM speed, while its own convolution backward runs far below it.
 - `native`: C++ AVX-512 or AVX2 kernels through `jax.ffi` (`resnext_jax.cpu`, built on first use with
   the system's C++ compiler) for the forward pass, the input gradient and the kernel gradient, no FLOPs spent
   on zeros. CPU only, float32, as many output as input channels per group, and 1, 2 or 4 channels per
@@ -138,8 +136,8 @@ def kernel_grad_by_taps(x, dy, kernel_hw, strides, padding):
     """Kernel gradient of a dense conv as one `(C, N*H'*W') @ (N*H'*W', O)` matmul per kernel tap.
 
     XLA:CPU runs the equivalent convolution (batch and features swapped) far below matmul speed when the
-    batch is small: for ResNet-50's 3x3 convs at batch 8, 51 vs 35-45 ms at 56x56x64 and 30 vs 13 ms at
-    28x28x128; at 14x14 and below the convolution is as fast or faster.
+    batch is small and the feature map large (56x56, 28x28); at 14x14 and below the convolution is as fast or
+    faster.
     """
     (kh, kw), (sh, sw) = kernel_hw, strides
     _, ho, wo, out = dy.shape
@@ -161,7 +159,7 @@ def native_kernel_grad_by_taps(kernel_shape, strides, dy_hw) -> bool:
     """Whether the native conv's kernel gradient is better taken as matmuls (`kernel_grad_by_taps`): with the
     AVX2 build, for dense convs that are strided or have at most 14x14 outputs, where the matmuls measured
     faster than the AVX2 kernel; the larger stride-1 ones stay native. The AVX-512 build keeps its own kernel
-    gradient everywhere (docs/benchmarks.md has the per-shape timings).
+    gradient everywhere (docs/benchmarks-history.md has the per-shape timings).
     """
     kh, kw, cin_g, out = kernel_shape
     return (
@@ -216,31 +214,26 @@ def resolve_impl(
     """Maps 'auto' to a concrete implementation for `platform` (default: JAX's default backend) and the conv's
     shape.
 
-    CPU (docs/benchmarks.md has the measurements):
+    CPU (docs/benchmarks-history.md has the measurements):
+    Each rule is the measured fastest; the measurements are in docs/benchmarks-history.md ("Measurements
+    behind the code's choices").
+    CPU:
     - grouped, or dense and not 1x1, where the native kernels support the conv (`native_shape`: see
-      `cpu.supports`) and could be built here (`cpu.available()`): 'native'. At batch 8 the input
-      and kernel gradients of ResNeXt-50's 16 grouped convs take 62 ms against 253 for the best pure-XLA
-      backward, and ResNet-50's 16 dense 3x3 convs, forward and both gradients, 321 against 508 ms
-      (docs/benchmarks.md);
+      `cpu.supports`) and could be built here (`cpu.available()`): 'native', no FLOPs spent on zeros and
+      gradients far faster than any pure-XLA backward;
     - grouped: 'split', the fastest forward+backward on every ResNeXt-50 grouped shape; but when only
       the forward runs through this op (`forward_only`: a custom VJP such as
       `ops.conv_grad.conv2d_canonical_grad` computes the backward, or there is none) and groups are
-      at most `_NARROW_GROUP` channels wide, 'chunked' with `_GROUPS_PER_CHUNK` groups per chunk:
-      3.6x faster forward on ResNeXt-50's 56x56x128 stage (9 vs 32 ms at batch 8), as fast on its
-      8-channel 28x28 stage with 4x fewer ops (ResNeXt-50 train compile 20.2 -> 19.5 s), while its
-      autodiff backward (dense chunk kernel gradients) would be slower than 'split'; 16-channel
-      groups stay on 'split' (2.9 vs 7.7 ms at 14x14x512);
-    - dense 1x1: 'gemm', a single matmul, 4-8x faster than XLA:CPU's convolution forward+backward;
+      at most `_NARROW_GROUP` channels wide, 'chunked' with `_GROUPS_PER_CHUNK` groups per chunk (a faster
+      forward with fewer ops to compile, where its autodiff backward would be slower than 'split's);
+    - dense 1x1: 'gemm', a single matmul, several times faster than XLA:CPU's convolution forward+backward;
     - other dense kernels the native kernels do not take: 'xla' (im2col's 9x copy costs what the
       matmul saves); but `conv2d(forward_only=True)` runs a dense conv with at most
       `cpu.FEW_CHANNELS` input channels and a multiple of 16 outputs (the stems) by
-      `cpu.few_channel_conv` where the kernels run: ResNet's 7x7/2 stem at batch 8 in 10.3 instead
-      of 21.7 ms on the AVX2 CPU (docs/benchmarks.md).
-    GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op. On an H100 (bf16, batch 128,
-    docs/benchmarks.md) it is the fastest or tied on every ResNeXt-50 grouped forward and on 5 of 7
-    forward+backward shapes; 'split' and 'gemm' are 3-7x slower. On the two 4- and 8-channel-group
-    56x56 inputs, 'blockdiag' runs forward+backward in 0.7 ms against 1.0 (the slow cuDNN backward of
-    jax#13800); a GPU rule for narrow groups waits on a whole-model measurement.
+      `cpu.few_channel_conv` where the kernels run.
+    GPU/TPU: 'xla', whose grouped conv is a native cuDNN/TPU op, the fastest or tied on an H100 on nearly
+    every ResNeXt-50 shape ('split' and 'gemm' are several times slower); a GPU rule for the narrow groups where
+    'blockdiag' wins (the slow cuDNN backward of jax#13800) waits on a whole-model measurement.
 
     An explicit grouped implementation on a dense conv (`groups == 1`) is plain 'xla': they
     all compute the same single convolution. 'gemm' and 'native' are honoured for any conv. An explicit

@@ -6,7 +6,7 @@ it on free, so every step faults in all of its 4 KiB pages again: ~370 000 page 
 kernel time per step on the 2-core CPU, charged to whichever op first writes each buffer.
 With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for transparent huge pages on its mappings
 (`madvise(MADV_HUGEPAGE)`), the same buffer faults in 2 MiB at a time, and the step runs 1.67 -> 1.44 s
-(docs/benchmarks.md, "Host memory"). Keeping the pages mapped instead (`glibc.malloc.mmap_max=0` with one
+(docs/benchmarks-history.md, "Host memory"). Keeping the pages mapped instead (`glibc.malloc.mmap_max=0` with one
 arena) removes the faults too, but measured slower: 1.75-2.24 s.
 
 glibc reads tunables only when a process starts, so the command-line entry points (`python -m train`,

@@ -16,8 +16,8 @@ def max_pool_3x3s2(x: jax.Array, differentiable: bool, platform: str) -> jax.Arr
     The forward pools each spatial axis in turn as the max of its even elements, its odd elements and the
     odd ones shifted by one (`-inf` in front): strided slices that XLA:CPU fuses with the stem's batch norm
     and ReLU, with no padded copy of the 8 x 112 x 112 x 64 input. Faster than the max of 9 slices of a padded copy,
-    and than `reduce_window` after a separate batch-norm pass (docs/benchmarks.md). The gradient goes to the first
-    maximum of each window, as torch's does: where a gradient is wanted (`differentiable`), on a CPU with the
+    and than `reduce_window` after a separate batch-norm pass (docs/benchmarks-history.md). The gradient goes to
+    the first maximum of each window, as torch's does: where a gradient is wanted (`differentiable`), on a CPU with the
     native kernels by `cpu.max_pool_grad` (one pass, where XLA:CPU's select-and-scatter is slow), elsewhere
     (other backends, bfloat16) by `lax.reduce_window`'s autodiff.
     """

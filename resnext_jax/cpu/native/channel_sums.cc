@@ -6,7 +6,7 @@
 // (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: XLA:CPU's reductions over all but the channel axis ran at 6-15 GB/s in a ResNeXt-50 train
-// step on the 2-core AMD EPYC, ~117 ms of its ~1.9 s (docs/benchmarks.md, tenth session); this is one
+// step on the 2-core AMD EPYC, ~117 ms of its ~1.9 s (docs/benchmarks-history.md, tenth session); this is one
 // streaming pass on all the pool's threads. 8-lane AVX2 code in both builds: it is memory-bound.
 //
 // Deterministic: the rows are cut into items by the shape alone, each item sums its (at most 64) rows in

@@ -5,7 +5,7 @@
 // calls it). Called from JAX through the XLA FFI (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: XLA:CPU ran ResNeXt-50's stem conv at about 80 GFLOP/s (24 ms of the ~470 ms inference step
-// at batch 8 on the 2-core AMD EPYC, docs/benchmarks.md, eleventh session), its 3 input channels too few for
+// at batch 8 on the 2-core AMD EPYC, docs/benchmarks-history.md, eleventh session), its 3 input channels too few for
 // its convolution's vector code. Here, for one kernel row i, the kw * C inputs an output pixel reads are
 // contiguous in memory, so the conv is a matmul with K = kh * kw * C whose rows are read in place: register
 // blocks of 6 output pixels x 16 output channels (12 AVX2 accumulators), the weights repacked per 16 output

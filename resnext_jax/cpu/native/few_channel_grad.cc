@@ -6,7 +6,7 @@
 // (resnext_jax/cpu/build.py builds and registers it).
 //
 // Why a kernel: as XLA ops that gradient is 16 strided slices of a 12-channel tensor and 16 thin matmuls,
-// ~80 ms of a ResNeXt-50 train step at batch 8 on the 2-core AMD EPYC (docs/benchmarks.md, tenth session).
+// ~80 ms of a ResNeXt-50 train step at batch 8 on the 2-core AMD EPYC (docs/benchmarks-history.md, tenth session).
 // Here each output row's taps are read in place: register blocks of 2 input channels x 32 output channels
 // (8 AVX2 accumulators), the row of dy reused from L1 for every tap. 8-lane AVX2 code in both builds.
 //

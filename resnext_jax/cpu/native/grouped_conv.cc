@@ -240,7 +240,7 @@ void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t r
 // spread by one in-lane shuffle per input channel (8 accumulators + CG kernel vectors + 2 fit 16 registers).
 // Blocks clear of the padding take a path of their own with named accumulators: through the generic taps
 // GCC 12 stored the `acc` array to the stack and reloaded it around every tap; 56x56x128 with 4-channel
-// groups at batch 8 went from 6.3 to 4.4 ms on the AMD EPYC (docs/benchmarks.md, eleventh session).
+// groups at batch 8 went from 6.3 to 4.4 ms on the AMD EPYC (docs/benchmarks-history.md, eleventh session).
 template <int CG>
 void ConvRow(const float* x, const float* k, float* y, const Shape& s, int64_t row, int64_t c0, int64_t c1) {
   ForEachBlock<V8, 1, kPixels>(y, s, row, c0, c1, [&](int64_t n, int64_t ho, int64_t b, int64_t phase, int64_t t0,

@@ -7,7 +7,7 @@
 // and ReLU before the conv (`native.matmul_affine`).
 //
 // Why a kernel: at inference XLA:CPU runs a 1x1 conv's matmul in its runtime (Eigen) and the batch norm after
-// it as a separate pass over the output, or two with a residual (docs/benchmarks.md, twelfth session). Here
+// it as a separate pass over the output, or two with a residual (docs/benchmarks-history.md, twelfth session). Here
 // the epilogue runs on each register block just before it is stored, so the output is written once.
 //
 // Blocking: weights repacked per 16 columns, (N / 16, K, 16) (and (K, 8) for the last 8 of N = 16m + 8), by

@@ -4,7 +4,7 @@
 // builds and registers it).
 //
 // Why a kernel: XLA:CPU lowers the select-and-scatter of ResNet's 3x3/2 stem pool to index iotas, a concatenate
-// and a scatter, ~35 ms of a ResNeXt-50 train step at batch 8 on the 2-core AMD EPYC (docs/benchmarks.md,
+// and a scatter, ~35 ms of a ResNeXt-50 train step at batch 8 on the 2-core AMD EPYC (docs/benchmarks-history.md,
 // tenth session); this is one pass over the window values. 8-lane AVX2 code in both builds: memory-bound.
 #include <immintrin.h>
 
