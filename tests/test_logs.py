@@ -1,5 +1,6 @@
 """Logs that fit where they go: periodic lines instead of a progress bar without a terminal, and labelled means."""
 
+import os
 import re
 
 import pytest
@@ -63,4 +64,8 @@ def test_the_summary_names_the_steps_its_train_metrics_average(tmp_path, capsys)
     assert summary["train"]["loss"] == pytest.approx(last["loss"], abs=1e-6)
     err = capsys.readouterr().err
     assert "\r" not in err and "train (epoch mean) loss" in err
+    # The workdir keeps the same lines, time-stamped, in train.log.
+    logged = [line.split(" ", 2)[2] for line in open(os.path.join(workdir, "train.log")).read().splitlines()]
+    assert logged == [line for line in err.splitlines() if line in logged] and len(logged) >= 4
+    assert logged[0].startswith("resnext50_32x4d (") and logged[-1].startswith("done: step 11")
     assert re.search(r"^step 11/11 \(100%\) \| train loss \d\.\d{4} \(mean of the last 3 steps\)", err, re.M)

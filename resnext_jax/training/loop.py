@@ -240,7 +240,13 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     dead_relu = make_dead_relu_step(model, mesh) if config.stage_diagnostics else None
     eval_step = make_eval_step(model, mesh)
     progress = Progress(
-        total_steps, start_step, config.batch_size, primary, config.progress_bar, show_top5=num_classes > 5
+        total_steps,
+        start_step,
+        config.batch_size,
+        primary,
+        config.progress_bar,
+        show_top5=num_classes > 5,
+        log_path=os.path.join(workdir, "train.log"),
     )
     progress.write(
         f"{describe_model(config, state.params)} on {config.dataset}: {mesh.size} device(s), "

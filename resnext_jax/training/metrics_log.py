@@ -106,6 +106,8 @@ class Progress:
     `show_bar=False` (config.progress_bar) keeps the epoch lines but hides the bar. Without a terminal (stderr
     piped to a file or a cluster's log), the bar's carriage-return frames would fill the log: it becomes one plain
     line at most every `line_every_s` seconds instead (`periodic`; default: when stderr is not a terminal).
+    Every line (not the bar) is also appended to `log_path` (the workdir's train.log), so the run's log survives
+    its terminal.
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Progress:
         show_top5: bool = True,
         periodic: bool | None = None,
         line_every_s: float = 30.0,
+        log_path: str | None = None,
     ):
         self.primary, self.show_top5 = primary, show_top5  # top-5 says nothing with 5 classes or fewer
         self.global_batch = global_batch
@@ -125,6 +128,7 @@ class Progress:
             periodic = not sys.stderr.isatty()
         self.periodic = bool(primary and show_bar and periodic)
         self.total_steps, self.line_every_s = total_steps, line_every_s
+        self.log_path = log_path if primary else None  # every written line is appended there too
         self._bar = tqdm.tqdm(
             total=total_steps,
             initial=initial_step,
@@ -185,6 +189,14 @@ class Progress:
         """Prints `text` on process 0 without breaking the bar."""
         if self.primary:
             tqdm.tqdm.write(text, file=sys.stderr)
+        if self.log_path is not None:
+            stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+            try:
+                with open(self.log_path, "a") as f:
+                    f.write(f"{stamp} {text}\n")
+            except OSError as error:  # the log file is a copy: losing it must not stop training
+                logging.warning("cannot append to %s (%s); the log goes to stderr only", self.log_path, error)
+                self.log_path = None
 
     def close(self) -> None:
         """Closes the bar."""
