@@ -7,8 +7,9 @@ the end, the report's files as artifacts; only process 0 logs. The tracked run's
 `<workdir>/trackers.json`, so a resumed run continues the same W&B run and MLflow run. Where they write follows each
 library's own settings: W&B's `WANDB_PROJECT` (default "resnext-jax"), `WANDB_MODE=offline` (no network; `wandb
 sync` uploads later), `WANDB_DIR` (default: the workdir); MLflow's `MLFLOW_TRACKING_URI` (e.g.
-`sqlite:///runs/mlflow.db`; default `./mlruns`) and `MLFLOW_EXPERIMENT_NAME` (default "resnext-jax"). A tracker that
-fails (not installed, no network, a full disk) costs one warning and is dropped; the run goes on.
+`sqlite:///runs/mlflow.db`; MLflow 3's default is `mlflow.db` in the current directory, its artifacts in ./mlruns)
+and `MLFLOW_EXPERIMENT_NAME` (default "resnext-jax"). A tracker that fails (not installed, no network, a full disk)
+costs one warning and is dropped; the run goes on.
 """
 
 from __future__ import annotations
