@@ -1,7 +1,7 @@
 """Training curves from `metrics.jsonl`, one figure for one or several runs, with no server and no extra tool.
 
     python -m resnext_jax.plot runs/quickstart                       # -> runs/quickstart/training_curves.png
-    python -m resnext_jax.plot runs/a runs/b --out compare.png       # both runs on each panel
+    python -m resnext_jax.plot runs/a runs/b                         # both runs on each panel: ./training_curves.png
 
 Four panels against the optimizer step: train loss, eval top-1, eval loss and the learning rate (the train records'
 `learning_rate`). The end-of-run report draws the same figure for its run (report/training_curves.png).
@@ -80,12 +80,12 @@ def _labels(workdirs: list[str]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnext_jax.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (each holds metrics.jsonl)")
-    parser.add_argument("--out", help=f"the PNG to write (default: WORKDIR/{CURVES_PNG} for one run)")
+    parser.add_argument(
+        "--out", help=f"the PNG to write (default: WORKDIR/{CURVES_PNG} for one run, ./{CURVES_PNG} for several)"
+    )
     parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
     args = parser.parse_args(argv)
-    if args.out is None and len(args.workdirs) > 1:
-        parser.error("several runs go on one figure: name it with --out FILE.png")
-    out = args.out or os.path.join(args.workdirs[0], CURVES_PNG)
+    out = args.out or (os.path.join(args.workdirs[0], CURVES_PNG) if len(args.workdirs) == 1 else CURVES_PNG)
     runs = {label: read_run(workdir) for label, workdir in zip(_labels(args.workdirs), args.workdirs)}
     try:
         plot_curves(runs, out)

@@ -48,7 +48,7 @@ def test_series_reads_the_logged_values_in_step_order(tmp_path):
     assert series(records, "eval", "top1")[0] == [20, 40, 60]
 
 
-def test_curves_png_is_drawn_for_one_and_for_several_runs(tmp_path, capsys):
+def test_curves_png_is_drawn_for_one_and_for_several_runs(tmp_path, capsys, monkeypatch):
     run_a, run_b = fake_run(tmp_path / "a"), fake_run(tmp_path / "b", seed=1)
     assert run_cli(plot_main, [run_a]) == 0
     one = os.path.join(run_a, "training_curves.png")
@@ -56,8 +56,10 @@ def test_curves_png_is_drawn_for_one_and_for_several_runs(tmp_path, capsys):
     # A figure of four drawn panels, not a blank canvas: white with a few lines has a small variance.
     assert pixels(one).shape == (700, 1100) and pixels(one).var() > 300
 
-    both = str(tmp_path / "both.png")
-    assert run_cli(plot_main, [run_a, run_b, "--out", both]) == 0
+    monkeypatch.chdir(tmp_path)  # several runs: ./training_curves.png unless --out
+    assert run_cli(plot_main, [run_a, run_b]) == 0
+    both = str(tmp_path / "training_curves.png")
+    assert capsys.readouterr().out.strip() == "training_curves.png"
     assert coloured(one) > 1000  # four panels of curves
     assert coloured(both) > coloured(one) * 1.5  # two runs draw two lines per panel
 
@@ -68,10 +70,8 @@ def test_curves_png_is_drawn_for_one_and_for_several_runs(tmp_path, capsys):
 
 def test_plot_errors_are_one_line(tmp_path, capsys):
     run = fake_run(tmp_path / "a")
-    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error: two runs need --out
-        plot_main([run, str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert "--out FILE.png" in capsys.readouterr().err
+    assert run_cli(plot_main, [run, "--out", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "pass another --out" in capsys.readouterr().err
     assert run_cli(plot_main, [str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "has no metrics.jsonl" in err and err.count("\n") == 1
