@@ -110,6 +110,7 @@ def test_finetune_from_a_workdir_keeps_the_backbone_and_sizes_a_new_head(source_
     assert evals[-1]["top1"] >= 0.8
 
 
+@pytest.mark.slow  # uses the pre-training run
 def test_a_source_of_another_architecture_is_refused_with_the_fix(source_run, shapes, tmp_path):
     name, data_dir = shapes
     config = tiny_config(dataset=name, data_dir=data_dir, init_from=source_run)
@@ -156,3 +157,35 @@ def test_finetune_folder_scratch_mode_trains_from_random_init():
     }
     with pytest.raises(ValueError, match=r"finetune_folder.py:nope: use configs/finetune_folder.py or :scratch"):
         module.get_config("nope")
+
+
+@pytest.mark.slow  # uses the pre-training run
+def test_a_rerun_loads_the_source_step_it_recorded_even_after_the_source_moved_on(source_run, tmp_path, caplog):
+    """The source's `latest` is step 44; a run whose config.json recorded step 22 of the same source and selection
+    (its first start, before the source trained on) loads step 22 again and records it unchanged."""
+    import jax
+
+    from resnext_jax.training.init_from import initial_variables
+    from resnext_jax.training.loop import build_model
+
+    config = tiny_config(init_from=source_run + ":latest")
+    model = build_model(config, 3)
+    workdir = tmp_path / "finetune"
+    workdir.mkdir()
+    record = {"kind": "workdir", "workdir": source_run, "which": "latest", "step": 22}
+    (workdir / "config.json").write_text(json.dumps({"init_from_source": record}))
+    variables, source, _ = initial_variables(config, model, 3, jax.random.PRNGKey(0), str(workdir))
+    assert source["step"] == 22 and load_model(source_run, which="latest").source["step"] == 44
+    expected = _flat(load_model(source_run, which=22).variables)
+    for key, value in _flat(variables).items():
+        if key[1] != "fc":
+            np.testing.assert_array_equal(value, expected[key], err_msg="/".join(key))
+
+    # A recorded step the source no longer keeps: a warning, then the selection as asked.
+    (workdir / "config.json").write_text(json.dumps({"init_from_source": {**record, "step": 7}}))
+    _, source, _ = initial_variables(config, model, 3, jax.random.PRNGKey(0), str(workdir))
+    assert source["step"] == 44
+    assert any("the recorded source step 7 of" in r.getMessage() for r in caplog.records)
+    # Another selection (best) is not pinned by a record of latest.
+    _, source, _ = initial_variables(tiny_config(init_from=source_run), model, 3, jax.random.PRNGKey(0), str(workdir))
+    assert source["which"] == "best"

@@ -13,6 +13,8 @@ for config.json's `init_from_source` and the report.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import jax
@@ -24,6 +26,7 @@ from resnext_jax.models.init import init_variables
 from resnext_jax.models.layout import stack_blocks, unstack_blocks
 
 WHICH = ("best", "latest", "ema")
+log = logging.getLogger("resnext_jax.training")
 
 
 def split_source(init_from: str) -> tuple[str, str]:
@@ -41,16 +44,20 @@ def is_run_source(init_from: str) -> bool:
     return bool(init_from) and os.path.isdir(split_source(init_from)[0])
 
 
-def initial_variables(config, model, num_classes: int, rng: jax.Array) -> tuple[dict | None, dict | None, str]:
+def initial_variables(
+    config, model, num_classes: int, rng: jax.Array, workdir: str | None = None
+) -> tuple[dict | None, dict | None, str]:
     """(variables, source record, one log line) for `config.init_from`; (None, None, '') means random init.
 
     `model` is the module this run trains (built with `num_classes` outputs); its fresh variables give the head.
+    `workdir` is this run's: when it already recorded a source step (a rerun or a resume), that same step is
+    loaded again, even if the source run has trained on and its `best` or `latest` moved since.
     """
     if not config.init_from:
         return None, None, ""
     scan = bool(config.model_kwargs.to_dict().get("scan_blocks", False))
     if is_run_source(config.init_from):
-        return _from_run(config, model, num_classes, rng, scan)
+        return _from_run(config, model, num_classes, rng, scan, workdir)
     from resnext_jax.convert import from_torchvision
 
     # The layout must match the model's: stacked per stage when the config scans blocks.
@@ -70,11 +77,35 @@ def _flat(variables) -> dict:
     return traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(variables)), sep="/")
 
 
-def _from_run(config, model, num_classes: int, rng: jax.Array, scan: bool):
+def _recorded_step(workdir: str | None, path: str, which: str) -> int | None:
+    """The source step this run's config.json recorded for the same source and selection, if any."""
+    if not workdir or which == "ema":  # a step number would load the raw weights, not the EMA ones
+        return None
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            recorded = json.load(f).get("init_from_source") or {}
+    except (OSError, ValueError):
+        return None
+    same = recorded.get("kind") == "workdir" and recorded.get("which") == which
+    if same and os.path.abspath(recorded.get("workdir", "")) == os.path.abspath(path):
+        return int(recorded["step"])
+    return None
+
+
+def _from_run(config, model, num_classes: int, rng: jax.Array, scan: bool, workdir: str | None):
     from resnext_jax.inference.from_run import load_workdir
 
     path, which = split_source(config.init_from)
-    loaded = load_workdir(path, None, which)
+    step = _recorded_step(workdir, path, which)
+    try:
+        loaded = load_workdir(path, None, which if step is None else step)
+    except UserError as error:
+        if step is None:
+            raise
+        log.warning(
+            "the recorded source step %d of %s is gone (%s); loading its %s checkpoint", step, path, error, which
+        )
+        loaded = load_workdir(path, None, which)
     saved = loaded.config or {}
     fresh = init_variables(model, rng, config.image_size)
     source_vars = unstack_blocks(loaded.variables)

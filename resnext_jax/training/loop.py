@@ -184,7 +184,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     preflight.check_image_size_fits(model, config.image_size, local_batch)
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables, init_source, init_line = initial_variables(config, model, num_classes, init_rng)
+    variables, init_source, init_line = initial_variables(config, model, num_classes, init_rng, workdir)
     if variables is None:
         variables = init_variables(model, init_rng, config.image_size)
     if init_source is not None:  # config.json names the run or file the first weights came from
