@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnext_jax.inference.calibration import calibration, confidence, plot_reliability
+from resnext_jax.inference.calibration import calibration, confidence
+from resnext_jax.inference.figures import plot_reliability
 
 
 def test_ece_of_hand_made_logits_equals_the_worked_example():

@@ -7,8 +7,8 @@ their share of the examples:
 
     ECE = sum over bins b of  n_b / n * |accuracy_b - confidence_b|
 
-15 bins, as in the paper and torchmetrics' default. The reliability diagram draws accuracy_b against
-confidence_b; a calibrated model lies on the diagonal.
+15 bins, as in the paper and torchmetrics' default. The reliability diagram (`figures.plot_reliability`) draws
+accuracy_b against confidence_b; a calibrated model lies on the diagonal.
 """
 
 from __future__ import annotations
@@ -56,36 +56,3 @@ def calibration(confidences, correct, bins: int = DEFAULT_BINS) -> dict:
             }
         )
     return {"ece": float(ece) if len(confidences) else None, "bin_count": bins, "bins": rows}
-
-
-def plot_reliability(result: dict, path: str, title: str) -> None:
-    """The reliability diagram: accuracy per confidence bin (bars) against the diagonal, with each bin's share of
-    the examples below it."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    rows = result["bins"]
-    width = 1.0 / result["bin_count"]
-    lowers = [row["lower"] for row in rows]
-    total = max(sum(row["count"] for row in rows), 1)
-    figure, (top, bottom) = plt.subplots(
-        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
-    )
-    accuracy = [row["accuracy"] or 0.0 for row in rows]
-    gap = [(row["confidence"] or 0.0) - (row["accuracy"] or 0.0) if row["count"] else 0.0 for row in rows]
-    top.bar(lowers, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
-    top.bar(lowers, gap, bottom=accuracy, width=width, align="edge", color="tab:red", alpha=0.3, label="gap")
-    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
-    top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
-    ece = result["ece"]
-    top.set_title(f"{title}\nECE {ece:.2%} ({result['bin_count']} bins)" if ece is not None else title)
-    top.legend(loc="upper left")
-    bottom.bar(lowers, [row["count"] / total for row in rows], width=width, align="edge", color="gray")
-    bottom.set_xlim(0, 1)
-    bottom.set_xlabel("confidence (top softmax probability)")
-    bottom.set_ylabel("share")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)

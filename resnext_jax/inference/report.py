@@ -20,7 +20,8 @@ import numpy as np
 
 from resnext_jax.errors import UserError, disk_error
 from resnext_jax.inference import evaluation
-from resnext_jax.inference.calibration import RELIABILITY_PNG, plot_reliability
+from resnext_jax.inference.calibration import RELIABILITY_PNG
+from resnext_jax.inference.figures import plot_confusion, plot_reliability
 from resnext_jax.inference.from_artifact import runtime_fields
 from resnext_jax.inference.loader import LoadedModel, load_model
 
@@ -230,46 +231,6 @@ def write_report(out_dir: str, report: dict, confusion: np.ndarray, calibration:
     except OSError as error:
         raise disk_error(error, out_dir, "the evaluation report") from error
     return paths
-
-
-def plot_confusion(confusion: np.ndarray, report: dict, path: str) -> None:
-    """Draws the row-normalized confusion matrix (each row: where that true class's examples went)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    names = [row["name"] for row in report["per_class"]]
-    count = len(names)
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    side = min(4 + 0.35 * count, 16)
-    figure, axes = plt.subplots(figsize=(side, side * 0.9))
-    image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if count <= 40:
-        axes.set_xticks(range(count), names, rotation=90 if max(map(len, names)) > 3 else 0)
-        axes.set_yticks(range(count), names)
-        if count <= 20:
-            for true, predicted in zip(*np.nonzero(confusion)):
-                axes.text(
-                    predicted,
-                    true,
-                    str(confusion[true, predicted]),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if rates[true, predicted] > 0.5 else "black",
-                )
-    axes.set_xlabel("predicted class")
-    axes.set_ylabel("true class")
-    accuracy, dataset = report["accuracy"], report["dataset"]
-    axes.set_title(
-        f"{report['model']['name']} on {dataset['name']}:{dataset['split']}: "
-        f"top-1 {accuracy['top1']:.2%} of {accuracy['count']}"
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def _plain(value):
