@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         return logs[-1]
 
     started = start(train_args, args.processes, args.devices, stdout=output, stderr=subprocess.STDOUT)
+
+    def forward(signum, frame):  # a scheduler's SIGTERM to the launcher reaches every process: all save and exit 0
+        for process in started:
+            if process.poll() is None:
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
     try:
         codes = [process.wait() for process in started]
     except KeyboardInterrupt:  # Ctrl-C reached every process of the group: they save and exit
