@@ -334,7 +334,12 @@ def test_a_folder_of_16_bit_pngs_records_the_statistics_of_the_pixels_the_loader
         for index in range(4):
             gray = rng.integers(40 * label, 40 * label + 60, (20, 20), dtype=np.uint16)
             Image.fromarray(gray * 257).save(tmp_path / "f" / name / f"{index}.png")
-    prepare_folder(str(tmp_path / "f"), "wide", data_dir=str(tmp_path / "d"), val_fraction=0.25, quiet=True)
+    report = prepare_folder(
+        str(tmp_path / "f"), "wide", data_dir=str(tmp_path / "d"), val_fraction=0.25, workers=2, quiet=True
+    )
+    assert "note: 12 image(s): 16-bit grayscale, scaled to 8 bits, as training and predict decode them" in (
+        report.summary(report.target)
+    )
     info = dataset_info("wide", str(tmp_path / "d"))
     from resnext_jax.data import transforms as T
 

@@ -29,24 +29,31 @@ def inspect_image(data: bytes) -> tuple[str | None, np.ndarray | None]:
 
     stats is float64 [sum R, G, B, sum of squares R, G, B, pixel count] on the 0-1 scale.
     """
+    problem, stats, _ = _inspect(data)
+    return problem, stats
+
+
+def _inspect(data: bytes) -> tuple[str | None, np.ndarray | None, str | None]:
+    """`inspect_image` plus the decoder's note (e.g. "16-bit grayscale, scaled to 8 bits"), or None."""
     from PIL import Image, UnidentifiedImageError
 
     from resnext_jax.data.transforms import to_rgb
 
     if not data:
-        return "empty file (0 bytes)", None
+        return "empty file (0 bytes)", None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette transparency and EXIF notes are not problems
             with Image.open(io.BytesIO(data)) as image:
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                rgb = np.asarray(to_rgb(image)[0])  # the loaders' decoder, so the statistics are of their pixels
+                rgb, notes = to_rgb(image)  # the loaders' decoder, so the statistics are of their pixels
+                rgb = np.asarray(rgb)
     except UnidentifiedImageError:
-        return "not an image PIL can read", None
+        return "not an image PIL can read", None, None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        return f"cannot be decoded ({error})", None
-    return None, channel_stats(rgb)
+        return f"cannot be decoded ({error})", None, None
+    return None, channel_stats(rgb), (notes[0] if notes else None)
 
 
 def channel_stats(rgb: np.ndarray) -> np.ndarray:
@@ -64,21 +71,22 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def load_item(source) -> tuple[bytes | None, str | None, np.ndarray | None]:
+def load_item(source) -> tuple[bytes | None, str | None, np.ndarray | None, str | None]:
     """Reads and checks one example's image: `source` is a file path (str), encoded bytes, or a uint8 (H, W, 3)
-    array to encode as PNG. Returns (encoded bytes or None, problem or None, stats or None)."""
+    array to encode as PNG. Returns (encoded bytes or None, problem or None, stats or None, the decoder's note on
+    a scaled 16-bit or float image or None)."""
     if isinstance(source, np.ndarray):
-        return png_bytes(source), None, channel_stats(source)
+        return png_bytes(source), None, channel_stats(source), None
     if isinstance(source, str):
         try:
             with open(source, "rb") as file:
                 data = file.read()
         except OSError as error:
-            return None, f"unreadable ({error.strerror or error})", None
+            return None, f"unreadable ({error.strerror or error})", None, None
     else:
         data = source
-    problem, stats = inspect_image(data)
-    return (None if problem else data), problem, stats
+    problem, stats, note = _inspect(data)
+    return (None if problem else data), problem, stats, note
 
 
 def load_items(sources: list) -> list:
@@ -86,6 +94,6 @@ def load_items(sources: list) -> list:
     back (the caller has them: `pipeline._loaded` puts them back), which halves the copying for archives."""
     results = []
     for source in sources:
-        data, problem, stats = load_item(source)
-        results.append((None if isinstance(source, bytes) else data, problem, stats))
+        data, problem, stats, note = load_item(source)
+        results.append((None if isinstance(source, bytes) else data, problem, stats, note))
     return results

@@ -45,6 +45,9 @@ class Report:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, why)
     ignored: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # why -> n
     ignored_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # why -> one name
+    # The decoder's notes (16-bit or float images scaled to 8 bits, as training and predict decode them): note -> n
+    notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    note_examples: dict[str, str] = dataclasses.field(default_factory=dict)  # note -> one name
     stats: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(7))
     num_bytes: int = 0
     seconds: float = 0.0
@@ -75,6 +78,11 @@ class Report:
                 lines.append(f"    ... and {len(self.skipped) - max_listed} more")
         for why, count in sorted(self.ignored.items()):
             lines.append(f"  ignored {count} {why} (e.g. {self.ignored_examples[why]})")
+        for note, count in sorted(self.notes.items()):
+            lines.append(
+                f"  note: {count} image(s): {note}, as training and predict decode them "
+                f"(e.g. {self.note_examples[note]})"
+            )
         return "\n".join(lines)
 
 
@@ -134,10 +142,10 @@ def _loaded(items: Iterable[Item], workers: int) -> Iterator[tuple[Item, tuple]]
 
 def _with_bytes(chunk: list[Item], result) -> Iterator[tuple[Item, tuple]]:
     """Pairs a chunk with its workers' results, restoring the encoded bytes `images.load_items` did not send back."""
-    for item, (data, problem, stats) in zip(chunk, result.get()):
+    for item, (data, problem, stats, note) in zip(chunk, result.get()):
         if data is None and problem is None:
             data = item.source
-        yield item, (data, problem, stats)
+        yield item, (data, problem, stats, note)
 
 
 def write_items(
@@ -167,11 +175,14 @@ def write_items(
         leave=False,
     )
     with bar:
-        for item, (data, problem, stats) in _loaded(items, workers):
+        for item, (data, problem, stats, note) in _loaded(items, workers):
             bar.update(1)
             if problem:
                 report.skipped.append((item.name, problem))
                 continue
+            if note:
+                report.notes[note] += 1
+                report.note_examples.setdefault(note, item.name)
             example = {"image": data, "label": item.label, **item.extra}
             report.num_bytes += writer.split(item.split).add(item.key, example)
             report.written.setdefault(item.split, collections.Counter())[item.label] += 1
