@@ -16,3 +16,19 @@ CACHE = os.environ.get("RESNEXT_JAX_TEST_CACHE") or os.path.join(ROOT, ".cache",
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 # jax's default keeps only programs that took over a second to compile; most of ours take 0.1-1 s, many times over.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+import pytest  # noqa: E402  (after the environment above, before anything imports jax)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished training run shared by the tests that only read a run: `test_training.tiny_config` for two
+    epochs with EMA (44 steps; evals and checkpoints at steps 22 and 44). Never write into it: copy it first
+    (`shutil.copytree`) to change it."""
+    from test_training import tiny_config
+
+    from resnext_jax.training import train_and_evaluate
+
+    path = tmp_path_factory.mktemp("tiny_run")
+    train_and_evaluate(tiny_config(num_epochs=2, ema_decay=0.9), str(path))
+    return str(path)

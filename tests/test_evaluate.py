@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_training import tiny_config
 
 import resnext_jax
 from resnext_jax import data
@@ -22,17 +21,15 @@ from resnext_jax.errors import UserError, run_cli
 from resnext_jax.evaluate import main as evaluate_main
 from resnext_jax.inference import predict_files
 from resnext_jax.inference.evaluation import evaluate_accuracy
-from resnext_jax.training import read_metrics, train_and_evaluate
+from resnext_jax.training import read_metrics
 
 pytestmark = pytest.mark.slow  # one 2-epoch training run (about 40 s on 2 cores) shared by the module
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "inference.md")
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    train_and_evaluate(tiny_config(num_epochs=2, ema_decay=0.9), str(path))
-    return str(path)
+def workdir(tiny_run):
+    return tiny_run  # conftest's shared run: tiny_config, 2 epochs, EMA 0.9
 
 
 def logged(workdir, split, step):

@@ -17,11 +17,9 @@ from resnext_jax.training.init_from import split_source
 
 
 @pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    """A quick-start-style run on digits (the tiny one-stage ResNeXt, 2 epochs, 10 classes)."""
-    path = str(tmp_path_factory.mktemp("pretrain"))
-    train_and_evaluate(tiny_config(num_epochs=2), path)
-    return path
+def source_run(tiny_run):
+    """A quick-start-style run on digits (conftest's shared run: the tiny one-stage ResNeXt, 2 epochs, 10 classes)."""
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
