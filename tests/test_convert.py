@@ -26,6 +26,9 @@ ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in TOR
 # on the same model and input. Ours measured within 1.15x of it; 1.5x plus 0.5% leaves room
 # for summation-order luck while an overflow or a wrong cast gives O(100%).
 BF16_VS_TORCH_AUTOCAST = 1.5
+# Parity runs at 224 for one builder per family; the rest at a small odd size, where a wrong stride, padding or
+# layout shows as surely and the large builders (regnet_y_128gf: 374 GFLOPs at 224) cost seconds, not minutes.
+AT_224 = {"resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_x_400mf", "regnet_y_400mf"}
 
 
 def _param_count(tree) -> int:
@@ -70,17 +73,24 @@ def test_summary_matches_torchvision_meta(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_torchvision_parity(name):
-    """Logits within 1e-4 of torchvision at 224x224 and at an odd non-square size; exact round trip; bf16 close."""
-    reference = randomized_torchvision(name)
+    """Logits close to torchvision's at an odd non-square size (and at 224x224 for one builder per family); exact
+    round trip; bf16 close.
+
+    The bound is 1e-4, or, where a random deep network amplifies float32 rounding past that (regnet_y_128gf at a
+    small size), 4x torch's own float32 error against a float64 run of the same weights.
+    """
+    full_size = name in AT_224
+    reference = randomized_torchvision(name, size=224 if full_size else 64)
     variables = from_torchvision(name, reference)
     model = resnext_jax.create_model(name)
     rng = np.random.default_rng(0)
-    for shape in [(1, 224, 224, 3), (2, 97, 131, 3)]:
+    checked = []
+    for shape in [(1, 224, 224, 3), (2, 97, 131, 3)] if full_size else [(2, 65, 79, 3)]:
         images = rng.standard_normal(shape, dtype=np.float32)
         expected = torch_logits(reference, images)
         logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
         assert logits.dtype == np.float32
-        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4, err_msg=f"{name} at {shape}")
+        checked.append((shape, images, expected, logits))
 
     state = to_torchvision(name, variables)
     original = reference.state_dict()
@@ -97,6 +107,16 @@ def test_torchvision_parity(name):
     ours = np.linalg.norm(half_logits - expected) / np.linalg.norm(expected)
     theirs = np.linalg.norm(torch_half - expected) / np.linalg.norm(expected)
     assert ours <= BF16_VS_TORCH_AUTOCAST * theirs + 5e-3, f"bf16 error {ours:.3g}, torch autocast {theirs:.3g}"
+
+    for shape, images, expected, logits in checked:
+        error = np.abs(logits - expected).max()
+        if error > 1e-4:  # judge against float64 (the reference is no longer needed in float32)
+            exact = torch_logits(reference.double(), images.astype(np.float64))
+            torch_error = np.abs(expected - exact).max()
+            assert np.abs(logits - exact).max() <= 4 * torch_error, (
+                f"{name} at {shape}: error {error:.3g} against torch float32, torch's own float32 error "
+                f"{torch_error:.3g}"
+            )
 
 
 @pytest.fixture(scope="module")

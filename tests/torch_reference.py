@@ -14,8 +14,11 @@ import torch
 import torchvision
 
 
-def randomized_torchvision(name: str, seed: int = 0) -> torch.nn.Module:
-    """Builds torchvision's `name` with random weights and random, realistic BN statistics (eval mode)."""
+def randomized_torchvision(name: str, seed: int = 0, size: int = 224) -> torch.nn.Module:
+    """Builds torchvision's `name` with random weights and random, realistic BN statistics (eval mode).
+
+    The statistics are calibrated on random `size` x `size` images (a small size keeps the large builders cheap).
+    """
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -26,7 +29,7 @@ def randomized_torchvision(name: str, seed: int = 0) -> torch.nn.Module:
         norm.momentum = None
     model.train()
     with torch.no_grad():
-        model(torch.randn(2, 3, 224, 224))
+        model(torch.randn(max(2, 2 * 224**2 // size**2), 3, size, size))  # as many pixels as 2 at 224
         for norm in norms:
             norm.weight.uniform_(0.8, 1.2)
             norm.bias.normal_(0.0, 0.2)
@@ -40,7 +43,7 @@ def randomized_torchvision(name: str, seed: int = 0) -> torch.nn.Module:
         # O(100), where float32 summation-order noise alone exceeds an absolute 1e-4.
         model.eval()
         head = model.fc
-        scale = 2.0 / model(torch.randn(1, 3, 224, 224)).std()
+        scale = 2.0 / model(torch.randn(1, 3, size, size)).std()
         head.weight.mul_(scale)
         head.bias.mul_(scale)
     return model
