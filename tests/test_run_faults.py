@@ -288,3 +288,21 @@ def test_evaluate_prints_top5_only_with_more_than_5_classes(num_classes):
     line = accuracy_line(report)
     assert line.startswith("resnet18 on shapes:validation: top-1 90.00%, ")
     assert ("top-5 100.00%" in line) == (num_classes > 5)
+
+
+def test_a_changed_class_count_is_refused_even_with_allow_changes(tmp_path):
+    """--allow_changes cannot continue a 4-class model on 10 classes: restoring would fail on the head's shape and
+    call every checkpoint damaged. The message says so and names the way that works (a new workdir, init_from)."""
+    from resnext_jax.data.identity import dataset_identity
+    from resnext_jax.training.workdir import check_dataset, record_dataset
+
+    digits = dataset_identity("digits")
+    record_dataset(str(tmp_path), {**digits, "num_classes": 4, "class_names": ["a", "b", "c", "d"]})
+    with pytest.raises(ConfigError, match=r"its model has 4 outputs, so no run can continue .*init_from="):
+        check_dataset(str(tmp_path), "digits", None, allow_changes=True)
+    record_dataset(str(tmp_path), {**digits, "fingerprint": "00000000"})  # same classes, rewritten files
+    assert glob.glob(str(tmp_path / "dataset.json.*"))  # the earlier record is kept
+    with pytest.raises(ConfigError, match=r"files rewritten .*--allow_changes"):
+        check_dataset(str(tmp_path), "digits", None, allow_changes=False)
+    identity, change = check_dataset(str(tmp_path), "digits", None, allow_changes=True)
+    assert identity == digits and change["dataset"][1]["fingerprint"] == digits["fingerprint"]

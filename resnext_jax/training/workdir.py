@@ -234,6 +234,13 @@ def check_dataset(workdir: str, name: str, data_dir: str | None, allow_changes: 
     differences = identity_differences(recorded, current)
     if not differences:
         return current, {}
+    if recorded.get("num_classes") != current["num_classes"]:  # the saved head cannot take the new labels
+        raise ConfigError(
+            f"dataset {name!r} changed since {workdir} started training on it ({'; '.join(differences)}); its "
+            f"model has {recorded.get('num_classes')} outputs, so no run can continue on the new data, even with "
+            f"--allow_changes. Restore the dataset it trained on, or train in a new --workdir (init_from={workdir} "
+            f"fine-tunes this run's backbone)"
+        )
     if not allow_changes:
         raise ConfigError(
             f"dataset {name!r} changed since {workdir} started training on it ({'; '.join(differences)}). "
