@@ -238,8 +238,8 @@ def check_dataset(workdir: str, name: str, data_dir: str | None, allow_changes: 
         raise ConfigError(
             f"dataset {name!r} changed since {workdir} started training on it ({'; '.join(differences)}); its "
             f"model has {recorded.get('num_classes')} outputs, so no run can continue on the new data, even with "
-            f"--allow_changes. Restore the dataset it trained on, or train in a new --workdir (init_from={workdir} "
-            f"fine-tunes this run's backbone)"
+            f"--allow_changes. Restore the dataset it trained on, or train in a new --workdir "
+            f"(--config.init_from={workdir} fine-tunes this run's backbone)"
         )
     if not allow_changes:
         raise ConfigError(
