@@ -104,3 +104,16 @@ def test_host_times_report_the_slowest_and_fastest_process(monkeypatch):
     others[:] = [[2.0, 0.0], [2.0, 0.0]]
     monkeypatch.setattr(distributed.multihost_utils, "process_allgather", lambda mine: np.stack([mine] * 3))
     assert times.gather()["host_data_wait_max"] == 0.0  # a new window: nothing waited since the last gather
+
+
+def test_the_runtime_fatal_report_names_the_lost_process():
+    from resnext_jax.training.peers import lost_process
+
+    prefix = b"F1207 20:53:56.571114   22017 client.h:80] Terminating process because the JAX distributed service "
+    # Reports seen in tests/test_multihost_chaos.py's runs (and the service's log), one per way a peer is found lost.
+    assert lost_process(prefix + b"absl::Status: UNAVAILABLE: Task 2 heartbeat timeout. This indicates", 1) == 2
+    unhealthy = b"UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\nThe tasks have"
+    assert lost_process(prefix + unhealthy, 0) == 1
+    leader = b"absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was"
+    assert lost_process(prefix + leader, 2) == 0
+    assert lost_process(prefix + leader, 0) == "another"

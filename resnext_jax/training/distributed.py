@@ -50,13 +50,14 @@ def maybe_initialize_distributed(peer_timeout_s: float = 60) -> None:
 
     With the explicit variables JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID
     they are passed on; SLURM, Open MPI and TPU pods are auto-detected by JAX itself. The runtime's heartbeat
-    timeout is `peer_timeout_s`, the backstop behind the peer watch (which acts at half of it).
+    timeout is twice `peer_timeout_s`, a backstop behind the peer watch (which acts at half of it).
     """
     global _peer_watch
     cluster = detect_cluster()
     if cluster is None or jax.distributed.is_initialized():
         return
-    timeouts = dict(heartbeat_timeout_seconds=int(peer_timeout_s), shutdown_timeout_seconds=int(peer_timeout_s))
+    # The runtime's heartbeat is a backstop (it aborts from C++); the peer watch acts first, at peer_timeout_s / 2.
+    timeouts = dict(heartbeat_timeout_seconds=int(2 * peer_timeout_s), shutdown_timeout_seconds=int(peer_timeout_s))
     if cluster == "explicit":
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],

@@ -5,7 +5,7 @@ timeout, and then the runtime aborts it from C++ with a fatal-error log and a Py
 bumps a counter in the runtime's key-value store every second and reads everyone's counters back; a peer whose
 counter stops moving for half of `peer_timeout_s` (or a coordinator that stops answering) is lost. The process
 then prints one line that names the lost process and says that the same command resumes, and exits with
-`PEER_LOST_EXIT_CODE`, before the runtime's own heartbeat (`peer_timeout_s`) would abort it.
+`PEER_LOST_EXIT_CODE`, before the runtime's own heartbeat (twice `peer_timeout_s`) would abort it.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class PeerWatch:
         if self.process_index != 0:
             return
         others = {i for i in self._seen if i != index}
-        deadline = time.monotonic() + 4 * self.interval_s + 2
+        deadline = time.monotonic() + 2 * self.interval_s + 1
         while others - self._leaving and time.monotonic() < deadline:
             time.sleep(self.interval_s / 4)
 
@@ -202,9 +202,9 @@ class QuietRuntimeErrors:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             out = []
-            for line in lines:
-                if _FATAL in line:
-                    self._fatal(line)
+            for number, line in enumerate(lines):
+                if _FATAL in line:  # the report continues on the next lines (e.g. the unhealthy task's number)
+                    self._fatal(b"\n".join(lines[number:]) + b"\n" + pending)
                 if _NATIVE_LOG.match(line):
                     dropping = True
                 elif not (dropping and (line.startswith(_CONTINUATION) or line.strip().isdigit())):
@@ -216,9 +216,8 @@ class QuietRuntimeErrors:
             if out:
                 os.write(self.console, b"".join(out))
 
-    def _fatal(self, line: bytes) -> None:
-        found = re.search(rb"[Tt]ask (\d+) heartbeat timeout", line)
-        lost = int(found.group(1)) if found else 0  # otherwise the leader (process 0) stopped answering
+    def _fatal(self, report: bytes) -> None:
+        lost = lost_process(report, self.process_index)
         os.write(
             self.console,
             f"error: process {lost} of {self.process_count} was lost (the distributed runtime reports it); process "
@@ -226,3 +225,13 @@ class QuietRuntimeErrors:
             f"checkpoint.\n".encode(),
         )
         os._exit(PEER_LOST_EXIT_CODE)
+
+
+def lost_process(report: bytes, process_index: int) -> int | str:
+    """The process that the distributed runtime's fatal report names ("Task 2 heartbeat timeout", "tasks are
+    unhealthy (stopped sending heartbeats):\n2", ".../task:2"); a report that names none means that the leader,
+    process 0, stopped answering (or, seen from process 0 itself, "another" process)."""
+    found = re.search(rb"[Tt]ask (\d+) heartbeat timeout|stopped sending heartbeats\):\s*(\d+)|/task:(\d+)", report)
+    if found:
+        return next(int(group) for group in found.groups() if group is not None)
+    return 0 if process_index != 0 else "another"
