@@ -117,3 +117,13 @@ def test_the_runtime_fatal_report_names_the_lost_process():
     leader = b"absl::Status: UNAVAILABLE: Failed to send RPC to coordination service. Either the leader task was"
     assert lost_process(prefix + leader, 2) == 0
     assert lost_process(prefix + leader, 0) == "another"
+
+
+def test_worker_processes_give_the_same_batches_from_any_step(data_dir):
+    # grain's workers batch their own share of the records; the sampler's order undoes it (step k is batch k).
+    kwargs = dict(transform="imagenet", seed=2)
+    for step in (0, 3):
+        (inline,) = _iterators(data_dir, 1, step, **kwargs)
+        (workers,) = _iterators(data_dir, 1, step, worker_count=2, **kwargs)
+        for _ in range(3):
+            np.testing.assert_array_equal(next(workers)["image"], next(inline)["image"])

@@ -194,6 +194,7 @@ class TrainLoader:
             self._seed,
             step,
             self._num_steps,
+            self._worker_count,
         )
         return grain.DataLoader(
             data_source=self._source,

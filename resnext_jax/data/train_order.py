@@ -32,13 +32,25 @@ class EpochOrderSampler:
         seed: int,
         start_step: int,
         num_steps: int | None = None,
+        worker_count: int = 0,
     ):
         self.num_records, self.global_batch, self.local_batch = num_records, global_batch, local_batch
         self.first_row, self.seed, self.start_step = first_row, seed, start_step
         self.steps_per_epoch = num_records // global_batch
-        self._length = 2**62 if num_steps is None else max(0, num_steps - start_step) * local_batch
+        # grain's worker w reads indices w, w + W, w + 2W, ... and batches them itself; the loader then takes one
+        # batch from each worker in turn. The index -> (step, row) map below undoes that, so that batch k is step k.
+        self.worker_count = max(1, worker_count)
+        # A finite stream (num_epochs) ends after a whole round of workers: at most W - 1 steps past num_steps.
+        rounds = None if num_steps is None else -(-max(0, num_steps - start_step) // self.worker_count)
+        self._length = 2**62 if rounds is None else rounds * self.worker_count * local_batch
         self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # grain pickles the sampler into its worker processes: no lock, no cache
+        return {k: v for k, v in self.__dict__.items() if k not in ("_orders", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _orders={}, _lock=threading.Lock())
 
     def __len__(self) -> int:
         return self._length  # 2**62 (endless) unless the loader was given num_epochs
@@ -62,7 +74,9 @@ class EpochOrderSampler:
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} is past the last step")
-        step, row = divmod(index, self.local_batch)
+        worker, position = index % self.worker_count, index // self.worker_count
+        batch_of_worker, row = divmod(position, self.local_batch)
+        step = batch_of_worker * self.worker_count + worker
         epoch, batch = divmod(self.start_step + step, self.steps_per_epoch)
         example = int(self.epoch_order(epoch)[batch * self.global_batch + self.first_row + row])
         # Seeded by the example and the epoch, not by the position in this process's stream: the same crop and
