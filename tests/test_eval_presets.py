@@ -75,7 +75,9 @@ def test_the_eval_loader_gives_timms_pixels(photos, tag):
         config["interpolation"],
     )
     # Only the preprocessing of a LoadedModel is read to build the loader: no weights needed.
-    loader = evaluation.eval_loader(types.SimpleNamespace(preprocessing=pre), "photos", data_dir=photos, batch_size=4)
+    loader = evaluation.eval_loader(
+        types.SimpleNamespace(preprocessing=pre, source={}, config=None), "photos", data_dir=photos, batch_size=4
+    )
     [batch] = list(loader)
     assert batch["mask"].tolist() == [True, True, False, False] and sorted(batch["label"][:2].tolist()) == [0, 1]
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
