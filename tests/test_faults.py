@@ -117,6 +117,20 @@ def test_flipped_bytes_are_caught_by_the_checksums_when_the_file_still_parses(ru
     assert any("checksum mismatch" in r.getMessage() and "data_iterator" in r.getMessage() for r in caplog.records)
 
 
+def test_an_array_whose_checksum_differs_is_caught_when_every_file_still_parses(run, caplog):
+    """Arrays that read back fine but are not what was saved (here: the saved CRC of one kernel moved by one bit,
+    the same as its data moving after the save): only the array checksums can tell."""
+    path = os.path.join(run, "checkpoints", "22", "checksums", "metadata")
+    sums = _checksums(run, 22)
+    key = next(k for k in sorted(sums) if k.endswith("['kernel']") and "params" in k)
+    crc, rest = sums[key].split(" ", 1)
+    sums[key] = f"{int(crc, 16) ^ 1:08x} {rest}"
+    with open(path, "w") as f:
+        json.dump(sums, f)
+    assert _restore(run)[0] == 20
+    assert any("checksum mismatch" in r.getMessage() and "kernel" in r.getMessage() for r in caplog.records)
+
+
 def test_no_checkpoint_that_verifies_is_one_error_that_deletes_nothing(run):
     for step in (15, 20, 22):
         os.remove(os.path.join(run, "checkpoints", str(step), "state", "_METADATA"))
