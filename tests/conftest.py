@@ -32,3 +32,16 @@ def tiny_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_run")
     train_and_evaluate(tiny_config(num_epochs=2, ema_decay=0.9), str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpointed_run(tmp_path_factory):
+    """One finished one-epoch run of `test_training.tiny_config` with a checkpoint every 5 steps (22 steps; kept:
+    15, 20 and 22), shared by the fault tests. Never write into it: copy it first."""
+    from test_training import tiny_config
+
+    from resnext_jax.training import train_and_evaluate
+
+    path = tmp_path_factory.mktemp("tiny_checkpointed_run")
+    train_and_evaluate(tiny_config(num_epochs=1, checkpoint_every_steps=5), str(path))
+    return str(path)

@@ -32,11 +32,9 @@ def _config(**changes):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch run (22 steps) with checkpoints 15, 20 and 22."""
-    workdir = str(tmp_path_factory.mktemp("trained"))
-    train_and_evaluate(_config(), workdir)
-    return workdir
+def trained(tiny_checkpointed_run):
+    """A finished one-epoch run (22 steps) with checkpoints 15, 20 and 22 (conftest's, shared; copied by `run`)."""
+    return tiny_checkpointed_run
 
 
 @pytest.fixture
