@@ -17,7 +17,7 @@ import optax
 import resnext_jax
 from resnext_jax.benchmarks.timing import time_in_blocks
 from resnext_jax.models.init import init_variables
-from resnext_jax.training.distributed import create_mesh
+from resnext_jax.parallel import create_mesh
 from resnext_jax.training.step import AXIS, create_train_state, make_dead_relu_step, make_train_step
 
 

@@ -110,7 +110,7 @@ def test_benchmark_train_step_is_the_training_systems_step():
     import optax
 
     from resnext_jax.benchmarks.jax_step import train_step
-    from resnext_jax.training.distributed import create_mesh
+    from resnext_jax.parallel import create_mesh
     from resnext_jax.training.step import AXIS, create_train_state, make_train_step
 
     fields = dict(num_classes=10, stage_sizes=(1,), num_filters=8, cardinality=4, bottleneck_width=32, small_stem=True)

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import resnext_jax
-from resnext_jax.training.distributed import create_mesh
+from resnext_jax.parallel import create_mesh
 from resnext_jax.training.step import (
     AXIS,
     create_train_state,
@@ -135,7 +135,7 @@ DEVICES_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
     import resnext_jax
-    from resnext_jax.training import distributed
+    from resnext_jax import parallel
     from resnext_jax.training.step import AXIS, init_variables, make_dead_relu_step
 
     assert jax.device_count() == 2, jax.devices()
@@ -147,9 +147,9 @@ DEVICES_SCRIPT = textwrap.dedent("""
     result = {}
     for name, devices, part in (("two", jax.devices(), slice(None)), ("one", jax.devices()[:1], slice(None)),
                                 ("zero_half", jax.devices()[:1], slice(0, 4))):
-        mesh = distributed.create_mesh(devices)
+        mesh = parallel.create_mesh(devices)
         local = {key: value[part] for key, value in batch.items()}
-        out = make_dead_relu_step(model, mesh)(variables, distributed.global_batch(local, mesh))
+        out = make_dead_relu_step(model, mesh)(variables, parallel.global_batch(local, mesh))
         result[name] = {key: float(value) for key, value in jax.device_get(out).items()}
     print(json.dumps(result))
 """)

@@ -16,7 +16,8 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, os
     import jax, jax.numpy as jnp, numpy as np
-    from resnext_jax.training import default_config, distributed, step as step_lib
+    from resnext_jax import parallel
+    from resnext_jax.training import default_config, step as step_lib
     from resnext_jax.training.loop import build_model
     from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 
@@ -34,7 +35,7 @@ SCRIPT = textwrap.dedent("""
              "label": rng.integers(0, 10, size=32).astype(np.int32)}
 
     def one_step(devices, sync_bn=True):
-        mesh = distributed.create_mesh(devices)
+        mesh = parallel.create_mesh(devices)
         model = build_model(config, 10)
         if not sync_bn:
             model = model.clone(bn_axis_name=None)
@@ -42,9 +43,9 @@ SCRIPT = textwrap.dedent("""
         variables = step_lib.init_variables(model, jax.random.PRNGKey(0), 16)
         tx = create_optimizer(config, schedule, variables["params"])
         state = step_lib.create_train_state(tx, variables, jax.random.PRNGKey(1), use_ema=False)
-        state = jax.device_put(state, distributed.replicated(mesh))
+        state = jax.device_put(state, parallel.replicated(mesh))
         train_step = step_lib.make_train_step(model, tx, schedule, mesh, num_classes=10)
-        state, metrics = train_step(state, distributed.global_batch(batch, mesh))
+        state, metrics = train_step(state, parallel.global_batch(batch, mesh))
         return jax.device_get((state.params, state.batch_stats, metrics))
 
     def max_diff(a, b):

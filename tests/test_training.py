@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnext_jax import cpu
+from resnext_jax import cpu, parallel
+from resnext_jax.parallel import check_batch_size
 from resnext_jax.training import ConfigError, default_config, read_metrics, train_and_evaluate, validate_config
 from resnext_jax.training.checkpoint import Checkpointer
-from resnext_jax.training.distributed import check_batch_size
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 from resnext_jax.training.workdir import check_compatible
 
@@ -197,11 +197,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoin
 
 
 def _one_step(config, norm, **step_options):
-    from resnext_jax.training import distributed
     from resnext_jax.training import step as step_lib
     from resnext_jax.training.loop import build_model
 
-    mesh = distributed.create_mesh(jax.devices()[:1])
+    mesh = parallel.create_mesh(jax.devices()[:1])
     config.model_kwargs.norm = norm
     model = build_model(config, 10)
     schedule = create_learning_rate_schedule(config, steps_per_epoch=10)
@@ -209,14 +208,14 @@ def _one_step(config, norm, **step_options):
     initial = jax.device_get(variables)  # the step donates (deletes) the state's buffers
     tx = create_optimizer(config, schedule, variables["params"])
     state = step_lib.create_train_state(tx, variables, jax.random.PRNGKey(1), step_options.get("ema_decay", 0) > 0)
-    state = jax.device_put(state, distributed.replicated(mesh))
+    state = jax.device_put(state, parallel.replicated(mesh))
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
         "label": rng.integers(0, 10, size=16).astype(np.int32),
     }
     train_step = step_lib.make_train_step(model, tx, schedule, mesh, num_classes=10, **step_options)
-    new_state, metrics = train_step(state, distributed.global_batch(batch, mesh))
+    new_state, metrics = train_step(state, parallel.global_batch(batch, mesh))
     return initial, jax.device_get(new_state), jax.device_get(metrics)
 
 

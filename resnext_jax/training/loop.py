@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 import resnext_jax
-from resnext_jax import data
+from resnext_jax import data, parallel
 from resnext_jax.errors import UserError, disk_error
 from resnext_jax.precision import bf16_cpu_note
 from resnext_jax.training import distributed, preflight
@@ -71,7 +71,7 @@ def evaluate(eval_step, variables, eval_loader, mesh) -> dict:
     """Loss, top-1 and top-5 over the whole eval split (padding rows masked out)."""
     totals = None
     for batch in eval_loader:
-        sums = eval_step(variables, distributed.global_batch(batch, mesh))
+        sums = eval_step(variables, parallel.global_batch(batch, mesh))
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
@@ -143,9 +143,9 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     config_dict = config_to_dict(config)
     changes = workdir_lib.check_compatible(workdir, config_dict, allow_changes)
 
-    mesh = distributed.create_mesh()
-    local_batch = distributed.check_batch_size(config.batch_size, mesh.size, "batch_size", config.grad_accum_steps)
-    local_eval_batch = distributed.check_batch_size(config.eval_batch_size, mesh.size, "eval_batch_size")
+    mesh = parallel.create_mesh()
+    local_batch = parallel.check_batch_size(config.batch_size, mesh.size, "batch_size", config.grad_accum_steps)
+    local_eval_batch = parallel.check_batch_size(config.eval_batch_size, mesh.size, "eval_batch_size")
     data_dir = config.data_dir or None
     info = data.dataset_info(config.dataset, data_dir)
     dataset_identity, dataset_change = workdir_lib.check_dataset(workdir, config.dataset, data_dir, allow_changes)
@@ -192,7 +192,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     tx = create_optimizer(config, schedule, variables["params"])
     state = create_train_state(tx, variables, state_rng, config.ema_decay > 0)
     distributed.barrier("state-ready")  # before the first cross-process collective (see `barrier`)
-    state = jax.device_put(state, distributed.replicated(mesh))
+    state = jax.device_put(state, parallel.replicated(mesh))
 
     # The config is valid, the model built and the data found: only now does the workdir record this run, so a
     # failed start (a typo, a missing dataset) never ties the workdir to a config that cannot run.
@@ -273,7 +273,7 @@ def _train_and_evaluate(config, workdir: str, primary: bool, stop_at_step, allow
     host_times = distributed.HostTimes()  # the slowest and fastest process, at each log step
     with StopRequested() as stop:
         for step in range(start_step + 1, total_steps + 1):
-            batch = distributed.global_batch(host_times.next(data_iterator), mesh)
+            batch = parallel.global_batch(host_times.next(data_iterator), mesh)
             state, metrics = train_step(state, batch)
             if step == start_step + 1 and primary:  # the step is traced now: record which CPU kernels it uses
                 workdir_lib.record_native_kernels(workdir)
