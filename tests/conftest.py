@@ -9,6 +9,8 @@ safe to delete at any time.
 
 import os
 
+import pytest  # imports no jax: the environment below is still set first
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("RESNEXT_JAX_TEST_CACHE") or os.path.join(ROOT, ".cache", "jax-compilation")
 
@@ -16,8 +18,6 @@ CACHE = os.environ.get("RESNEXT_JAX_TEST_CACHE") or os.path.join(ROOT, ".cache",
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 # jax's default keeps only programs that took over a second to compile; most of ours take 0.1-1 s, many times over.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-
-import pytest  # noqa: E402  (after the environment above, before anything imports jax)
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,12 @@ def test_report_holds_every_field_and_docs_explain_them(workdir, tmp_path, capsy
     provenance = report["provenance"]
     assert provenance["versions"]["jax"] == jax.__version__
     head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(__file__),
+        timeout=60,
     ).stdout.strip()
     assert provenance["git"]["commit"] == head
     native = provenance["native_kernels"]

@@ -18,7 +18,7 @@ def _read(name):
 
 def test_the_shell_recipes_parse_and_run_the_training_command():
     for name in ("slurm.sbatch", "tpu_vm_pod.sh"):
-        done = subprocess.run(["bash", "-n", os.path.join(LAUNCH, name)], capture_output=True, text=True)
+        done = subprocess.run(["bash", "-n", os.path.join(LAUNCH, name)], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "python -m train --config" in _read(name)
 

@@ -7,9 +7,9 @@
 See docs/training.md.
 """
 
+from resnext_jax.run_files import read_metrics
 from resnext_jax.training.config import ConfigError, default_config, validate_config
 from resnext_jax.training.loop import build_model, evaluate, train_and_evaluate
-from resnext_jax.training.metrics_log import read_metrics
 
 __all__ = [
     "ConfigError",

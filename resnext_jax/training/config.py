@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from resnext_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: imported from here too)
+from resnext_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:

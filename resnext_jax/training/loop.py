@@ -20,13 +20,14 @@ import resnext_jax
 from resnext_jax import data, parallel
 from resnext_jax.errors import UserError, disk_error
 from resnext_jax.precision import bf16_cpu_note
+from resnext_jax.run_files import read_metrics
 from resnext_jax.training import distributed, preflight
 from resnext_jax.training import workdir as workdir_lib
 from resnext_jax.training.checkpoint import Checkpointer
 from resnext_jax.training.config import config_to_dict, validate_config
 from resnext_jax.training.guards import StopRequested, check_finite, disk_error_in
 from resnext_jax.training.init_from import initial_variables
-from resnext_jax.training.metrics_log import MetricsLogger, Progress, read_metrics
+from resnext_jax.training.metrics_log import MetricsLogger, Progress
 from resnext_jax.training.optim import create_learning_rate_schedule, create_optimizer
 from resnext_jax.training.step import (
     AXIS,

@@ -15,7 +15,7 @@ import time
 
 import tqdm
 
-from resnext_jax.run_files import best_eval, read_metrics  # noqa: F401 (imported from here too)
+from resnext_jax.run_files import read_metrics
 
 
 class MetricsLogger:

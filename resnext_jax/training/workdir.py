@@ -12,7 +12,7 @@ import socket
 
 import jax
 
-from resnext_jax.run_files import PACKAGES, best_eval, package_versions, read_metrics  # noqa: F401
+from resnext_jax.run_files import best_eval, package_versions, read_metrics
 from resnext_jax.training.config import CHANGEABLE_FIELDS, ConfigError, config_differences
 
 
