@@ -8,10 +8,12 @@ Anything else is a bug of ours and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import sys
 import traceback
+import warnings
 
 
 class UserError(Exception):
@@ -71,22 +73,45 @@ def check_output_path(path: str, flag: str, *, directory: bool = False, example:
 
 
 def drop_event_loop_noise() -> None:
-    """Keeps Orbax's asynchronous noise out of the terminal: when a damaged checkpoint fails to read, tensorstore's
-    pending callbacks meet the closed asyncio loop of that read and each reports `RuntimeError('Event loop is
-    closed')` through `sys.unraisablehook` (about 60 tracebacks, after the one warning that already names the
-    problem). Only that exact error is dropped; installed once per process."""
+    """Keeps Orbax's asynchronous noise out of the terminal. When a damaged checkpoint fails to read, the read's
+    leftovers report themselves after the one warning that already names the problem: pending callbacks meet the
+    closed asyncio loop (`RuntimeError('Event loop is closed')`), unfinished coroutines raise tensorstore's error
+    as they are collected (both through `sys.unraisablehook`, dozens of tracebacks), and tasks and futures log
+    "... exception was never retrieved". Which of these appear depends on timing. Only reports whose error is the
+    closed loop's or the read's are dropped; installed once per process. See also `drop_unawaited_warnings`."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_event_loop_noise", False):
         return
 
     def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _is_read_leftover(unraisable.exc_value):
+            previous(unraisable)
 
     hook._drops_event_loop_noise = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and _is_read_leftover(record.exc_info[1]))
+    )
+
+
+def drop_unawaited_warnings() -> None:
+    """Called once a checkpoint read has failed: its unstarted coroutines warn "coroutine ... was never awaited"
+    when collected, often at interpreter exit where the warning names no module, so from then on this process
+    ignores that warning."""
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+def _is_read_leftover(error: BaseException | None) -> bool:
+    """Whether `error` is the closed asyncio loop's, or a checkpoint read's: tensorstore's (its message names a
+    TensorStore spec or the OCDBT database) or raised inside Orbax."""
+    if error is None:
+        return False
+    text = str(error)
+    if isinstance(error, RuntimeError) and text == "Event loop is closed":
+        return True
+    if any(mark in text for mark in ("TensorStore", "tensorstore", "OCDBT")):
+        return True
+    return any("/orbax/" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
 
 
 def run_cli(main, argv: list[str] | None = None, *, verbose: bool | None = None) -> int:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnext_jax.errors import UserError, drop_event_loop_noise
+from resnext_jax.errors import UserError, drop_event_loop_noise, drop_unawaited_warnings
 from resnext_jax.inference.loader import LoadedModel, Preprocessing, check_model_name, default_class_names
 from resnext_jax.models.registry import create_model, model_info
 
@@ -119,6 +119,7 @@ def _restore(path: str, keys: tuple[str, ...]) -> dict:
     except UserError:
         raise
     except Exception as error:  # tensorstore/asyncio errors run to hundreds of lines; the cause is the damage
+        drop_unawaited_warnings()
         raise UserError(
             f"cannot read checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0]}); "
             f"it is damaged: pick another step (--which latest, or a step number)"

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from resnext_jax.errors import UserError, drop_event_loop_noise
+from resnext_jax.errors import UserError, drop_event_loop_noise, drop_unawaited_warnings
 from resnext_jax.run_files import lists_item
 from resnext_jax.training import distributed
 from resnext_jax.training.step import TrainState
@@ -83,6 +83,14 @@ def check_damaged_dir(workdir: str) -> None:
             f"{path} is a file, but damaged checkpoints are set aside in a folder of that name; rename or move "
             f"that file, then rerun"
         )
+
+
+def _is_ocdbt(state_dir: str) -> bool:
+    """Whether an Orbax item directory was written in the OCDBT format (its data under `ocdbt.process_*/`)."""
+    try:
+        return any(name.startswith("ocdbt.process_") for name in os.listdir(state_dir))
+    except OSError:
+        return False
 
 
 def _first_line(error: BaseException) -> str:
@@ -204,12 +212,16 @@ class Checkpointer:
         has_sums = os.path.isdir(os.path.join(root, "checksums"))
         if not has_sums and lists_item(root, "checksums"):  # written with checksums, which are gone: damaged
             return "damaged: its checksums item is missing", None
+        state_dir = os.path.join(root, "state")
+        if _is_ocdbt(state_dir) and not os.path.exists(os.path.join(state_dir, "manifest.ocdbt")):
+            return "damaged: its state manifest (state/manifest.ocdbt) is missing", None  # Orbax's read would be noisy
         args = {"state": ocp.args.StandardRestore(abstract)}
         if has_sums:
             args["checksums"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as error:  # noqa: BLE001 (tensorstore, asyncio, JSON, OS errors: any means unreadable)
+            drop_unawaited_warnings()
             return f"cannot be read: {_first_line(error)}", None
         state = restored["state"]
         if not has_sums:
