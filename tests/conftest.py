@@ -1,5 +1,10 @@
 """Shared test setup.
 
+Under pytest-xdist (the README's command runs two workers), a test marked `alone` runs with no other test beside
+it: the multi-host runs and kill -9 tests, whose bounded waits assume the CPUs are theirs, timing comparisons, and the
+largest models, which would not fit in memory twice. The workers take a file lock around each test (shared, or
+exclusive for `alone`), through a turnstile so that an `alone` test is not starved.
+
 A persistent JAX compilation cache: the suite compiles the same small models many times (in this process and in
 the training runs it starts as subprocesses, which inherit the environment), and XLA's compile is most of a small
 test's time on a CPU. The cache is keyed by the lowered program, the compile options and the jax version, so an
@@ -7,7 +12,10 @@ edited model simply misses; it lives in `<repo>/.cache/jax-compilation` (`RESNEX
 safe to delete at any time.
 """
 
+import contextlib
+import fcntl
 import os
+import tempfile
 
 import pytest  # imports no jax: the environment below is still set first
 
@@ -45,3 +53,32 @@ def tiny_checkpointed_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_checkpointed_run")
     train_and_evaluate(tiny_config(num_epochs=1, checkpoint_every_steps=5), str(path))
     return str(path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Around the whole protocol (setup, which may build a session fixture, call and teardown) of each test."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set by pytest-xdist in its workers, the same in all of them
+    if run is None:
+        yield
+        return
+    with _turn(os.path.join(tempfile.gettempdir(), f"resnext-jax-tests-{run}"), item.get_closest_marker("alone")):
+        yield
+
+
+@contextlib.contextmanager
+def _turn(prefix: str, alone: bool):
+    """An exclusive (`alone`) or shared hold of `<prefix>.lock`. A turnstile taken first stops new shared holders
+    while an exclusive one waits."""
+    with open(prefix + ".turnstile", "a") as turnstile, open(prefix + ".lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)

@@ -152,6 +152,7 @@ def test_batch_not_divisible_by_devices_names_the_fix():
     data_parallel.check_batch_divides(8, 4)
 
 
+@pytest.mark.alone  # compares a profiled call's time with a timed one
 def test_profile_attributes_time_to_the_expensive_op(tmp_path):
     """A 1024^2 matmul next to a cheap add: the trace must put most of the op time on the matmul's op_name,
     and the summed op time cannot exceed the call's wall time."""

@@ -20,7 +20,14 @@ from resnext_jax.summary import summarize
 # in the fast subset by tests/test_scan.py (scanned regnet_x_400mf) and here in the slow list.
 FAST = {"resnet18", "resnet50", "resnext50_32x4d"}
 TORCHVISION = resnext_jax.list_models(source="torchvision")  # timm's names: tests/test_timm.py
-ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in TORCHVISION]
+# regnet_y_128gf's parity holds 644 M parameters in torch float32 and float64 and in JAX: about 12 GB, alone.
+ALL = [
+    pytest.param(
+        n,
+        marks=() if n in FAST else (pytest.mark.slow, pytest.mark.alone) if n == "regnet_y_128gf" else pytest.mark.slow,
+    )
+    for n in TORCHVISION
+]
 # How far bf16 may drift from float32 depends on the network (random deep nets amplify
 # rounding: 1-9% relative L2 on logits here), so the yardstick is torch's own bf16 autocast
 # on the same model and input. Ours measured within 1.15x of it; 1.5x plus 0.5% leaves room
@@ -29,6 +36,12 @@ BF16_VS_TORCH_AUTOCAST = 1.5
 # Parity runs at 224 for one builder per family; the rest at a small odd size, where a wrong stride, padding or
 # layout shows as surely and the large builders (regnet_y_128gf: 374 GFLOPs at 224) cost seconds, not minutes.
 AT_224 = {"resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_x_400mf", "regnet_y_400mf"}
+
+
+def _jit_apply(model):
+    """The model's inference as one compiled program: a deep RegNet's eager apply compiles and dispatches each op
+    (5 s for regnet_y_800mf at 65x79 in float32, 11 s in bfloat16; 0.9 s compiled)."""
+    return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
 
 
 def _param_count(tree) -> int:
@@ -88,7 +101,7 @@ def test_torchvision_parity(name):
     for shape in [(1, 224, 224, 3), (2, 97, 131, 3)] if full_size else [(2, 65, 79, 3)]:
         images = rng.standard_normal(shape, dtype=np.float32)
         expected = torch_logits(reference, images)
-        logits = np.asarray(model.apply(variables, jnp.asarray(images), train=False))
+        logits = np.asarray(_jit_apply(model)(variables, jnp.asarray(images)))
         assert logits.dtype == np.float32
         checked.append((shape, images, expected, logits))
 
@@ -100,7 +113,7 @@ def test_torchvision_parity(name):
     reference.load_state_dict(state, strict=True)
 
     half = resnext_jax.create_model(name, dtype=jnp.bfloat16)
-    half_logits = np.asarray(half.apply(variables, jnp.asarray(images), train=False))
+    half_logits = np.asarray(_jit_apply(half)(variables, jnp.asarray(images)))
     assert half_logits.dtype == np.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch_half = torch_logits(reference, images)

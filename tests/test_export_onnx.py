@@ -62,7 +62,7 @@ from resnext_jax.inference.loader import LoadedModel, Preprocessing
 
 def random_model(name, fields, seed=0):
     module = create_model(name, **fields)
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = jax.jit(functools.partial(module.init, train=False))(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
     rng = np.random.default_rng(seed)
 
     def perturb(path, leaf):  # norm statistics and affines, SE biases; not the kernels, not the head

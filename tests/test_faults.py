@@ -25,6 +25,9 @@ from resnext_jax.training.step import create_train_state, init_variables
 from resnext_jax.training.workdir import WorkdirLock
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# The session fixture tiny_checkpointed_run (tests/conftest.py) is built once per pytest-xdist worker: its users
+# share a worker.
+pytestmark = pytest.mark.xdist_group("tiny_checkpointed_run")
 
 
 def _config(**changes):
@@ -300,6 +303,7 @@ def test_cli_prints_known_errors_as_one_line_and_takes_model_kwargs_overrides(tm
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # its kills land at moments timed against a run that expects the CPUs to itself
 def test_kill_9_at_random_moments_resumes_bit_identical(tmp_path):
     """Three kill -9s at random moments (saves every 5 steps, so some land inside one), then a rerun to the end:
     the final checkpoint is bit-identical to an uninterrupted run's (their checksums are equal)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,11 @@ def tiny(**overrides):
 def init(model, size=32, batch=2):
     # jit: one compile is far cheaper than dispatching (and compiling) every op eagerly.
     return jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3)), train=False))()
+
+
+def apply(model, variables, x, **kwargs):
+    """`model.apply` as one compiled program: eager, every op of the network is compiled and dispatched alone."""
+    return jax.jit(functools.partial(model.apply, **kwargs))(variables, x)
 
 
 def images(batch=4, size=32, seed=0):
@@ -74,11 +81,11 @@ def test_feature_shapes(name):
 def test_features_agree_with_logits():
     model = tiny()
     variables = init(model)
-    out = model.apply(variables, images(), return_features=True)
+    out = apply(model, variables, images(), return_features=True)
     head = variables["params"]["fc"]
     np.testing.assert_allclose(out["pre_logits"] @ head["kernel"] + head["bias"], out["logits"], atol=1e-5)
     np.testing.assert_allclose(out["pre_logits"], out["stage4"].mean(axis=(1, 2)), atol=1e-6)
-    np.testing.assert_allclose(model.apply(variables, images()), out["logits"])
+    np.testing.assert_allclose(apply(model, variables, images()), out["logits"])
 
 
 @pytest.mark.slow  # 8-15 s of compiles; keeps the fast subset near 5 minutes; CI runs it
@@ -100,9 +107,9 @@ def test_num_classes_and_float32_logits_under_bf16():
     model = tiny(dtype=jnp.bfloat16, num_classes=3)
     variables = init(model)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
-    logits = model.apply(variables, images())
+    logits = apply(model, variables, images())
     assert logits.shape == (4, 3) and logits.dtype == jnp.float32
-    _, updates = model.apply(variables, images(), train=True, mutable=["batch_stats"])
+    _, updates = apply(model, variables, images(), train=True, mutable=["batch_stats"])
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
 
 
@@ -164,15 +171,13 @@ def test_drop_path_and_dropout_train_vs_eval():
     model = tiny(drop_path_rate=0.5, dropout_rate=0.5)
     variables = init(model)
     x = images()
-    run = lambda seed: model.apply(
-        variables,
-        x,
-        train=True,
-        mutable=["batch_stats"],  # noqa: E731
-        rngs={"dropout": jax.random.key(seed)},
-    )[0]
-    assert not np.allclose(run(0), run(1))
-    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+    train = jax.jit(
+        lambda seed: model.apply(
+            variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(seed)}
+        )[0]
+    )
+    assert not np.allclose(train(0), train(1))
+    np.testing.assert_array_equal(apply(model, variables, x), apply(model, variables, x))
     grads = train_grads(model, variables, x)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
@@ -218,7 +223,9 @@ def test_stem_max_pool_gradient_matches_torch(hw, channels):
 def test_conv_impls_agree_in_a_model():
     variables = init(tiny(conv_impl="xla"))
     np.testing.assert_allclose(
-        tiny(conv_impl="xla").apply(variables, images()), tiny(conv_impl="split").apply(variables, images()), atol=1e-5
+        apply(tiny(conv_impl="xla"), variables, images()),
+        apply(tiny(conv_impl="split"), variables, images()),
+        atol=1e-5,
     )
 
 

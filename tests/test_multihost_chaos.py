@@ -13,6 +13,9 @@ import time
 import pytest
 from test_multihost_faults import LOST_LINE, PEER_TIMEOUT_S, checksums, finish, launch, wait_for
 
+# Multi-process runs with bounded waits (peer timeouts): under pytest-xdist they run with no other test beside them.
+pytestmark = pytest.mark.alone
+
 STEPS = 59
 
 

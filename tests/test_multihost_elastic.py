@@ -12,6 +12,9 @@ from test_multihost_faults import ARGS, ROOT, finish, launch, wait_for
 
 from launch import local
 
+# Multi-process runs with bounded waits (peer timeouts): under pytest-xdist they run with no other test beside them.
+pytestmark = pytest.mark.alone
+
 
 def _stop_when(workdir, step, started, victims):
     """SIGTERM to `victims` once checkpoint `step` exists (a preemption: the others learn of it at the next log

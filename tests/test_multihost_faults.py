@@ -17,6 +17,9 @@ sys.path.insert(0, ROOT)
 
 from launch import local  # noqa: E402
 
+# Multi-process runs with bounded waits (peer timeouts): under pytest-xdist they run with no other test beside them.
+pytestmark = pytest.mark.alone
+
 PEER_TIMEOUT_S = 20
 # The quick start, one epoch (59 steps of a global batch of 24), checkpoints every 10 steps.
 ARGS = [
