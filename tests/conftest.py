@@ -58,11 +58,13 @@ def tiny_checkpointed_run(tmp_path_factory):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Around the whole protocol (setup, which may build a session fixture, call and teardown) of each test."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # set by pytest-xdist in its workers, the same in all of them
-    if run is None:
+    # Only in an xdist worker (not in a pytest that a test starts, which inherits the workers' environment).
+    worker = getattr(item.config, "workerinput", None)
+    if worker is None:
         yield
         return
-    with _turn(os.path.join(tempfile.gettempdir(), f"resnext-jax-tests-{run}"), item.get_closest_marker("alone")):
+    prefix = os.path.join(tempfile.gettempdir(), f"resnext-jax-tests-{worker['testrunuid']}")
+    with _turn(prefix, item.get_closest_marker("alone") is not None):
         yield
 
 
