@@ -3,7 +3,8 @@
 Under pytest-xdist (the README's command runs two workers), a test marked `alone` runs with no other test beside
 it: the multi-host runs and kill -9 tests, whose bounded waits assume the CPUs are theirs, timing comparisons, and the
 largest models, which would not fit in memory twice. The workers take a file lock around each test (shared, or
-exclusive for `alone`), through a turnstile so that an `alone` test is not starved.
+exclusive for `alone`), through a turnstile so that an `alone` test is not starved. Session and module fixtures
+are built once per worker that needs them.
 
 A persistent JAX compilation cache: the suite compiles the same small models many times (in this process and in
 the training runs it starts as subprocesses, which inherit the environment), and XLA's compile is most of a small

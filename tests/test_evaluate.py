@@ -23,9 +23,7 @@ from resnext_jax.inference import predict_files
 from resnext_jax.inference.evaluation import evaluate_accuracy
 from resnext_jax.training import read_metrics
 
-# One 2-epoch training run (about 40 s on 2 cores), the session fixture tiny_run (tests/conftest.py); its users
-# share a pytest-xdist worker, so it is built once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
+pytestmark = pytest.mark.slow  # one 2-epoch training run (about 40 s on 2 cores) shared by the module
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "inference.md")
 
 

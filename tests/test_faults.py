@@ -25,9 +25,6 @@ from resnext_jax.training.step import create_train_state, init_variables
 from resnext_jax.training.workdir import WorkdirLock
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-# The session fixture tiny_checkpointed_run (tests/conftest.py) is built once per pytest-xdist worker: its users
-# share a worker.
-pytestmark = pytest.mark.xdist_group("tiny_checkpointed_run")
 
 
 def _config(**changes):

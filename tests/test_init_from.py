@@ -15,10 +15,6 @@ from resnext_jax.inference import load_model
 from resnext_jax.training import read_metrics, train_and_evaluate
 from resnext_jax.training.init_from import split_source
 
-# The session fixture tiny_run (tests/conftest.py) is built once per pytest-xdist worker: its users share a
-# worker.
-pytestmark = pytest.mark.xdist_group("tiny_run")
-
 
 @pytest.fixture(scope="module")
 def source_run(tiny_run):

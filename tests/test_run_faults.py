@@ -22,10 +22,6 @@ from resnext_jax.training import ConfigError, read_metrics, train_and_evaluate
 from resnext_jax.training.checkpoint import DAMAGED_DIR
 from resnext_jax.training.workdir import WorkdirLock
 
-# The session fixture tiny_checkpointed_run (tests/conftest.py) is built once per pytest-xdist worker: its users
-# share a worker.
-pytestmark = pytest.mark.xdist_group("tiny_checkpointed_run")
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_checkpointed_run):
