@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import tempfile
+import time
 
 import pytest  # imports no jax: the environment below is still set first
 
@@ -70,18 +71,25 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 @contextlib.contextmanager
-def _turn(prefix: str, alone: bool):
+def _turn(prefix: str, alone: bool, timeout_s: float = 1800):
     """An exclusive (`alone`) or shared hold of `<prefix>.lock`. A turnstile taken first stops new shared holders
-    while an exclusive one waits."""
+    while an exclusive one waits. Closing the files releases both; a wait over `timeout_s` fails instead of
+    hanging (the longest test takes about 4 minutes)."""
     with open(prefix + ".turnstile", "a") as turnstile, open(prefix + ".lock", "a") as lock:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-        finally:
-            if not alone:
-                fcntl.flock(turnstile, fcntl.LOCK_UN)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        deadline = time.monotonic() + timeout_s
+        _flock(turnstile, fcntl.LOCK_EX, deadline)
+        _flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH, deadline)
+        if not alone:
             fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
+def _flock(file, mode: int, deadline: float) -> None:
+    while True:
+        try:
+            fcntl.flock(file, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"waited too long for the test lock {file.name}; is another test hanging?") from None
+            time.sleep(0.05)

@@ -20,14 +20,16 @@ from resnext_jax.summary import summarize
 # in the fast subset by tests/test_scan.py (scanned regnet_x_400mf) and here in the slow list.
 FAST = {"resnet18", "resnet50", "resnext50_32x4d"}
 TORCHVISION = resnext_jax.list_models(source="torchvision")  # timm's names: tests/test_timm.py
-# regnet_y_128gf's parity holds 644 M parameters in torch float32 and float64 and in JAX: about 12 GB, alone.
-ALL = [
-    pytest.param(
-        n,
-        marks=() if n in FAST else (pytest.mark.slow, pytest.mark.alone) if n == "regnet_y_128gf" else pytest.mark.slow,
-    )
-    for n in TORCHVISION
-]
+
+
+def _marks(name: str):
+    if name in FAST:
+        return ()
+    # regnet_y_128gf's parity holds 644 M parameters in torch float32 and float64 and in JAX: about 12 GB, alone.
+    return (pytest.mark.slow, pytest.mark.alone) if name == "regnet_y_128gf" else pytest.mark.slow
+
+
+ALL = [pytest.param(n, marks=_marks(n)) for n in TORCHVISION]
 # How far bf16 may drift from float32 depends on the network (random deep nets amplify
 # rounding: 1-9% relative L2 on logits here), so the yardstick is torch's own bf16 autocast
 # on the same model and input. Ours measured within 1.15x of it; 1.5x plus 0.5% leaves room

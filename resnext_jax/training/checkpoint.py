@@ -214,7 +214,7 @@ class Checkpointer:
             return "damaged: its checksums item is missing", None
         state_dir = os.path.join(root, "state")
         if _is_ocdbt(state_dir) and not os.path.exists(os.path.join(state_dir, "manifest.ocdbt")):
-            return "damaged: its state manifest (state/manifest.ocdbt) is missing", None  # Orbax's read would be noisy
+            return "damaged: its state manifest (state/manifest.ocdbt) is missing", None  # clearer than tensorstore's
         args = {"state": ocp.args.StandardRestore(abstract)}
         if has_sums:
             args["checksums"] = ocp.args.JsonRestore()
